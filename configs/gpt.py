@@ -1,0 +1,71 @@
+"""GPT-style causal language models.
+
+    jaxlm train configs/gpt.py:tiny                 # this 2-core CPU: ~2 min, see README
+    jaxlm bench configs/gpt.py:gpt2_124m            # one GPU: tokens/s and MFU
+    jaxlm train configs/gpt.py:llama_160m mesh.fsdp=8 data.files=/data/*.jsonl
+
+Variants:
+- tiny: 4 layers, d 128, 2k BPE vocab trained on the built-in Shakespeare; float32 because
+  bfloat16 matmuls are emulated (slower) on CPUs. 300 steps of 16 x 128 tokens. Expected on a
+  2-core CPU: eval_loss ~4.5 against an eval_unigram_loss of ~5.9 (the context-free baseline).
+- gpt2_124m: GPT-2 small (12 layers, d 768, 12 heads, seq 1024, vocab 50304, tied embeddings,
+  learned positions, LayerNorm, GELU): 124M parameters. Batch 12 x 1024 per step, as nanoGPT's
+  benchmark; layers unrolled (1.36x faster than lax.scan on an H200).
+- llama_160m: Llama-style (RoPE, RMSNorm, SwiGLU, grouped-query attention 12 heads / 4 kv heads,
+  untied output head, no biases).
+"""
+
+from jaxlm.config import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    variant_error,
+)
+
+
+def get_config(variant: str = "tiny") -> Config:
+    variants = {"tiny": tiny, "gpt2_124m": gpt2_124m, "llama_160m": llama_160m}
+    if variant not in variants:
+        raise variant_error(__file__, variant, variants)
+    return variants[variant]()
+
+
+def tiny() -> Config:
+    return Config(
+        model=ModelConfig(
+            vocab_size=2048, seq_len=128, num_layers=4, d_model=128, num_heads=4, mlp_dim=512,
+            dtype="float32",
+        ),
+        data=DataConfig(eval_fraction=0.05),
+        train=TrainConfig(steps=300, batch_size=16, log_every=25, eval_every=100, eval_steps=8),
+        optim=OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1),
+        checkpoint=CheckpointConfig(every=100, keep=2),
+    )
+
+
+def gpt2_124m() -> Config:
+    return Config(
+        model=ModelConfig(
+            vocab_size=50304, seq_len=1024, num_layers=12, d_model=768, num_heads=12,
+            mlp_dim=3072, scan_layers=False,
+        ),
+        train=TrainConfig(steps=600_000, batch_size=12, log_every=100, eval_every=2000, eval_steps=50),
+        optim=OptimConfig(lr=6e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1),
+        checkpoint=CheckpointConfig(every=5000, keep=3),
+    )
+
+
+def llama_160m() -> Config:
+    return Config(
+        model=ModelConfig(
+            vocab_size=32000, seq_len=1024, num_layers=12, d_model=768, num_heads=12,
+            num_kv_heads=4, mlp_dim=2048, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu",
+            position="rope", tie_embeddings=False, use_bias=False, scan_layers=False,
+        ),
+        train=TrainConfig(steps=100_000, batch_size=32, log_every=100, eval_every=2000, eval_steps=50),
+        optim=OptimConfig(lr=6e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1),
+        checkpoint=CheckpointConfig(every=5000, keep=3),
+    )

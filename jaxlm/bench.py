@@ -1,0 +1,69 @@
+"""`jaxlm bench`: time full training steps on synthetic batches; no data pipeline involved,
+so it runs where Grain is not installed (e.g. a bare GPU image)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from jaxlm import sharding
+from jaxlm.config import Config
+from jaxlm.step import build, make_train_step, peak_flops
+
+SYNC_EVERY = 8
+
+
+def synthetic_batch(cfg: Config) -> dict:
+    """One unpacked document per row (segment 1 everywhere), random tokens."""
+    b, t = cfg.train.batch_size // jax.process_count(), cfg.model.seq_len
+    rng = np.random.default_rng(cfg.train.seed)
+    tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": np.ones((b, t), np.float32),
+        "segment_ids": np.ones((b, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+    }
+
+
+def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
+    s = build(cfg, mesh)
+    with jax.set_mesh(mesh):
+        state = s.init()
+        batch = sharding.to_global(synthetic_batch(cfg), mesh)
+        train_step = make_train_step(s)
+        start = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - start
+        for _ in range(warmup):
+            state, metrics = train_step(state, batch)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for i in range(steps):
+            state, metrics = train_step(state, batch)
+            if (i + 1) % SYNC_EVERY == 0:
+                jax.block_until_ready(metrics)
+        jax.block_until_ready(metrics)
+        step_s = (time.perf_counter() - start) / steps
+    tokens_per_s = cfg.train.batch_size * cfg.model.seq_len / step_s
+    peak, source = peak_flops(cfg.train.peak_flops)
+    return {
+        "config": cfg.name,
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "params": s.num_params(),
+        "batch": f"{cfg.train.batch_size}x{cfg.model.seq_len}",
+        "step_ms": round(step_s * 1e3, 2),
+        "tokens_per_s": round(tokens_per_s),
+        "mfu": round(tokens_per_s * s.objective.flops_per_token(cfg.model) / peak, 4),
+        "peak_flops": peak,
+        "peak_flops_source": source,
+        "compile_s": round(compile_s, 1),
+        "loss": round(float(metrics["loss"]), 4),
+    }

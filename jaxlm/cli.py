@@ -1,0 +1,90 @@
+"""The `jaxlm` command: train, bench, eval, tokenizer train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from jaxlm.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxlm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train or resume: jaxlm train configs/gpt.py:tiny")
+    t.add_argument("config", help="CONFIG_FILE[:VARIANT]")
+    t.add_argument("--workdir", help="checkpoints and metrics (default runs/<config>_<variant>)")
+    t.add_argument("overrides", nargs="*", help="key.path=value")
+
+    b = sub.add_parser("bench", help="time training steps on synthetic data, print one JSON line")
+    b.add_argument("config")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("overrides", nargs="*")
+
+    e = sub.add_parser("eval", help="held-out metrics of a checkpoint, on this machine's devices")
+    e.add_argument("workdir")
+    e.add_argument("--step", type=int, help="default: the newest checkpoint")
+    e.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 mesh.data=1")
+
+    k = sub.add_parser("tokenizer", help="tokenizer tools")
+    ksub = k.add_subparsers(dest="tokenizer_command", required=True)
+    kt = ksub.add_parser("train", help="train a sentencepiece model")
+    kt.add_argument("--input", nargs="+", required=True, help="text or .jsonl files")
+    kt.add_argument("--vocab-size", type=int, required=True)
+    kt.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    kt.add_argument("--out", required=True, help="path of the .model file to write")
+    return p
+
+
+def _default_workdir(spec: str) -> Path:
+    path, _, variant = spec.partition(":")
+    return Path("runs") / f"{Path(path).stem}_{variant or 'default'}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    for noisy in ("absl", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return _run(args)
+    except ConfigError as e:
+        print(f"jaxlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jaxlm import config
+
+    if args.command == "train":
+        from jaxlm.train import train
+
+        cfg = config.load(args.config, args.overrides)
+        workdir = Path(args.workdir) if args.workdir else _default_workdir(args.config)
+        result = train(cfg, workdir)
+        print(json.dumps({k: round(v, 4) for k, v in result.items() if isinstance(v, float)}))
+    elif args.command == "bench":
+        from jaxlm.bench import bench
+
+        cfg = config.load(args.config, args.overrides)
+        print(json.dumps(bench(cfg, args.steps)))
+    elif args.command == "eval":
+        from jaxlm.evaluate import evaluate_checkpoint
+
+        print(json.dumps(evaluate_checkpoint(args.workdir, args.step, args.overrides)))
+    elif args.command == "tokenizer":
+        from jaxlm import data, tokenizer
+
+        docs = data.read_documents(data.corpus_files(tuple(args.input)), config.DataConfig().doc_chars)
+        tok = tokenizer.train(docs, args.vocab_size, args.model_type)
+        tok.save(args.out)
+        print(f"wrote {args.out}: {tok.vocab_size} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

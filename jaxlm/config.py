@@ -1,0 +1,285 @@
+"""Typed, frozen experiment configs: `load("configs/gpt.py:tiny", ["train.steps=10"])`.
+
+A config file is plain Python with `get_config(variant) -> Config`. Overrides are dotted
+`key.path=value` strings, parsed by the field's declared type, so a typo or a wrong type fails
+here with the key's name instead of deep inside a jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config, an override or a command-line value; printed without a trace."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 2048
+    seq_len: int = 128
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: as many as num_heads (multi-head); fewer: grouped-query
+    head_dim: int = 0  # 0: d_model // num_heads
+    mlp_dim: int = 512
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    position: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    init_std: float = 0.02
+    dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
+    scan_layers: bool = True  # lax.scan compiles faster; unrolled runs faster on GPU
+    remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    attention: str = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    files: tuple[str, ...] = ()  # text files (.txt or .jsonl with a "text" field); () = built-in
+    tokenizer: str = ""  # a sentencepiece .model; "" = train one on the training split
+    eval_fraction: float = 0.02  # documents held out for evaluation
+    doc_chars: int = 4096  # .txt files: paragraphs are grouped into documents of about this size
+    worker_count: int = 0  # Grain worker processes (0: in the training process)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global, in sequences, summed over all devices and accumulation steps
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_steps: int = 8
+    peak_flops: float = 0.0  # per device, for MFU; 0: look up the device (or measure a CPU)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    objective: str = "lm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    name: str = ""  # "gpt:tiny"; set by load()
+
+
+CHOICES = {
+    "objective": ("lm",),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "swiglu"),
+    "model.position": ("learned", "rope"),
+    "model.dtype": ("bfloat16", "float32"),
+    "model.remat": ("none", "full", "dots"),
+    "model.attention": ("auto", "xla", "cudnn"),
+}
+
+
+def _all_keys(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every dotted leaf key of a config dataclass -> its declared type."""
+    hints = typing.get_type_hints(cls)
+    keys = {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys.update(_all_keys(t, f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{f.name}"] = t
+    return keys
+
+
+def _parse(key: str, text: str, t: Any) -> Any:
+    def fail() -> ConfigError:
+        name = getattr(t, "__name__", str(t))
+        return ConfigError(f"config key {key!r} expects {name}, got {text!r}")
+
+    if t is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise fail()
+    if t is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise fail() from None
+    if t is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise fail() from None
+    if t is str:
+        return text
+    if typing.get_origin(t) is tuple:
+        return tuple(s for s in text.split(",") if s)
+    raise fail()
+
+
+def _replace(obj: Any, path: list[str], value: Any) -> Any:
+    if len(path) == 1:
+        return dataclasses.replace(obj, **{path[0]: value})
+    child = _replace(getattr(obj, path[0]), path[1:], value)
+    return dataclasses.replace(obj, **{path[0]: child})
+
+
+def override(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `key.path=value` strings; unknown keys and unparsable values raise ConfigError."""
+    keys = _all_keys(Config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, text = item.split("=", 1)
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        cfg = _replace(cfg, key.split("."), _parse(key, text, keys[key]))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no devices; mesh and data checks happen where those are known."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} is {value!r}; expected one of {allowed}")
+    m, t = cfg.model, cfg.train
+    positive = {
+        "model.vocab_size": m.vocab_size,
+        "model.seq_len": m.seq_len,
+        "model.num_layers": m.num_layers,
+        "model.d_model": m.d_model,
+        "model.num_heads": m.num_heads,
+        "model.mlp_dim": m.mlp_dim,
+        "train.steps": t.steps,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.log_every": t.log_every,
+        "train.eval_every": t.eval_every,
+        "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {value}")
+    if not m.head_dim and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}"
+        )
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.kv_heads}"
+        )
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    if m.position == "rope" and m.head_size % 2:
+        raise ConfigError(f"rope needs an even head size, got {m.head_size}")
+    if not 0 < cfg.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in (0, 1), got {cfg.data.eval_fraction}")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def load(spec: str, overrides: list[str] = ()) -> Config:
+    """`configs/gpt.py:tiny` -> Config, with overrides applied and validated."""
+    path, _, variant = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} not found (expected e.g. configs/gpt.py:tiny)")
+    module_spec = importlib.util.spec_from_file_location(f"jaxlm_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} has no get_config(variant) function")
+    cfg = module.get_config(variant) if variant else module.get_config()
+    cfg = dataclasses.replace(cfg, name=f"{file.stem}:{variant or 'default'}")
+    return override(cfg, list(overrides))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of to_dict (e.g. the config stored in a checkpoint)."""
+
+    def build(cls: type, values: dict) -> Any:
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            t, v = hints[f.name], values[f.name]
+            if dataclasses.is_dataclass(t):
+                v = build(t, v)
+            elif typing.get_origin(t) is tuple:
+                v = tuple(v)
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+    return build(Config, d)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def variant_error(module: types.ModuleType | str, variant: str, variants: dict) -> ConfigError:
+    return ConfigError(f"unknown variant {variant!r} in {module}; choose one of {sorted(variants)}")

@@ -1,0 +1,71 @@
+"""Load any checkpoint onto this machine's devices (one CPU is enough) and evaluate it.
+
+    from jaxlm.evaluate import load
+    loaded = load("runs/gpt_tiny")            # newest step, parameters sharded over all devices
+    model = loaded.setup.model(loaded.params)  # an NNX module: logits = model(batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxlm import config as config_lib
+from jaxlm import data, sharding
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.config import CheckpointConfig, Config, ConfigError, MeshConfig
+from jaxlm.step import Setup, build, make_eval_step
+from jaxlm.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Loaded:
+    cfg: Config
+    setup: Setup
+    params: Any
+    tokenizer: Tokenizer
+    step: int
+
+
+def load(workdir: str | Path, step: int | None = None, overrides: list[str] = ()) -> Loaded:
+    """Restore a checkpoint's parameters onto a mesh of this machine's devices. The mesh is
+    fsdp over all devices unless overrides (e.g. `mesh.data=2`) say otherwise."""
+    ckpt = Checkpointer(workdir, CheckpointConfig())
+    steps = ckpt.steps()
+    if not steps:
+        raise ConfigError(f"no checkpoint in {ckpt.root}")
+    step = steps[0] if step is None else step
+    if step not in steps:
+        raise ConfigError(f"no checkpoint step {step} in {ckpt.root}; steps: {sorted(steps)}")
+    cfg, tokenizer = ckpt.restore_meta(step)
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
+    cfg = config_lib.override(cfg, list(overrides))
+    mesh = sharding.make_mesh(cfg.mesh)
+    s = build(cfg, mesh)
+    with jax.set_mesh(mesh):
+        state = ckpt.restore(step, s.abstract)
+    ckpt.close()
+    return Loaded(cfg, s, state["params"], tokenizer, step)
+
+
+def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides: list[str] = ()) -> dict:
+    """Held-out metrics of a checkpoint, on the split its own config defines."""
+    from jaxlm.train import evaluate  # the same evaluation as during training
+
+    loaded = load(workdir, step, overrides)
+    cfg, mesh = loaded.cfg, loaded.setup.mesh
+    sharding.check_batch(cfg.train.batch_size, 1, mesh)
+    train_docs, eval_docs = data.load_splits(cfg.data, cfg.train.seed)
+    stream = data.pipeline(
+        eval_docs, loaded.tokenizer, cfg.model.seq_len, cfg.train.batch_size // jax.process_count(),
+        cfg.train.seed + 1, loaded.setup.objective.to_example,
+    )
+    it = iter(stream)
+    batches = [next(it) for _ in range(cfg.train.eval_steps)]
+    with jax.set_mesh(mesh):
+        metrics = evaluate(make_eval_step(loaded.setup), loaded.params, batches, mesh)
+    unigram = data.unigram_loss(data.unigram_log_probs(train_docs, loaded.tokenizer), batches)
+    return {"step": loaded.step, **metrics, "eval_unigram_loss": unigram}

@@ -1,0 +1,215 @@
+"""The transformer stack shared by every objective: embeddings, norms, attention, MLP, blocks.
+
+Einsum legend: B batch, T query time, S key time, D embed, H heads, N kv heads, K head dim,
+F mlp, V vocab, L layers.
+
+Flax NNX modules here are parameter containers; each parameter carries logical axis names in
+its `axes` metadata, which `sharding.RULES` turns into a device layout. Compute runs in
+`cfg.dtype` (bfloat16 by default) with float32 parameters cast at use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.sharding import constrain
+
+LAYERS = "layers"  # the logical name of the stacked-layer dimension
+
+
+def param(rngs: nnx.Rngs, shape: tuple, axes: tuple, std: float | str) -> nnx.Param:
+    """A float32 parameter with logical axis names; std is a float or "zeros"/"ones"."""
+    if std == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    elif std == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape, jnp.float32)
+    return nnx.Param(value, axes=axes, eager_sharding=False)
+
+
+def param_axes(state: nnx.State):
+    """The logical axis names of every parameter, as a pytree shaped like `state`."""
+    return jax.tree.map(
+        lambda v: v.get_metadata()["axes"], state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm, computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = param(rngs, (cfg.d_model,), ("norm",), "ones")
+        has_bias = cfg.norm == "layernorm" and cfg.use_bias
+        self.bias = nnx.data(param(rngs, (cfg.d_model,), ("norm",), "zeros") if has_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            y = y - y.mean(-1, keepdims=True)
+        y = y * jax.lax.rsqrt((y * y).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form, as Llama) of x: [B, T, H, K]."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None].astype(jnp.float32) * freq  # B T K/2
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def attention_impl(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, n, k = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.cfg = cfg
+        self.wq = param(rngs, (d, h, k), ("embed", "heads", "kv"), std)
+        self.wk = param(rngs, (d, n, k), ("embed", "kv_heads", "kv"), std)
+        self.wv = param(rngs, (d, n, k), ("embed", "kv_heads", "kv"), std)
+        self.wo = param(rngs, (h, k, d), ("heads", "kv", "embed"), out_std)
+        bias = cfg.use_bias
+        self.bq = nnx.data(param(rngs, (h, k), ("heads", "kv"), "zeros") if bias else None)
+        self.bk = nnx.data(param(rngs, (n, k), ("kv_heads", "kv"), "zeros") if bias else None)
+        self.bv = nnx.data(param(rngs, (n, k), ("kv_heads", "kv"), "zeros") if bias else None)
+        self.bo = nnx.data(param(rngs, (d,), ("norm",), "zeros") if bias else None)
+
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, causal: bool
+    ) -> jax.Array:
+        cfg, dt = self.cfg, x.dtype
+        q = jnp.einsum("BTD,DHK->BTHK", x, self.wq[...].astype(dt))
+        k = jnp.einsum("BSD,DNK->BSNK", x, self.wk[...].astype(dt))
+        v = jnp.einsum("BSD,DNK->BSNK", x, self.wv[...].astype(dt))
+        if self.bq is not None:
+            q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        if cfg.position == "rope":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        # Packed documents never see each other; padding (segment 0) only sees padding.
+        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # B 1 T S
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=causal, implementation=attention_impl(cfg.attention)
+        )
+        y = jnp.einsum("BTHK,HKD->BTD", out, self.wo[...].astype(dt))
+        if self.bo is not None:
+            y = y + self.bo[...].astype(dt)
+        return y
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.mlp_dim
+        self.kind = cfg.mlp
+        self.wi = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
+        gated = cfg.mlp == "swiglu"
+        self.wg = nnx.data(param(rngs, (d, f), ("embed", "mlp"), cfg.init_std) if gated else None)
+        self.wo = param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        bias = cfg.use_bias
+        self.bi = nnx.data(param(rngs, (f,), ("mlp",), "zeros") if bias else None)
+        self.bo = nnx.data(param(rngs, (d,), ("norm",), "zeros") if bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        h = jnp.einsum("BTD,DF->BTF", x, self.wi[...].astype(dt))
+        if self.bi is not None:
+            h = h + self.bi[...].astype(dt)
+        if self.kind == "swiglu":
+            h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, self.wg[...].astype(dt))) * h
+        else:
+            h = jax.nn.gelu(h, approximate=True)
+        y = jnp.einsum("BTF,FD->BTD", h, self.wo[...].astype(dt))
+        if self.bo is not None:
+            y = y + self.bo[...].astype(dt)
+        return y
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg, rngs)
+        self.mlp = Mlp(cfg, rngs)
+
+    def __call__(self, x, segment_ids, positions, causal: bool):
+        x = x + self.attn(self.attn_norm(x), segment_ids, positions, causal)
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, "batch", "seq", "act_embed")
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    """num_layers blocks whose parameters are stacked on a leading `layers` axis, run either
+    with lax.scan (one compiled layer) or unrolled (faster on GPU); checkpoints are the same."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS, "axes": LAYERS})
+        def stacked(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = stacked(rngs)
+        self.final_norm = Norm(cfg, rngs)
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, causal: bool):
+        graphdef, layers = nnx.split(self.blocks)
+
+        def layer(x, weights):
+            return nnx.merge(graphdef, weights)(x, segment_ids, positions, causal), None
+
+        if self.cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])
+        x = constrain(x, "batch", "seq", "act_embed")
+        if self.cfg.scan_layers:
+            x, _ = jax.lax.scan(layer, x, layers)
+        else:
+            for i in range(self.cfg.num_layers):
+                x, _ = layer(x, jax.tree.map(lambda w, i=i: w[i], layers))
+        return self.final_norm(x)
+
+
+class Embed(nnx.Module):
+    """Token (and, for learned positions, position) embeddings; also the tied output head."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.tokens = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        learned = cfg.position == "learned"
+        shape = (cfg.seq_len, cfg.d_model)
+        self.positions = nnx.data(param(rngs, shape, (None, "embed"), cfg.init_std) if learned else None)
+
+    def __call__(self, ids: jax.Array, positions: jax.Array) -> jax.Array:
+        dt = jnp.dtype(self.cfg.dtype)
+        # Gather from tables whose model dimension is whole, so the lookup is local.
+        x = jnp.take(constrain(self.tokens[...], None, None), ids, axis=0)
+        if self.positions is not None:
+            x = x + jnp.take(constrain(self.positions[...], None, None), positions, axis=0)
+        return constrain(x.astype(dt), "batch", "seq", "act_embed")
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the token table (tied embeddings)."""
+        return jnp.einsum("BTD,VD->BTV", x, self.tokens[...].astype(x.dtype))

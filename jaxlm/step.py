@@ -1,0 +1,181 @@
+"""The pure part of training: sharded train state, `train_step` and `eval_step`, MFU.
+
+Kept apart from the loop (train.py) so that benchmarks and evaluation need neither Grain nor
+Orbax. The train state is a plain dict `{"params", "opt_state", "step"}`; the model's NNX
+graph definition stays outside and is merged with the parameters inside each jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm import lm, optim
+from jaxlm.config import Config
+from jaxlm.sharding import logical_spec
+
+OBJECTIVES: dict[str, ModuleType] = {"lm": lm}
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything derived from a config and a mesh, before any array exists."""
+
+    cfg: Config
+    mesh: Mesh
+    objective: ModuleType
+    graphdef: Any
+    tx: optax.GradientTransformation
+    shardings: Any  # train-state pytree of NamedSharding
+    abstract: Any  # train-state pytree of ShapeDtypeStruct carrying those shardings
+
+    def init(self) -> dict:
+        """A freshly initialised train state, each array created directly in its shards."""
+        key = jax.random.key(self.cfg.train.seed)
+        return jax.jit(self._init_fn, out_shardings=self.shardings)(key)
+
+    def _init_fn(self, key: jax.Array) -> dict:
+        model = self.objective.Model(self.cfg.model, nnx.Rngs(params=key))
+        params = nnx.state(model, nnx.Param)
+        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def model(self, params: Any) -> nnx.Module:
+        return nnx.merge(self.graphdef, params)
+
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.abstract["params"]))
+
+
+def build(cfg: Config, mesh: Mesh) -> Setup:
+    objective = OBJECTIVES[cfg.objective]
+    tx = optim.make(cfg.optim, cfg.train.steps)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.Model(cfg.model, nnx.Rngs(0))))
+    setup = Setup(cfg, mesh, objective, graphdef, tx, None, None)
+    shapes = jax.eval_shape(setup._init_fn, jax.random.key(0))
+
+    def sharding(x: Any) -> Any:
+        if _is_variable(x):  # parameters and their optimizer moments carry logical axes
+            spec = logical_spec(x.get_metadata()["axes"], x.shape, mesh)
+            return x.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, PartitionSpec())
+
+    shardings = jax.tree.map(sharding, shapes, is_leaf=_is_variable)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+    return dataclasses.replace(setup, shardings=shardings, abstract=abstract)
+
+
+def make_train_step(s: Setup):
+    """jit(train_step): (state, batch) -> (state, metrics), state donated."""
+    cfg, accum = s.cfg, s.cfg.train.grad_accum
+    schedule = optim.schedule(cfg.optim, cfg.train.steps)
+
+    def grads_of(params, batch, rng):
+        def loss(p):
+            return s.objective.loss_fn(s.model(p), batch, rng)
+
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return grads, metrics
+
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state["step"])
+        params = state["params"]
+        if accum == 1:
+            grads, metrics = grads_of(params, batch, rng)
+        else:
+            # Row r of micro-batch a is global row r * accum + a: every micro-batch keeps the
+            # batch's sharding, so each device works on its own rows at every micro-step.
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+                batch,
+            )
+
+            def body(total, i):
+                mb = jax.tree.map(lambda x: x[i], micro)
+                out = grads_of(params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, total, out), None
+
+            zeros = jax.tree.map(
+                lambda x: jnp.zeros(x.shape, x.dtype),
+                jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro), rng),
+            )
+            total, _ = jax.lax.scan(body, zeros, jnp.arange(accum))
+            grads, metrics = jax.tree.map(lambda x: x / accum, total)
+        updates, opt_state = s.tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(s.shardings, NamedSharding(s.mesh, logical_spec(("batch", None)))),
+        out_shardings=(s.shardings, None),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(s: Setup):
+    """jit(eval_step): (params, batch) -> metrics summed over tokens, plus `tokens`."""
+
+    def eval_step(params: Any, batch: dict) -> dict:
+        _, metrics = s.objective.loss_fn(s.model(params), batch, jax.random.key(0))
+        tokens = metrics.pop("tokens")
+        return {**{k: v * tokens for k, v in metrics.items()}, "tokens": tokens}
+
+    return jax.jit(eval_step, in_shardings=(s.shardings["params"], NamedSharding(s.mesh, logical_spec(("batch", None)))))
+
+
+# bf16 dense peak FLOP/s per device, from the vendors' data sheets.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def peak_flops(override: float = 0.0) -> tuple[float, str]:
+    """Total peak FLOP/s of all devices, and where the figure came from."""
+    devices = jax.devices()
+    if override:
+        return override * len(devices), "train.peak_flops"
+    kind = devices[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops * len(devices), f"{name} bf16 data sheet"
+    if devices[0].platform == "cpu":
+        # Fake CPU devices share the same cores: the machine's peak is one measured matmul.
+        return _measured_matmul_flops(), "measured float32 matmul on this CPU"
+    return float("nan"), f"unknown device {kind!r}: set train.peak_flops"
+
+
+def _measured_matmul_flops(n: int = 2048, tries: int = 3) -> float:
+    """Best of a few large float32 matmuls: close to what this CPU can do at best."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
