@@ -36,7 +36,12 @@ def get_config(variant: str = "tiny") -> Config:
 def tiny() -> Config:
     return Config(
         model=ModelConfig(
-            vocab_size=2048, seq_len=128, num_layers=4, d_model=128, num_heads=4, mlp_dim=512,
+            vocab_size=2048,
+            seq_len=128,
+            num_layers=4,
+            d_model=128,
+            num_heads=4,
+            mlp_dim=512,
             dtype="float32",
         ),
         data=DataConfig(eval_fraction=0.05),
@@ -49,10 +54,17 @@ def tiny() -> Config:
 def gpt2_124m() -> Config:
     return Config(
         model=ModelConfig(
-            vocab_size=50304, seq_len=1024, num_layers=12, d_model=768, num_heads=12,
-            mlp_dim=3072, scan_layers=False,
+            vocab_size=50304,
+            seq_len=1024,
+            num_layers=12,
+            d_model=768,
+            num_heads=12,
+            mlp_dim=3072,
+            scan_layers=False,
         ),
-        train=TrainConfig(steps=600_000, batch_size=12, log_every=100, eval_every=2000, eval_steps=50),
+        train=TrainConfig(
+            steps=600_000, batch_size=12, log_every=100, eval_every=2000, eval_steps=50
+        ),
         optim=OptimConfig(lr=6e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1),
         checkpoint=CheckpointConfig(every=5000, keep=3),
     )
@@ -61,11 +73,24 @@ def gpt2_124m() -> Config:
 def llama_160m() -> Config:
     return Config(
         model=ModelConfig(
-            vocab_size=32000, seq_len=1024, num_layers=12, d_model=768, num_heads=12,
-            num_kv_heads=4, mlp_dim=2048, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu",
-            position="rope", tie_embeddings=False, use_bias=False, scan_layers=False,
+            vocab_size=32000,
+            seq_len=1024,
+            num_layers=12,
+            d_model=768,
+            num_heads=12,
+            num_kv_heads=4,
+            mlp_dim=3328,
+            norm="rmsnorm",
+            norm_eps=1e-6,
+            mlp="swiglu",
+            position="rope",
+            tie_embeddings=False,
+            use_bias=False,
+            scan_layers=False,
         ),
-        train=TrainConfig(steps=100_000, batch_size=32, log_every=100, eval_every=2000, eval_steps=50),
+        train=TrainConfig(
+            steps=100_000, batch_size=32, log_every=100, eval_every=2000, eval_steps=50
+        ),
         optim=OptimConfig(lr=6e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1),
         checkpoint=CheckpointConfig(every=5000, keep=3),
     )

@@ -44,7 +44,9 @@ class Checkpointer:
         args = {
             "state": ocp.args.StandardSave(state),
             "config": ocp.args.JsonSave(config_lib.to_dict(cfg)),
-            "tokenizer": ocp.args.JsonSave({"sentencepiece": base64.b64encode(tokenizer.proto).decode()}),
+            "tokenizer": ocp.args.JsonSave(
+                {"sentencepiece": base64.b64encode(tokenizer.proto).decode()}
+            ),
         }
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -52,7 +54,10 @@ class Checkpointer:
 
     def restore_meta(self, step: int) -> tuple[Config, Tokenizer]:
         meta = self.manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore())
+            step,
+            args=ocp.args.Composite(
+                config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()
+            ),
         )
         proto = base64.b64decode(meta["tokenizer"]["sentencepiece"])
         return config_lib.from_dict(meta["config"]), Tokenizer(proto)
@@ -71,7 +76,11 @@ class Checkpointer:
         target = self.quarantine / str(step)
         log.warning(
             "checkpoint step %d in %s is unreadable (%s: %.200s); moved to %s, trying an older one",
-            step, self.root, type(error).__name__, error, target,
+            step,
+            self.root,
+            type(error).__name__,
+            error,
+            target,
         )
         if target.exists():
             target = self.quarantine / f"{step}.{len(list(self.quarantine.iterdir()))}"

@@ -46,7 +46,15 @@ def _default_workdir(spec: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after options (`train CFG --workdir W a=1`); argparse
+    # leaves the ones after an option unparsed, so collect them here.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = args.overrides + extra
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     for noisy in ("absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -79,7 +87,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "tokenizer":
         from jaxlm import data, tokenizer
 
-        docs = data.read_documents(data.corpus_files(tuple(args.input)), config.DataConfig().doc_chars)
+        docs = data.read_documents(
+            data.corpus_files(tuple(args.input)), config.DataConfig().doc_chars
+        )
         tok = tokenizer.train(docs, args.vocab_size, args.model_type)
         tok.save(args.out)
         print(f"wrote {args.out}: {tok.vocab_size} tokens")

@@ -65,7 +65,9 @@ def read_documents(paths: list[Path], doc_chars: int) -> list[str]:
                 try:
                     found.append(json.loads(line)["text"])
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(f"{path}:{i}: expected a JSON object with a 'text' field") from None
+                    raise ConfigError(
+                        f"{path}:{i}: expected a JSON object with a 'text' field"
+                    ) from None
         else:
             found = _paragraph_documents(text, doc_chars)
         if not any(doc.strip() for doc in found):
@@ -80,7 +82,8 @@ def split(docs: list[str], eval_fraction: float, seed: int) -> tuple[list[str], 
         raise ConfigError(f"need at least 2 documents for a train/eval split, found {len(docs)}")
     held = np.random.default_rng(seed).random(len(docs)) < eval_fraction
     held[0], held[-1] = True, False  # never empty on either side
-    return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
+    train = [d for d, h in zip(docs, held, strict=True) if not h]
+    return train, [d for d, h in zip(docs, held, strict=True) if h]
 
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[str], list[str]]:

@@ -1,8 +1,8 @@
 """Load any checkpoint onto this machine's devices (one CPU is enough) and evaluate it.
 
-    from jaxlm.evaluate import load
-    loaded = load("runs/gpt_tiny")            # newest step, parameters sharded over all devices
-    model = loaded.setup.model(loaded.params)  # an NNX module: logits = model(batch)
+from jaxlm.evaluate import load
+loaded = load("runs/gpt_tiny")            # newest step, parameters sharded over all devices
+model = loaded.setup.model(loaded.params)  # an NNX module: logits = model(batch)
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def load(workdir: str | Path, step: int | None = None, overrides: list[str] = ()
     return Loaded(cfg, s, state["params"], tokenizer, step)
 
 
-def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides: list[str] = ()) -> dict:
+def evaluate_checkpoint(
+    workdir: str | Path, step: int | None = None, overrides: list[str] = ()
+) -> dict:
     """Held-out metrics of a checkpoint, on the split its own config defines."""
     from jaxlm.train import evaluate  # the same evaluation as during training
 
@@ -60,8 +62,12 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
     sharding.check_batch(cfg.train.batch_size, 1, mesh)
     train_docs, eval_docs = data.load_splits(cfg.data, cfg.train.seed)
     stream = data.pipeline(
-        eval_docs, loaded.tokenizer, cfg.model.seq_len, cfg.train.batch_size // jax.process_count(),
-        cfg.train.seed + 1, loaded.setup.objective.to_example,
+        eval_docs,
+        loaded.tokenizer,
+        cfg.model.seq_len,
+        cfg.train.batch_size // jax.process_count(),
+        cfg.train.seed + 1,
+        loaded.setup.objective.to_example,
     )
     it = iter(stream)
     batches = [next(it) for _ in range(cfg.train.eval_steps)]

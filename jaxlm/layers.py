@@ -98,7 +98,11 @@ class Attention(nnx.Module):
         k = jnp.einsum("BSD,DNK->BSNK", x, self.wk[...].astype(dt))
         v = jnp.einsum("BSD,DNK->BSNK", x, self.wv[...].astype(dt))
         if self.bq is not None:
-            q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+            q, k, v = (
+                q + self.bq[...].astype(dt),
+                k + self.bk[...].astype(dt),
+                v + self.bv[...].astype(dt),
+            )
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         # Packed documents never see each other; padding (segment 0) only sees padding.
@@ -119,7 +123,9 @@ class Mlp(nnx.Module):
         self.wi = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
         gated = cfg.mlp == "swiglu"
         self.wg = nnx.data(param(rngs, (d, f), ("embed", "mlp"), cfg.init_std) if gated else None)
-        self.wo = param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        self.wo = param(
+            rngs, (f, d), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        )
         bias = cfg.use_bias
         self.bi = nnx.data(param(rngs, (f,), ("mlp",), "zeros") if bias else None)
         self.bo = nnx.data(param(rngs, (d,), ("norm",), "zeros") if bias else None)
@@ -168,7 +174,9 @@ class Transformer(nnx.Module):
         self.cfg = cfg
 
         @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS, "axes": LAYERS})
+        @nnx.vmap(
+            in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS, "axes": LAYERS}
+        )
         def stacked(rngs: nnx.Rngs) -> Block:
             return Block(cfg, rngs)
 
@@ -200,7 +208,9 @@ class Embed(nnx.Module):
         self.tokens = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         learned = cfg.position == "learned"
         shape = (cfg.seq_len, cfg.d_model)
-        self.positions = nnx.data(param(rngs, shape, (None, "embed"), cfg.init_std) if learned else None)
+        self.positions = nnx.data(
+            param(rngs, shape, (None, "embed"), cfg.init_std) if learned else None
+        )
 
     def __call__(self, ids: jax.Array, positions: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)

@@ -21,7 +21,9 @@ class Model(nnx.Module):
         self.embed = Embed(cfg, rngs)
         self.transformer = Transformer(cfg, rngs)
         shape, untied = (cfg.d_model, cfg.vocab_size), not cfg.tie_embeddings
-        self.head = nnx.data(param(rngs, shape, ("embed", "vocab"), cfg.init_std) if untied else None)
+        self.head = nnx.data(
+            param(rngs, shape, ("embed", "vocab"), cfg.init_std) if untied else None
+        )
 
     def __call__(self, batch: dict) -> jax.Array:
         x = self.embed(batch["inputs"], batch["positions"])

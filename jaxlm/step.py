@@ -49,7 +49,11 @@ class Setup:
     def _init_fn(self, key: jax.Array) -> dict:
         model = self.objective.Model(self.cfg.model, nnx.Rngs(params=key))
         params = nnx.state(model, nnx.Param)
-        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        return {
+            "params": params,
+            "opt_state": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+        }
 
     def model(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
@@ -116,7 +120,7 @@ def make_train_step(s: Setup):
             grads, metrics = jax.tree.map(lambda x: x / accum, total)
         updates, opt_state = s.tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
@@ -136,7 +140,10 @@ def make_eval_step(s: Setup):
         tokens = metrics.pop("tokens")
         return {**{k: v * tokens for k, v in metrics.items()}, "tokens": tokens}
 
-    return jax.jit(eval_step, in_shardings=(s.shardings["params"], NamedSharding(s.mesh, logical_spec(("batch", None)))))
+    return jax.jit(
+        eval_step,
+        in_shardings=(s.shardings["params"], NamedSharding(s.mesh, logical_spec(("batch", None)))),
+    )
 
 
 # bf16 dense peak FLOP/s per device, from the vendors' data sheets.

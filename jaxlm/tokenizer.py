@@ -79,14 +79,18 @@ def train(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> Tok
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ConfigError(f"sentencepiece training with vocab_size={vocab_size} failed: {e}") from None
+        raise ConfigError(
+            f"sentencepiece training with vocab_size={vocab_size} failed: {e}"
+        ) from None
     return Tokenizer(out.getvalue())
 
 
 def load(path: str | Path) -> Tokenizer:
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"tokenizer file {str(path)!r} not found (expected a sentencepiece .model)")
+        raise ConfigError(
+            f"tokenizer file {str(path)!r} not found (expected a sentencepiece .model)"
+        )
     try:
         return Tokenizer(file.read_bytes())
     except RuntimeError:

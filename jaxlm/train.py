@@ -52,8 +52,7 @@ class MetricsWriter:
 
 
 def _plain(v):
-    v = v.item() if hasattr(v, "item") else v
-    return round(v, 6) if isinstance(v, float) else v
+    return v.item() if hasattr(v, "item") else v
 
 
 def get_tokenizer(cfg: Config, ckpt: Checkpointer, train_docs: list[str]):
@@ -68,7 +67,11 @@ def get_tokenizer(cfg: Config, ckpt: Checkpointer, train_docs: list[str]):
     else:
         start = time.perf_counter()
         tok = tokenizer_lib.train(train_docs, cfg.model.vocab_size)
-        log.info("trained a %d-token sentencepiece model in %.1fs", tok.vocab_size, time.perf_counter() - start)
+        log.info(
+            "trained a %d-token sentencepiece model in %.1fs",
+            tok.vocab_size,
+            time.perf_counter() - start,
+        )
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
@@ -116,7 +119,13 @@ def train(cfg: Config, workdir: str | Path) -> dict:
 
     def stream(docs: list[str], seed: int):
         return data.pipeline(
-            docs, tokenizer, seq_len, local_batch, seed, s.objective.to_example, cfg.data.worker_count
+            docs,
+            tokenizer,
+            seq_len,
+            local_batch,
+            seed,
+            s.objective.to_example,
+            cfg.data.worker_count,
         )
 
     with jax.set_mesh(mesh):
@@ -130,11 +139,19 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         unigram = data.unigram_loss(data.unigram_log_probs(train_docs, tokenizer), eval_batches)
         log.info(
             "%s: %s parameters, mesh %s, %d steps of %d x %d tokens, workdir %s",
-            cfg.name, f"{s.num_params():,}", dict(mesh.shape), cfg.train.steps,
-            cfg.train.batch_size, seq_len, workdir,
+            cfg.name,
+            f"{s.num_params():,}",
+            dict(mesh.shape),
+            cfg.train.steps,
+            cfg.train.batch_size,
+            seq_len,
+            workdir,
         )
         log.info("peak %.3g FLOP/s (%s); eval_unigram_loss %.4f", peak, peak_source, unigram)
-        writer.write(start, {"eval_unigram_loss": unigram, "peak_flops": peak, "peak_flops_source": peak_source})
+        writer.write(
+            start,
+            {"eval_unigram_loss": unigram, "peak_flops": peak, "peak_flops_source": peak_source},
+        )
 
         last: dict = {}
         timer, timed_steps = time.perf_counter(), 0
@@ -145,13 +162,21 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                 metrics = {k: float(v) for k, v in metrics.items() if k != "tokens"}
                 elapsed = time.perf_counter() - timer
                 tokens_per_s = timed_steps * cfg.train.batch_size * seq_len / elapsed
-                metrics |= {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak}
+                metrics |= {
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": tokens_per_s * flops_per_token / peak,
+                }
                 if not math.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
                 log.info(
                     "step %d/%d | loss %.4f | grad_norm %.3f | lr %.3g | %s tokens/s | mfu %.2f%%",
-                    done, cfg.train.steps, metrics["loss"], metrics["grad_norm"], metrics["lr"],
-                    f"{tokens_per_s:,.0f}", 100 * metrics["mfu"],
+                    done,
+                    cfg.train.steps,
+                    metrics["loss"],
+                    metrics["grad_norm"],
+                    metrics["lr"],
+                    f"{tokens_per_s:,.0f}",
+                    100 * metrics["mfu"],
                 )
                 writer.write(done, metrics)
                 last |= metrics

@@ -1,0 +1,93 @@
+"""8 fake CPU devices for every test, set before JAX is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=60"
+)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_CORPUS = ("jaxlm/corpus/othello.txt", "jaxlm/corpus/julius_caesar.txt")
+
+
+def tiny_overrides(**extra) -> list[str]:
+    """A 2-layer GPT small enough to compile and run in a second or two per config."""
+    base = {
+        "model.vocab_size": 512,
+        "model.seq_len": 32,
+        "model.num_layers": 2,
+        "model.d_model": 64,
+        "model.num_heads": 4,
+        "model.mlp_dim": 128,
+        "model.dtype": "float32",
+        "data.files": ",".join(str(ROOT / f) for f in SMALL_CORPUS),
+        "train.batch_size": 8,
+        "train.steps": 4,
+        "train.log_every": 1,
+        "train.eval_every": 1000,
+        "train.eval_steps": 2,
+        "train.peak_flops": 1e11,
+        "optim.warmup_steps": 2,
+        "optim.lr": 1e-2,
+        "checkpoint.every": 1000,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def load_tiny(**extra):
+    from jaxlm import config
+
+    return config.load(str(ROOT / "configs/gpt.py:tiny"), tiny_overrides(**extra))
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+def run_python(code: str, devices: int = 8, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter with its own fake device count (killed on timeout:
+    a hung CPU collective ignores SIGTERM)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices}"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=60"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(autouse=True)
+def _grain_flags():
+    # Grain's worker processes read absl flags; mark them parsed outside absl.app.run.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    yield

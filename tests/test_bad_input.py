@@ -1,0 +1,104 @@
+"""Each user mistake gets a message naming the thing at fault, and no traceback."""
+
+import logging
+
+import pytest
+from conftest import ROOT, load_tiny, losses, tiny_overrides
+
+from jaxlm import cli
+from jaxlm.config import ConfigError
+from jaxlm.train import train
+
+GPT = str(ROOT / "configs/gpt.py:tiny")
+
+
+def cli_error(capsys, *args) -> str:
+    assert cli.main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_mesh_that_does_not_match_the_devices(tmp_path, capsys):
+    err = cli_error(
+        capsys,
+        "train",
+        GPT,
+        "--workdir",
+        str(tmp_path),
+        *tiny_overrides(**{"mesh.data": 3, "mesh.fsdp": 2}),
+    )
+    assert "mesh (data=3, fsdp=2, tensor=1) needs 6 devices, but there are 8" in err
+    with pytest.raises(ConfigError, match=r"does not divide the 8 devices"):
+        train(load_tiny(**{"mesh.data": -1, "mesh.fsdp": 3}), tmp_path)
+
+
+def test_batch_not_divisible_by_data_parallel_size(tmp_path, capsys):
+    err = cli_error(
+        capsys, "train", GPT, "--workdir", str(tmp_path), *tiny_overrides(**{"train.batch_size": 6})
+    )
+    assert "train.batch_size=6 (micro-batch 6 with train.grad_accum=1)" in err
+    assert "is not divisible by the data-parallel size 8" in err
+
+
+def test_missing_data_file(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    err = cli_error(
+        capsys,
+        "train",
+        GPT,
+        "--workdir",
+        str(tmp_path),
+        *tiny_overrides(**{"data.files": str(missing)}),
+    )
+    assert f"data.files: '{missing}' matches no file" in err
+
+
+def test_empty_data_file(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    err = cli_error(
+        capsys,
+        "train",
+        GPT,
+        "--workdir",
+        str(tmp_path / "w"),
+        *tiny_overrides(**{"data.files": str(empty)}),
+    )
+    assert f"data file '{empty}' is empty" in err
+
+
+def test_missing_tokenizer_file(tmp_path, capsys):
+    err = cli_error(
+        capsys,
+        "train",
+        GPT,
+        "--workdir",
+        str(tmp_path),
+        *tiny_overrides(**{"data.tokenizer": "no.model"}),
+    )
+    assert "tokenizer file 'no.model' not found" in err
+
+
+def test_corrupt_latest_checkpoint_is_skipped_not_loaded_nor_deleted(tmp_path, caplog):
+    opts = {"train.steps": 4, "checkpoint.every": 2}
+    train(load_tiny(**opts), tmp_path / "straight")
+    workdir = tmp_path / "run"
+    train(load_tiny(**opts), workdir)
+    latest = workdir / "checkpoints" / "4"
+    corrupted = 0
+    for f in (latest / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage" * 7)
+            corrupted += 1
+    assert corrupted
+    # An interrupted save leaves a temporary directory; it must be ignored too.
+    (workdir / "checkpoints" / "6.orbax-checkpoint-tmp-1234").mkdir()
+
+    with caplog.at_level(logging.WARNING, logger="jaxlm"):
+        train(load_tiny(**{**opts, "train.steps": 6}), workdir)
+    assert "checkpoint step 4" in caplog.text and "unreadable" in caplog.text
+    assert (workdir / "checkpoints_unreadable" / "4" / "state").is_dir()  # kept for a post-mortem
+    # Resumed from step 2: steps 3 and 4 are recomputed and equal the uninterrupted run's.
+    resumed = losses(workdir)
+    assert resumed[3] == losses(tmp_path / "straight")[3]

@@ -1,0 +1,44 @@
+import pytest
+from conftest import ROOT, tiny_overrides
+
+from jaxlm import cli, config
+from jaxlm.config import ConfigError
+
+GPT = str(ROOT / "configs/gpt.py")
+
+
+def test_override_types_are_checked():
+    cfg = config.load(
+        f"{GPT}:tiny", ["train.steps=7", "model.tie_embeddings=false", "optim.lr=1e-3"]
+    )
+    assert (cfg.train.steps, cfg.model.tie_embeddings, cfg.optim.lr) == (7, False, 1e-3)
+    assert cfg.name == "gpt:tiny"
+
+
+def test_unknown_key_names_it_and_the_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.step'.*'train.steps'"):
+        config.load(f"{GPT}:tiny", ["train.step=10"])
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"'train.batch_size' expects int, got 'eight'"):
+        config.load(f"{GPT}:tiny", ["train.batch_size=eight"])
+
+
+def test_bad_choice_and_unknown_variant():
+    with pytest.raises(ConfigError, match=r"'model.norm' is 'batchnorm'; expected one of"):
+        config.load(f"{GPT}:tiny", ["model.norm=batchnorm"])
+    with pytest.raises(ConfigError, match=r"unknown variant 'huge'.*gpt2_124m"):
+        config.load(f"{GPT}:huge")
+
+
+def test_config_round_trips_through_dict():
+    cfg = config.load(f"{GPT}:tiny", tiny_overrides())
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+def test_cli_reports_user_errors_without_a_traceback(capsys):
+    assert cli.main(["train", f"{GPT}:tiny", "model.d_modle=64"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.d_modle'; did you mean 'model.d_model'?" in err
+    assert "Traceback" not in err

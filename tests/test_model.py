@@ -1,0 +1,86 @@
+"""Model behaviour: parameter counts of the full-size configs, causality, scan == unroll."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, load_tiny
+from flax import nnx
+
+from jaxlm import config, lm, sharding
+from jaxlm.config import MeshConfig
+from jaxlm.step import build
+
+
+def test_gpt2_124m_has_gpt2_small_parameter_count():
+    cfg = config.load(str(ROOT / "configs/gpt.py:gpt2_124m"), ["mesh.data=8"])
+    n = build(cfg, sharding.make_mesh(cfg.mesh)).num_params()  # eval_shape only: no arrays
+    # GPT-2 small with its vocabulary padded to 50304 and tied embeddings: 124.5M.
+    assert 124_000_000 < n < 124_600_000, n
+
+
+def test_llama_160m_shape():
+    cfg = config.load(str(ROOT / "configs/gpt.py:llama_160m"))
+    n = build(cfg, sharding.make_mesh(MeshConfig(data=8))).num_params()
+    assert 155_000_000 < n < 165_000_000, n  # 160.1M: untied 32k vocab, GQA, SwiGLU 3328
+
+
+def _model(**extra):
+    cfg = load_tiny(**extra).model
+    return lm.Model(cfg, nnx.Rngs(0)), cfg
+
+
+def _logit_grads(model, cfg, segment_ids):
+    """position -> |d logits[0, position] / d input embeddings|, summed over the model dim."""
+    t = segment_ids.shape[1]
+    ids = jnp.arange(t)[None] % cfg.vocab_size
+    lengths = np.unique(np.asarray(segment_ids[0]), return_counts=True)[1]
+    positions = jnp.asarray(np.concatenate([np.arange(n) for n in lengths])[None])
+
+    @jax.jit
+    def grads(position):
+        def logits_at(x):
+            h = model.transformer(x, segment_ids, positions, causal=True)
+            return model.embed.attend(h)[0, position].sum()
+
+        return jnp.abs(jax.grad(logits_at)(model.embed(ids, positions))[0]).sum(-1)
+
+    return grads
+
+
+LLAMA_STYLE = {
+    "model.position": "rope",
+    "model.num_kv_heads": 2,
+    "model.mlp": "swiglu",
+    "model.norm": "rmsnorm",
+    "model.use_bias": False,
+}
+
+
+@pytest.mark.parametrize("variant", [{}, LLAMA_STYLE], ids=["gpt2", "llama"])
+def test_no_logit_depends_on_a_later_token_or_another_document(variant):
+    model, cfg = _model(**variant)
+    seg = jnp.asarray([[1] * 12 + [2] * 12 + [3] * 8])
+    with jax.set_mesh(sharding.make_mesh(MeshConfig(data=8))):
+        grads = _logit_grads(model, cfg, seg)
+        for position in (0, 5, 11, 12, 20, 24, 31):
+            g = np.asarray(grads(position))
+            own = np.asarray(seg[0] == seg[0, position])
+            earlier_same_doc = own & (np.arange(32) <= position)
+            assert np.all(g[~earlier_same_doc] == 0.0), (position, g)
+            assert np.all(g[earlier_same_doc] > 0.0), (position, g)
+
+
+def test_scan_and_unrolled_layers_agree():
+    model, cfg = _model()
+    graphdef, params = nnx.split(model)
+    unrolled_cfg = load_tiny(**{"model.scan_layers": False}).model
+    unrolled = nnx.merge(nnx.graphdef(lm.Model(unrolled_cfg, nnx.Rngs(0))), params)
+    batch = {
+        "inputs": jnp.arange(64).reshape(2, 32) % cfg.vocab_size,
+        "positions": jnp.tile(jnp.arange(32), (2, 1)),
+        "segment_ids": jnp.ones((2, 32), jnp.int32),
+    }
+    with jax.set_mesh(sharding.make_mesh(MeshConfig(data=8))):
+        scanned_logits, unrolled_logits = jax.jit(lambda: (model(batch), unrolled(batch)))()
+    np.testing.assert_allclose(scanned_logits, unrolled_logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,149 @@
+"""Training: sharding does not change the math; a killed run resumes exactly."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import ROOT, load_tiny, losses, read_metrics, run_python, tiny_overrides
+
+from jaxlm.train import train
+
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
+
+
+def _mesh(d, f, t):
+    return {"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": t}
+
+
+def test_same_losses_on_every_mesh(tmp_path):
+    runs = {}
+    for mesh in MESHES:
+        workdir = tmp_path / "x".join(map(str, mesh))
+        result = train(load_tiny(**_mesh(*mesh)), workdir)
+        runs[mesh] = losses(workdir)
+        assert result["eval_unigram_loss"] > 0
+    reference = runs[MESHES[0]]
+    assert sorted(reference) == [1, 2, 3, 4]
+    assert reference[4] < reference[1]  # it learns
+    for mesh in MESHES[1:]:
+        np.testing.assert_allclose(
+            [runs[mesh][s] for s in reference], list(reference.values()), atol=1e-4, rtol=0
+        )
+
+
+def test_metrics_lines_carry_the_promised_fields(tmp_path):
+    train(load_tiny(**{"train.eval_every": 2}), tmp_path)
+    records = read_metrics(tmp_path)
+    assert "eval_unigram_loss" in records[0] and "peak_flops_source" in records[0]
+    steps = [r for r in records if "loss" in r]
+    assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"} <= set(steps[-1])
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+KILL_AT_8 = """
+import os, signal, sys
+from jaxlm import checkpoint, config, train
+save = checkpoint.Checkpointer.save
+def save_then_die(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if step == 8:
+        self.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.Checkpointer.save = save_then_die
+train.train(config.load(sys.argv[1], sys.argv[2:]), {workdir!r})
+"""
+
+
+def _killed_at_8(workdir, overrides):
+    code = KILL_AT_8.replace(
+        "sys.argv[1], sys.argv[2:]",
+        repr(str(ROOT / "configs/gpt.py:tiny")) + ", " + repr(overrides),
+    )
+    proc = run_python(code.format(workdir=str(workdir)))
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL, after the step-8 checkpoint
+    assert sorted(losses(workdir)) == list(range(1, 9))
+    assert (workdir / "checkpoints" / "8").is_dir()
+
+
+def _final_params(workdir, **overrides):
+    from jaxlm.evaluate import load
+
+    loaded = load(workdir, overrides=[f"{k}={v}" for k, v in overrides.items()])
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(loaded.params)]
+
+
+def test_killed_run_resumes_bitwise(tmp_path):
+    opts = {"train.steps": 16, "checkpoint.every": 8}
+    train(load_tiny(**opts), tmp_path / "straight")
+    straight = losses(tmp_path / "straight")
+
+    resumed = tmp_path / "resumed"
+    _killed_at_8(resumed, tiny_overrides(**opts))
+    train(load_tiny(**opts), resumed)
+    assert losses(resumed) == straight  # every step, bitwise (JSON keeps full float64 repr)
+    for a, b in zip(_final_params(tmp_path / "straight"), _final_params(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_killed_run_resumes_on_another_mesh(tmp_path):
+    opts = {"train.steps": 16, "checkpoint.every": 8}
+    train(load_tiny(**opts), tmp_path / "straight")
+    straight = losses(tmp_path / "straight")
+
+    resumed = tmp_path / "resumed"
+    _killed_at_8(resumed, tiny_overrides(**opts))
+    train(load_tiny(**opts, **_mesh(2, 2, 2)), resumed)
+    got = losses(resumed)
+    np.testing.assert_allclose(
+        [got[s] for s in straight], list(straight.values()), atol=1e-4, rtol=0
+    )
+
+
+RESTORE_ON_ONE_DEVICE = """
+import jax, numpy as np
+from jaxlm.evaluate import load
+assert jax.device_count() == 1
+loaded = load({workdir!r})
+np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(loaded.params)])
+print(len(jax.tree.leaves(loaded.params)), loaded.step)
+"""
+
+
+def test_checkpoint_from_2x2x2_restores_on_one_device(tmp_path):
+    train(load_tiny(**_mesh(2, 2, 2), **{"train.steps": 2}), tmp_path)
+    expected = _final_params(tmp_path, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    proc = run_python(
+        RESTORE_ON_ONE_DEVICE.format(workdir=str(tmp_path), out=str(tmp_path / "p.npz")), devices=1
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "p.npz")
+    assert len(got.files) == len(expected)
+    for i, want in enumerate(expected):
+        np.testing.assert_array_equal(got[f"arr_{i}"], want)
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    train(load_tiny(), tmp_path / "one")
+    train(
+        load_tiny(**{"train.grad_accum": 2, "mesh.data": 4, "mesh.fsdp": 1, "mesh.tensor": 2}),
+        tmp_path / "two",
+    )
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), atol=1e-4, rtol=0)
+
+
+def test_eval_command_reports_held_out_metrics(tmp_path, capsys):
+    from jaxlm import cli
+
+    train(load_tiny(**{"train.steps": 2}), tmp_path)
+    assert cli.main(["eval", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 2 and result["eval_loss"] > 0 and result["eval_unigram_loss"] > 0
+
+
+@pytest.fixture(autouse=True)
+def _quiet_orbax(caplog):
+    caplog.set_level("WARNING", logger="absl")
