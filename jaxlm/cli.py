@@ -5,10 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from jaxlm.config import ConfigError
+
+DISTRIBUTED_HELP = (
+    "one process per host (jax.distributed): found automatically on TPU pods and under SLURM; "
+    "elsewhere set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID"
+)
+
+
+def init_distributed() -> None:
+    """Join JAX's multi-controller runtime before any device is touched."""
+    import jax
+
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env:
+        jax.distributed.initialize(
+            env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+    else:
+        jax.distributed.initialize()  # TPU pod, SLURM, Open MPI: detected from the environment
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,16 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="CONFIG_FILE[:VARIANT]")
     t.add_argument("--workdir", help="checkpoints and metrics (default runs/<config>_<variant>)")
     t.add_argument("overrides", nargs="*", help="key.path=value")
+    t.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
 
     b = sub.add_parser("bench", help="time training steps on synthetic data, print one JSON line")
     b.add_argument("config")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("overrides", nargs="*")
+    b.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
 
     e = sub.add_parser("eval", help="held-out metrics of a checkpoint, on this machine's devices")
     e.add_argument("workdir")
     e.add_argument("--step", type=int, help="default: the newest checkpoint")
     e.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 mesh.data=1")
+    e.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
 
     k = sub.add_parser("tokenizer", help="tokenizer tools")
     ksub = k.add_subparsers(dest="tokenizer_command", required=True)
@@ -67,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from jaxlm import config
+
+    if getattr(args, "distributed", False):
+        init_distributed()
 
     if args.command == "train":
         from jaxlm.train import train
