@@ -3,6 +3,7 @@ so it runs where Grain is not installed (e.g. a bare GPU image)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import jax
@@ -13,6 +14,7 @@ from jaxlm.config import Config
 from jaxlm.step import build, make_train_step, peak_flops
 
 SYNC_EVERY = 8
+log = logging.getLogger("jaxlm")
 
 
 def synthetic_batch(cfg: Config) -> dict:
@@ -33,6 +35,13 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     s = build(cfg, mesh)
+    log.info(
+        "%s: %s parameters, %d x %d tokens per step",
+        cfg.name,
+        f"{s.num_params():,}",
+        cfg.train.batch_size,
+        cfg.model.seq_len,
+    )
     with jax.set_mesh(mesh):
         state = s.init()
         batch = sharding.to_global(synthetic_batch(cfg), mesh)

@@ -87,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(
+            f"jaxlm: error: out of device memory ({str(e).splitlines()[0][:200]}). Try "
+            "model.remat=full with model.scan_layers=true, a smaller train.batch_size with "
+            "train.grad_accum, or spread the parameters with mesh.fsdp",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
