@@ -60,7 +60,6 @@ class DataConfig:
     tokenizer: str = ""  # a sentencepiece .model; "" = train one on the training split
     eval_fraction: float = 0.02  # documents held out for evaluation
     doc_chars: int = 4096  # .txt files: paragraphs are grouped into documents of about this size
-    worker_count: int = 0  # Grain worker processes (0: in the training process)
 
 
 @dataclass(frozen=True)

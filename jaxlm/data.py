@@ -109,16 +109,14 @@ def pipeline(
     local_batch: int,
     seed: int,
     to_example: Callable[[dict], dict],
-    worker_count: int = 0,
 ) -> grain.IterDataset:
-    """An endless, seeded stream of this process's batches of packed rows."""
+    """An endless, seeded stream of this process's batches of packed rows. Grain's read
+    threads tokenize documents ahead of the trainer, in order (sentencepiece releases the GIL)."""
     ds = grain.MapDataset.source(docs)[jax.process_index() :: jax.process_count()]
     ds = ds.shuffle(seed=seed).repeat(None).map(Tokenize(tokenizer)).to_iter_dataset()
     # seq_len + 1 tokens per row: inputs are the first seq_len, targets the last seq_len.
     ds = ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
     ds = ds.map(to_example).batch(local_batch, drop_remainder=True)
-    if worker_count:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return ds
 
 

@@ -19,7 +19,7 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
 class Tokenizer:
-    """A picklable sentencepiece model (Grain workers receive it by pickling)."""
+    """A sentencepiece model that pickles as its proto (for Grain worker processes)."""
 
     def __init__(self, proto: bytes):
         self.proto = proto

@@ -118,15 +118,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
     seq_len = cfg.model.seq_len
 
     def stream(docs: list[str], seed: int):
-        return data.pipeline(
-            docs,
-            tokenizer,
-            seq_len,
-            local_batch,
-            seed,
-            s.objective.to_example,
-            cfg.data.worker_count,
-        )
+        return data.pipeline(docs, tokenizer, seq_len, local_batch, seed, s.objective.to_example)
 
     with jax.set_mesh(mesh):
         state, it, start = restore_or_init(s, ckpt, stream(train_docs, cfg.train.seed))

@@ -14,8 +14,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_CORPUS = ("jaxlm/corpus/othello.txt", "jaxlm/corpus/julius_caesar.txt")
 
@@ -81,13 +79,3 @@ def run_python(code: str, devices: int = 8, timeout: int = 300) -> subprocess.Co
         proc.kill()
         out, err = proc.communicate()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-@pytest.fixture(autouse=True)
-def _grain_flags():
-    # Grain's worker processes read absl flags; mark them parsed outside absl.app.run.
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-    yield
