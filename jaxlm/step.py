@@ -175,7 +175,7 @@ def peak_flops(override: float = 0.0) -> tuple[float, str]:
     return float("nan"), f"unknown device {kind!r}: set train.peak_flops"
 
 
-def _measured_matmul_flops(n: int = 2048, tries: int = 3) -> float:
+def _measured_matmul_flops(n: int = 2048, tries: int = 10) -> float:
     """Best of a few large float32 matmuls: close to what this CPU can do at best."""
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
