@@ -51,9 +51,21 @@ def tiny() -> Config:
     )
 
 
-def gpt2_124m() -> Config:
+def _pretraining(model: ModelConfig, steps: int, batch_size: int) -> Config:
+    """Shared schedule of the full-size variants (nanoGPT's GPT-2 recipe)."""
     return Config(
-        model=ModelConfig(
+        model=model,
+        train=TrainConfig(
+            steps=steps, batch_size=batch_size, log_every=100, eval_every=2000, eval_steps=50
+        ),
+        optim=OptimConfig(lr=6e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1),
+        checkpoint=CheckpointConfig(every=5000, keep=3),
+    )
+
+
+def gpt2_124m() -> Config:
+    return _pretraining(
+        ModelConfig(
             vocab_size=50304,
             seq_len=1024,
             num_layers=12,
@@ -62,17 +74,14 @@ def gpt2_124m() -> Config:
             mlp_dim=3072,
             scan_layers=False,
         ),
-        train=TrainConfig(
-            steps=600_000, batch_size=12, log_every=100, eval_every=2000, eval_steps=50
-        ),
-        optim=OptimConfig(lr=6e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1),
-        checkpoint=CheckpointConfig(every=5000, keep=3),
+        steps=600_000,
+        batch_size=12,
     )
 
 
 def llama_160m() -> Config:
-    return Config(
-        model=ModelConfig(
+    return _pretraining(
+        ModelConfig(
             vocab_size=32000,
             seq_len=1024,
             num_layers=12,
@@ -88,9 +97,6 @@ def llama_160m() -> Config:
             use_bias=False,
             scan_layers=False,
         ),
-        train=TrainConfig(
-            steps=100_000, batch_size=32, log_every=100, eval_every=2000, eval_steps=50
-        ),
-        optim=OptimConfig(lr=6e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1),
-        checkpoint=CheckpointConfig(every=5000, keep=3),
+        steps=100_000,
+        batch_size=32,
     )

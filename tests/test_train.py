@@ -1,6 +1,7 @@
 """Training: sharding does not change the math; a killed run resumes exactly."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -75,28 +76,22 @@ def _final_params(workdir, **overrides):
     return [np.asarray(x) for x in jax.tree.leaves(loaded.params)]
 
 
-def test_killed_run_resumes_bitwise(tmp_path):
+def test_killed_run_resumes_bitwise_and_on_another_mesh(tmp_path):
     opts = {"train.steps": 16, "checkpoint.every": 8}
     train(load_tiny(**opts), tmp_path / "straight")
     straight = losses(tmp_path / "straight")
 
-    resumed = tmp_path / "resumed"
-    _killed_at_8(resumed, tiny_overrides(**opts))
-    train(load_tiny(**opts), resumed)
-    assert losses(resumed) == straight  # every step, bitwise (JSON keeps full float64 repr)
-    for a, b in zip(_final_params(tmp_path / "straight"), _final_params(resumed), strict=True):
+    killed = tmp_path / "killed"
+    _killed_at_8(killed, tiny_overrides(**opts))
+    shutil.copytree(killed, tmp_path / "other_mesh")
+
+    train(load_tiny(**opts), killed)  # same mesh: every step bitwise (JSON keeps float repr)
+    assert losses(killed) == straight
+    for a, b in zip(_final_params(tmp_path / "straight"), _final_params(killed), strict=True):
         np.testing.assert_array_equal(a, b)
 
-
-def test_killed_run_resumes_on_another_mesh(tmp_path):
-    opts = {"train.steps": 16, "checkpoint.every": 8}
-    train(load_tiny(**opts), tmp_path / "straight")
-    straight = losses(tmp_path / "straight")
-
-    resumed = tmp_path / "resumed"
-    _killed_at_8(resumed, tiny_overrides(**opts))
-    train(load_tiny(**opts, **_mesh(2, 2, 2)), resumed)
-    got = losses(resumed)
+    train(load_tiny(**opts, **_mesh(2, 2, 2)), tmp_path / "other_mesh")
+    got = losses(tmp_path / "other_mesh")
     np.testing.assert_allclose(
         [got[s] for s in straight], list(straight.values()), atol=1e-4, rtol=0
     )
