@@ -17,20 +17,6 @@ SYNC_EVERY = 8
 log = logging.getLogger("jaxlm")
 
 
-def synthetic_batch(cfg: Config) -> dict:
-    """One unpacked document per row (segment 1 everywhere), random tokens."""
-    b, t = cfg.train.batch_size // jax.process_count(), cfg.model.seq_len
-    rng = np.random.default_rng(cfg.train.seed)
-    tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "weights": np.ones((b, t), np.float32),
-        "segment_ids": np.ones((b, t), np.int32),
-        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-    }
-
-
 def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
@@ -44,7 +30,9 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
     )
     with jax.set_mesh(mesh):
         state = s.init()
-        batch = sharding.to_global(synthetic_batch(cfg), mesh)
+        local = cfg.train.batch_size // jax.process_count()
+        rng = np.random.default_rng(cfg.train.seed)
+        batch = sharding.to_global(s.objective.synthetic_batch(cfg, local, rng), mesh)
         train_step = make_train_step(s)
         start = time.perf_counter()
         state, metrics = train_step(state, batch)
@@ -70,7 +58,7 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
         "batch": f"{cfg.train.batch_size}x{cfg.model.seq_len}",
         "step_ms": round(step_s * 1e3, 2),
         "tokens_per_s": round(tokens_per_s),
-        "mfu": round(tokens_per_s * s.objective.flops_per_token(cfg.model) / peak, 4),
+        "mfu": round(tokens_per_s * s.objective.flops_per_token(cfg) / peak, 4),
         "peak_flops": peak,
         "peak_flops_source": source,
         "compile_s": round(compile_s, 1),

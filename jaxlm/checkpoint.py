@@ -9,7 +9,6 @@ onto whatever shardings the caller's abstract state carries: any mesh, one CPU d
 
 from __future__ import annotations
 
-import base64
 import logging
 import shutil
 from pathlib import Path
@@ -21,8 +20,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
+from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import CheckpointConfig, Config
-from jaxlm.tokenizer import Tokenizer
 
 log = logging.getLogger("jaxlm")
 
@@ -40,33 +39,32 @@ class Checkpointer:
         """Finalised steps, newest first (Orbax never lists a save that did not finish)."""
         return sorted(self.manager.all_steps(), reverse=True)
 
-    def save(self, step: int, state: Any, data_iter: Any, cfg: Config, tokenizer: Tokenizer):
+    def save(self, step: int, state: Any, data_iter: Any, cfg: Config, tokenizer):
         args = {
             "state": ocp.args.StandardSave(state),
             "config": ocp.args.JsonSave(config_lib.to_dict(cfg)),
-            "tokenizer": ocp.args.JsonSave(
-                {"sentencepiece": base64.b64encode(tokenizer.proto).decode()}
-            ),
+            "tokenizer": ocp.args.JsonSave(tokenizer.to_dict()),
         }
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-    def restore_meta(self, step: int) -> tuple[Config, Tokenizer]:
+    def restore_meta(self, step: int) -> tuple[Config, Any]:
         meta = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()
             ),
         )
-        proto = base64.b64decode(meta["tokenizer"]["sentencepiece"])
-        return config_lib.from_dict(meta["config"]), Tokenizer(proto)
+        return config_lib.from_dict(meta["config"]), tokenizer_lib.from_dict(meta["tokenizer"])
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restore the state onto abstract_state's shardings (and the iterator in place)."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
+        if data_iter is not None and (self.root / str(step) / "data").is_dir():
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        elif data_iter is not None:
+            log.info("step %d has no data iterator state (imported?): data starts afresh", step)
         return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
     def set_aside(self, step: int, error: Exception) -> None:

@@ -1,4 +1,4 @@
-"""The `jaxlm` command: train, bench, eval, tokenizer train."""
+"""The `jaxlm` command: train, bench, eval, import hf-bert, tokenizer train."""
 
 from __future__ import annotations
 
@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, help="default: the newest checkpoint")
     e.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 mesh.data=1")
     e.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
+
+    i = sub.add_parser("import", help="import foreign weights as a jaxlm checkpoint")
+    isub = i.add_subparsers(dest="import_format", required=True)
+    ib = isub.add_parser("hf-bert", help="a Hugging Face BERT directory -> mlm checkpoint")
+    ib.add_argument("src", help="directory with config.json, model.safetensors, vocab.txt")
+    ib.add_argument("--out", required=True, help="workdir to write the step-0 checkpoint to")
+    ib.add_argument("overrides", nargs="*", help="e.g. mesh.data=2 mesh.fsdp=4")
 
     k = sub.add_parser("tokenizer", help="tokenizer tools")
     ksub = k.add_subparsers(dest="tokenizer_command", required=True)
@@ -121,6 +128,10 @@ def _run(args: argparse.Namespace) -> int:
         from jaxlm.evaluate import evaluate_checkpoint
 
         print(json.dumps(evaluate_checkpoint(args.workdir, args.step, args.overrides)))
+    elif args.command == "import":
+        from jaxlm.hf import import_bert
+
+        print(json.dumps(import_bert(args.src, args.out, args.overrides)))
     elif args.command == "tokenizer":
         from jaxlm import data, tokenizer
 

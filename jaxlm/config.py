@@ -34,8 +34,12 @@ class ModelConfig:
     mlp_dim: int = 512
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu
+    mlp: str = "gelu_tanh"  # gelu_tanh (GPT-2) | gelu (exact erf, BERT) | swiglu
+    norm_position: str = "pre"  # pre (GPT-2, Llama) | post (original BERT: norm after residual)
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT: 2
+    embed_norm: bool = False  # a norm right after the embeddings (BERT)
     position: str = "learned"  # learned | rope
+    max_positions: int = 0  # rows of the learned position table; 0: seq_len (BERT: 512)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     use_bias: bool = True
@@ -48,6 +52,10 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+    @property
+    def position_rows(self) -> int:
+        return self.max_positions or self.seq_len
 
     @property
     def head_size(self) -> int:
@@ -87,6 +95,17 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class MlmConfig:
+    """Masked-LM corruption, applied on the host in the Grain pipeline."""
+
+    mask_rate: float = 0.15  # share of maskable tokens chosen for prediction (0.30 also good)
+    mask_token_rate: float = 0.8  # of those: replaced by [MASK]
+    random_token_rate: float = 0.1  # replaced by a random token; the rest stay unchanged
+    max_predictions: int = 0  # per sequence, static for the sparse head; 0: ceil(rate * seq)
+    whole_word: bool = False  # mask all pieces of a word together
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100
     keep: int = 3
@@ -107,15 +126,17 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     name: str = ""  # "gpt:tiny"; set by load()
 
 
 CHOICES = {
-    "objective": ("lm",),
+    "objective": ("lm", "mlm"),
     "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
+    "model.mlp": ("gelu_tanh", "gelu", "swiglu"),
+    "model.norm_position": ("pre", "post"),
     "model.position": ("learned", "rope"),
     "model.dtype": ("bfloat16", "float32"),
     "model.remat": ("none", "full", "dots"),
@@ -224,8 +245,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
         )
+    if m.max_positions and m.max_positions < m.seq_len:
+        raise ConfigError(
+            f"model.max_positions={m.max_positions} is shorter than model.seq_len={m.seq_len}"
+        )
     if m.position == "rope" and m.head_size % 2:
         raise ConfigError(f"rope needs an even head size, got {m.head_size}")
+    mlm = cfg.mlm
+    if not 0 < mlm.mask_rate < 1:
+        raise ConfigError(f"mlm.mask_rate must be in (0, 1), got {mlm.mask_rate}")
+    if (
+        not (0 <= mlm.mask_token_rate and 0 <= mlm.random_token_rate)
+        or mlm.mask_token_rate + mlm.random_token_rate > 1
+    ):
+        raise ConfigError(
+            "mlm.mask_token_rate and mlm.random_token_rate must be >= 0 and sum to at most 1, "
+            f"got {mlm.mask_token_rate} and {mlm.random_token_rate}"
+        )
     if not 0 < cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in (0, 1), got {cfg.data.eval_fraction}")
 

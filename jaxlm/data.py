@@ -1,24 +1,23 @@
-"""Grain pipelines: text files -> documents -> tokens -> packed rows -> per-process batches.
+"""Grain pipelines: text files -> documents -> tokens -> packed rows -> examples -> batches.
 
 Each process reads its own slice of the documents (`[process_index::process_count]`) and
-builds its share of the global batch; `sharding.to_global` joins the shares into one sharded array.
-The Grain iterator's state is saved in every checkpoint, so a resumed run sees exactly the
-batches an uninterrupted one would have.
+builds its share of the global batch; `sharding.to_global` joins the shares into one sharded
+array. The Grain iterator's state is saved in every checkpoint, so a resumed run sees exactly
+the batches an uninterrupted one would have. What differs between objectives (row length, the
+tokens around a document, the row -> example transform) comes in a `DataSpec`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
 
-import grain
 import jax
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset
 
 from jaxlm.config import ConfigError, DataConfig
-from jaxlm.tokenizer import Tokenizer
 
 BUILTIN_CORPUS = Path(__file__).parent / "corpus"
 
@@ -90,50 +89,42 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[str], list[str]]:
     return split(read_documents(corpus_files(cfg.files), cfg.doc_chars), cfg.eval_fraction, seed)
 
 
-class Tokenize(grain.transforms.Map):
-    """Document -> [bos] + tokens + [eos]."""
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    row_length: int  # tokens per packed row
+    start_id: int  # put before every document ([bos] or [CLS])
+    end_id: int  # and after it ([eos] or [SEP])
+    transform: Callable[[dict, np.random.Generator], dict]  # packed row -> example, seeded
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
 
-    def map(self, doc: str) -> dict:
+class Tokenize:
+    """Document -> [start] + tokens + [end]."""
+
+    def __init__(self, tokenizer, start_id: int, end_id: int):
+        self.tokenizer, self.start_id, self.end_id = tokenizer, start_id, end_id
+
+    def __call__(self, doc: str) -> dict:
         ids = self.tokenizer.encode(doc)
-        tok = self.tokenizer
-        return {"tokens": np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32)}
+        return {"tokens": np.concatenate([[self.start_id], ids, [self.end_id]]).astype(np.int32)}
 
 
-def pipeline(
-    docs: list[str],
-    tokenizer: Tokenizer,
-    seq_len: int,
-    local_batch: int,
-    seed: int,
-    to_example: Callable[[dict], dict],
-) -> grain.IterDataset:
-    """An endless, seeded stream of this process's batches of packed rows. Grain's read
+def pipeline(docs: list[str], tokenizer, spec: DataSpec, local_batch: int, seed: int):
+    """An endless, seeded stream of this process's batches (a Grain IterDataset). Grain's read
     threads tokenize documents ahead of the trainer, in order (sentencepiece releases the GIL)."""
+    # Imported here so that models and benchmarks run where Grain is not installed.
+    import grain
+    from grain.experimental import ConcatThenSplitIterDataset
+
     ds = grain.MapDataset.source(docs)[jax.process_index() :: jax.process_count()]
-    ds = ds.shuffle(seed=seed).repeat(None).map(Tokenize(tokenizer)).to_iter_dataset()
-    # seq_len + 1 tokens per row: inputs are the first seq_len, targets the last seq_len.
-    ds = ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
-    ds = ds.map(to_example).batch(local_batch, drop_remainder=True)
-    return ds
+    ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds.map(Tokenize(tokenizer, spec.start_id, spec.end_id)).to_iter_dataset()
+    ds = ConcatThenSplitIterDataset(ds, length_struct={"tokens": spec.row_length})
+    return ds.random_map(spec.transform, seed=seed).batch(local_batch, drop_remainder=True)
 
 
-def unigram_log_probs(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
-    """Log-probabilities of the best context-free model of the training targets (add-one
-    smoothed token frequencies), the baseline any trained model must beat."""
+def token_counts(docs: list[str], tokenizer) -> np.ndarray:
+    """How often each token id occurs in the documents (float64, [vocab])."""
     counts = np.zeros(tokenizer.vocab_size, np.float64)
     for ids in tokenizer.encode_batch(docs):
         counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-    counts[tokenizer.eos_id] += len(docs)
-    return np.log((counts + 1.0) / (counts.sum() + tokenizer.vocab_size))
-
-
-def unigram_loss(log_probs: np.ndarray, batches: list[dict]) -> float:
-    """Weighted cross-entropy of the unigram model on the same targets as eval_loss."""
-    total = weight = 0.0
-    for b in batches:
-        total -= float((log_probs[b["targets"]] * b["weights"]).sum())
-        weight += float(b["weights"].sum())
-    return total / max(weight, 1.0)
+    return counts

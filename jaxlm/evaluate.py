@@ -55,23 +55,14 @@ def evaluate_checkpoint(
     workdir: str | Path, step: int | None = None, overrides: list[str] = ()
 ) -> dict:
     """Held-out metrics of a checkpoint, on the split its own config defines."""
-    from jaxlm.train import evaluate  # the same evaluation as during training
+    from jaxlm.train import evaluate, held_out_batches  # the same evaluation as in training
 
     loaded = load(workdir, step, overrides)
-    cfg, mesh = loaded.cfg, loaded.setup.mesh
+    cfg, mesh, objective = loaded.cfg, loaded.setup.mesh, loaded.setup.objective
     sharding.check_batch(cfg.train.batch_size, 1, mesh)
     train_docs, eval_docs = data.load_splits(cfg.data, cfg.train.seed)
-    stream = data.pipeline(
-        eval_docs,
-        loaded.tokenizer,
-        cfg.model.seq_len,
-        cfg.train.batch_size // jax.process_count(),
-        cfg.train.seed + 1,
-        loaded.setup.objective.to_example,
-    )
-    it = iter(stream)
-    batches = [next(it) for _ in range(cfg.train.eval_steps)]
+    batches = held_out_batches(cfg, eval_docs, loaded.tokenizer, objective)
     with jax.set_mesh(mesh):
         metrics = evaluate(make_eval_step(loaded.setup), loaded.params, batches, mesh)
-    unigram = data.unigram_loss(data.unigram_log_probs(train_docs, loaded.tokenizer), batches)
-    return {"step": loaded.step, **metrics, "eval_unigram_loss": unigram}
+    baselines = objective.baselines(train_docs, loaded.tokenizer, batches)
+    return {"step": loaded.step, **metrics, **baselines}

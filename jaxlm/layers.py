@@ -138,7 +138,7 @@ class Mlp(nnx.Module):
         if self.kind == "swiglu":
             h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, self.wg[...].astype(dt))) * h
         else:
-            h = jax.nn.gelu(h, approximate=True)
+            h = jax.nn.gelu(h, approximate=self.kind == "gelu_tanh")
         y = jnp.einsum("BTF,FD->BTD", h, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
@@ -146,17 +146,23 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block. Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). Post-norm (the
+    original Transformer and BERT): norm(x + attn(x)), then norm(x + mlp(x))."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = Norm(cfg, rngs)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs)
 
     def __call__(self, x, segment_ids, positions, causal: bool):
-        x = x + self.attn(self.attn_norm(x), segment_ids, positions, causal)
-        x = x + self.mlp(self.mlp_norm(x))
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), segment_ids, positions, causal)
+            x = x + self.mlp(self.mlp_norm(x))
+        else:
+            x = self.attn_norm(x + self.attn(x, segment_ids, positions, causal))
+            x = self.mlp_norm(x + self.mlp(x))
         return constrain(x, "batch", "seq", "act_embed")
 
 
@@ -181,7 +187,8 @@ class Transformer(nnx.Module):
             return Block(cfg, rngs)
 
         self.blocks = stacked(rngs)
-        self.final_norm = Norm(cfg, rngs)
+        # Pre-norm stacks end with a norm; post-norm blocks already end with one.
+        self.final_norm = nnx.data(Norm(cfg, rngs) if cfg.norm_position == "pre" else None)
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, causal: bool):
         graphdef, layers = nnx.split(self.blocks)
@@ -197,28 +204,37 @@ class Transformer(nnx.Module):
         else:
             for i in range(self.cfg.num_layers):
                 x, _ = layer(x, jax.tree.map(lambda w, i=i: w[i], layers))
-        return self.final_norm(x)
+        return x if self.final_norm is None else self.final_norm(x)
 
 
 class Embed(nnx.Module):
-    """Token (and, for learned positions, position) embeddings; also the tied output head."""
+    """Token embeddings, plus learned positions and token types where configured (and BERT's
+    norm after them); also the tied output head."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.tokens = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
-        learned = cfg.position == "learned"
-        shape = (cfg.seq_len, cfg.d_model)
+        d, std = cfg.d_model, cfg.init_std
+        self.tokens = param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), std)
+        learned, types = cfg.position == "learned", cfg.type_vocab_size
         self.positions = nnx.data(
-            param(rngs, shape, (None, "embed"), cfg.init_std) if learned else None
+            param(rngs, (cfg.position_rows, d), (None, "embed"), std) if learned else None
         )
+        self.types = nnx.data(param(rngs, (types, d), (None, "embed"), std) if types else None)
+        self.norm = nnx.data(Norm(cfg, rngs) if cfg.embed_norm else None)
 
-    def __call__(self, ids: jax.Array, positions: jax.Array) -> jax.Array:
-        dt = jnp.dtype(self.cfg.dtype)
+    def __call__(
+        self, ids: jax.Array, positions: jax.Array, types: jax.Array | None = None
+    ) -> jax.Array:
         # Gather from tables whose model dimension is whole, so the lookup is local.
         x = jnp.take(constrain(self.tokens[...], None, None), ids, axis=0)
         if self.positions is not None:
             x = x + jnp.take(constrain(self.positions[...], None, None), positions, axis=0)
-        return constrain(x.astype(dt), "batch", "seq", "act_embed")
+        if self.types is not None:
+            types = jnp.zeros_like(ids) if types is None else types
+            x = x + jnp.take(constrain(self.types[...], None, None), types, axis=0)
+        if self.norm is not None:
+            x = self.norm(x)
+        return constrain(x.astype(jnp.dtype(self.cfg.dtype)), "batch", "seq", "act_embed")
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the token table (tied embeddings)."""

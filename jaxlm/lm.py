@@ -1,8 +1,9 @@
 """Causal language modelling (GPT / Llama style): model, host-side batch transform, loss.
 
-Every objective module exports the same surface: `Model(cfg, rngs)`, `to_example` (the Grain
-transform from a packed row to model inputs), `loss_fn(model, batch, rng) -> (loss, metrics)`
-and `flops_per_token(cfg)`.
+Every objective module exports the same surface: `Model(model_cfg, rngs)`, `data_spec(cfg,
+tokenizer)` (how documents become examples in the Grain pipeline), `loss_fn(model, batch, rng)
+-> (loss, metrics)`, `baselines(...)` (what a model without context would score),
+`flops_per_token(cfg)` and `synthetic_batch(cfg, batch_size, rng)` for benchmarks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.config import ModelConfig
+from jaxlm import data
+from jaxlm.config import Config, ModelConfig
 from jaxlm.layers import Embed, Transformer, param
 
 
@@ -33,7 +35,7 @@ class Model(nnx.Module):
         return jnp.einsum("BTD,DV->BTV", x, self.head[...].astype(x.dtype))
 
 
-def to_example(row: dict) -> dict:
+def to_example(row: dict, rng: np.random.Generator | None = None) -> dict:
     """A packed row of seq_len + 1 tokens -> next-token inputs, targets and loss weights.
 
     A target counts only when it continues the same document: the first token of the next
@@ -48,6 +50,12 @@ def to_example(row: dict) -> dict:
         "segment_ids": seg[:-1].astype(np.int32),
         "positions": pos[:-1].astype(np.int32),
     }
+
+
+def data_spec(cfg: Config, tokenizer) -> data.DataSpec:
+    """Documents as [bos] tokens [eos]; rows of seq_len + 1 tokens so that inputs are the
+    first seq_len and targets the last seq_len."""
+    return data.DataSpec(cfg.model.seq_len + 1, tokenizer.bos_id, tokenizer.eos_id, to_example)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
@@ -66,11 +74,36 @@ def loss_fn(model: Model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]
     return loss, {"loss": loss, "tokens": tokens}
 
 
-def flops_per_token(cfg: ModelConfig) -> float:
+def flops_per_token(cfg: Config) -> float:
     """Training FLOPs per token: 6 x matmul parameters + 12 x L x T x (H x K) for attention
     scores and values (PaLM's count, causal masking not discounted)."""
-    d, f, h, n, k = cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    m = cfg.model
+    d, f, h, n, k = m.d_model, m.mlp_dim, m.num_heads, m.kv_heads, m.head_size
     attn = d * k * (2 * h + 2 * n)
-    mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
-    matmul_params = cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
-    return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.seq_len * h * k
+    mlp = d * f * (3 if m.mlp == "swiglu" else 2)
+    matmul_params = m.num_layers * (attn + mlp) + d * m.vocab_size
+    return 6.0 * matmul_params + 12.0 * m.num_layers * m.seq_len * h * k
+
+
+def baselines(train_docs: list[str], tokenizer, eval_batches: list[dict]) -> dict:
+    """Held-out loss of the best context-free model: add-one smoothed frequencies of the
+    training targets (tokens and [eos]), on exactly the targets eval_loss is measured on."""
+    counts = data.token_counts(train_docs, tokenizer)
+    counts[tokenizer.eos_id] += len(train_docs)
+    log_probs = np.log((counts + 1.0) / (counts.sum() + tokenizer.vocab_size))
+    total = sum(-float((log_probs[b["targets"]] * b["weights"]).sum()) for b in eval_batches)
+    weight = sum(float(b["weights"].sum()) for b in eval_batches)
+    return {"eval_unigram_loss": total / max(weight, 1.0)}
+
+
+def synthetic_batch(cfg: Config, batch_size: int, rng: np.random.Generator) -> dict:
+    """Random tokens, one unpacked document per row."""
+    t = cfg.model.seq_len
+    tokens = rng.integers(0, cfg.model.vocab_size, (batch_size, t + 1), dtype=np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": np.ones((batch_size, t), np.float32),
+        "segment_ids": np.ones((batch_size, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (batch_size, t)).copy(),
+    }

@@ -1,12 +1,18 @@
-"""Sentencepiece tokenizers: trained in memory by jaxlm, stored inside every checkpoint.
+"""Tokenizers, stored inside every checkpoint.
 
-Fixed special ids: 0 pad, 1 unk, 2 bos, 3 eos. Newlines are a token of their own and no
-whitespace is normalised away, so decoding gives back the text (verse keeps its lines).
+- `Tokenizer`: sentencepiece, trained in memory by jaxlm. Fixed ids: 0 [PAD], 1 unk, 2 bos,
+  3 eos; then the newline (a token of its own: no whitespace is normalised away, so decoding
+  gives back the text) and [CLS], [SEP], [MASK] for the encoder objective.
+- `WordPiece`: BERT's uncased WordPiece, for checkpoints imported from Hugging Face.
+
+Both offer encode / decode / vocab_size / piece_id / word_starts and serialise to a dict.
 """
 
 from __future__ import annotations
 
+import base64
 import io
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,6 +22,7 @@ import sentencepiece as spm
 from jaxlm.config import ConfigError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
+SPECIALS = ("\n", "[CLS]", "[SEP]", "[MASK]")
 
 
 class Tokenizer:
@@ -43,6 +50,28 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a piece, or None where the vocabulary lacks it."""
+        i = self._sp.piece_to_id(piece)
+        return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
+
+    def special_ids(self) -> np.ndarray:
+        """Control and user-defined pieces: never masked, never a random replacement."""
+        sp = self._sp
+        return np.asarray(
+            [
+                i
+                for i in range(self.vocab_size)
+                if sp.is_control(i) or sp.is_unknown(i) or sp.id_to_piece(i) in SPECIALS
+            ],
+            np.int32,
+        )
+
+    def word_starts(self) -> np.ndarray:
+        """[vocab] bool: the piece begins a word (sentencepiece marks those with U+2581)."""
+        pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+        return np.asarray([p.startswith("\u2581") or p in SPECIALS for p in pieces])
+
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), np.int32)
 
@@ -56,6 +85,109 @@ class Tokenizer:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(self.proto)
 
+    def to_dict(self) -> dict:
+        return {"sentencepiece": base64.b64encode(self.proto).decode()}
+
+
+class WordPiece:
+    """BERT's WordPiece (lower-casing, accent stripping, punctuation split, greedy longest
+    match with ## continuations), enough to use an imported BERT checkpoint end to end."""
+
+    def __init__(self, vocab: list[str], lowercase: bool = True):
+        self.vocab, self.lowercase = list(vocab), lowercase
+        self._ids = {p: i for i, p in enumerate(self.vocab)}
+        self._unk = self._ids.get("[UNK]", 0)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def bos_id(self) -> int:
+        return self._ids["[CLS]"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._ids["[SEP]"]
+
+    def piece_id(self, piece: str) -> int | None:
+        return self._ids.get(piece)
+
+    def special_ids(self) -> np.ndarray:
+        return np.asarray(
+            [i for i, p in enumerate(self.vocab) if p.startswith("[") and p.endswith("]")], np.int32
+        )
+
+    def word_starts(self) -> np.ndarray:
+        return np.asarray([not p.startswith("##") for p in self.vocab])
+
+    def _words(self, text: str) -> list[str]:
+        if self.lowercase:
+            text = "".join(
+                c
+                for c in unicodedata.normalize("NFD", text.lower())
+                if unicodedata.category(c) != "Mn"
+            )
+        words = []
+        for chunk in text.split():
+            current = ""
+            for c in chunk:
+                if _is_punctuation(c) or _is_cjk(c):
+                    words += [current, c] if current else [c]
+                    current = ""
+                elif unicodedata.category(c)[0] != "C":
+                    current += c
+            if current:
+                words.append(current)
+        return words
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = []
+        for word in self._words(text):
+            pieces, start = [], 0
+            while start < len(word):
+                end = len(word)
+                while end > start:
+                    piece = word[start:end] if start == 0 else "##" + word[start:end]
+                    if piece in self._ids:
+                        break
+                    end -= 1
+                if end == start:
+                    pieces = [self._unk]
+                    break
+                pieces.append(self._ids[piece])
+                start = end
+            ids += pieces if len(word) <= 100 else [self._unk]
+        return np.asarray(ids, np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        text = " ".join(self.vocab[int(i)] for i in ids)
+        return text.replace(" ##", "")
+
+    def to_dict(self) -> dict:
+        return {"wordpiece": self.vocab, "lowercase": self.lowercase}
+
+
+def _is_punctuation(c: str) -> bool:
+    o = ord(c)
+    if 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126:
+        return True
+    return unicodedata.category(c).startswith("P")
+
+
+def _is_cjk(c: str) -> bool:
+    o = ord(c)
+    return 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF
+
+
+def from_dict(d: dict) -> Tokenizer | WordPiece:
+    if "sentencepiece" in d:
+        return Tokenizer(base64.b64decode(d["sentencepiece"]))
+    return WordPiece(d["wordpiece"], d.get("lowercase", True))
+
 
 def train(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> Tokenizer:
     """Train on an iterable of documents (split into lines for sentencepiece)."""
@@ -68,10 +200,11 @@ def train(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> Tok
             vocab_size=vocab_size,
             model_type=model_type,
             pad_id=PAD,
+            pad_piece="[PAD]",
             unk_id=UNK,
             bos_id=BOS,
             eos_id=EOS,
-            user_defined_symbols=["\n"],
+            user_defined_symbols=list(SPECIALS),
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             character_coverage=0.9995,

@@ -94,6 +94,14 @@ def restore_or_init(s: Setup, ckpt: Checkpointer, train_ds) -> tuple[dict, objec
     return s.init(), iter(train_ds), 0
 
 
+def held_out_batches(cfg: Config, eval_docs: list[str], tokenizer, objective) -> list[dict]:
+    """The same train.eval_steps host batches of the held-out split at every evaluation."""
+    spec = objective.data_spec(cfg, tokenizer)
+    local_batch = cfg.train.batch_size // jax.process_count()
+    it = iter(data.pipeline(eval_docs, tokenizer, spec, local_batch, cfg.train.seed + 1))
+    return [next(it) for _ in range(cfg.train.eval_steps)]
+
+
 def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
     sums: dict = {}
     for b in batches:
@@ -114,21 +122,19 @@ def train(cfg: Config, workdir: str | Path) -> dict:
     tokenizer = get_tokenizer(cfg, ckpt, train_docs)
 
     s = build(cfg, mesh)
-    local_batch = cfg.train.batch_size // jax.process_count()
     seq_len = cfg.model.seq_len
-
-    def stream(docs: list[str], seed: int):
-        return data.pipeline(docs, tokenizer, seq_len, local_batch, seed, s.objective.to_example)
+    spec = s.objective.data_spec(cfg, tokenizer)  # checks the tokenizer suits the objective
+    local_batch = cfg.train.batch_size // jax.process_count()
+    train_ds = data.pipeline(train_docs, tokenizer, spec, local_batch, cfg.train.seed)
 
     with jax.set_mesh(mesh):
-        state, it, start = restore_or_init(s, ckpt, stream(train_docs, cfg.train.seed))
-        eval_it = iter(stream(eval_docs, cfg.train.seed + 1))
-        eval_batches = [next(eval_it) for _ in range(cfg.train.eval_steps)]
+        state, it, start = restore_or_init(s, ckpt, train_ds)
+        eval_batches = held_out_batches(cfg, eval_docs, tokenizer, s.objective)
         train_step, eval_step = make_train_step(s), make_eval_step(s)
-        flops_per_token = s.objective.flops_per_token(cfg.model)
+        flops_per_token = s.objective.flops_per_token(cfg)
         peak, peak_source = peak_flops(cfg.train.peak_flops)
         writer = MetricsWriter(workdir)
-        unigram = data.unigram_loss(data.unigram_log_probs(train_docs, tokenizer), eval_batches)
+        baselines = s.objective.baselines(train_docs, tokenizer, eval_batches)
         log.info(
             "%s: %s parameters, mesh %s, %d steps of %d x %d tokens, workdir %s",
             cfg.name,
@@ -139,11 +145,13 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             seq_len,
             workdir,
         )
-        log.info("peak %.3g FLOP/s (%s); eval_unigram_loss %.4f", peak, peak_source, unigram)
-        writer.write(
-            start,
-            {"eval_unigram_loss": unigram, "peak_flops": peak, "peak_flops_source": peak_source},
+        log.info(
+            "peak %.3g FLOP/s (%s); %s",
+            peak,
+            peak_source,
+            " | ".join(f"{k} {v:.4f}" for k, v in baselines.items()),
         )
+        writer.write(start, {**baselines, "peak_flops": peak, "peak_flops_source": peak_source})
 
         last: dict = {}
         timer, timed_steps = time.perf_counter(), 0
@@ -187,4 +195,4 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         ckpt.close()
         writer.close()
     log.info("checkpoints in %s; metrics in %s", ckpt.root, workdir / "metrics.jsonl")
-    return {"eval_unigram_loss": unigram, **last}
+    return {**baselines, **last}
