@@ -92,30 +92,59 @@ def read_tensors(src: Path) -> dict[str, np.ndarray]:
     return {k.removeprefix("bert."): np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
+EMBEDDING_TENSORS = (
+    "embeddings.word_embeddings.weight",
+    "embeddings.position_embeddings.weight",
+    "embeddings.token_type_embeddings.weight",
+    "embeddings.LayerNorm.weight",
+    "embeddings.LayerNorm.bias",
+)
+LAYER_TENSORS = tuple(
+    f"{module}.{kind}"
+    for module in (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "attention.output.LayerNorm",
+        "intermediate.dense",
+        "output.dense",
+        "output.LayerNorm",
+    )
+    for kind in ("weight", "bias")
+)
+
+
+def _find(tensors: dict, name: str) -> np.ndarray | None:
+    # Old TF-converted checkpoints call LayerNorm parameters gamma / beta.
+    old = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+        "LayerNorm.bias", "LayerNorm.beta"
+    )
+    return tensors.get(name, tensors.get(old))
+
+
 def convert(hf: dict, tensors: dict[str, np.ndarray], src: Path) -> dict[str, np.ndarray]:
     """Hugging Face names -> jaxlm parameter paths ("embed/tokens", ...), layers stacked."""
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     k, layers = d // h, hf["num_hidden_layers"]
-    missing: list[str] = []
+    required = [*EMBEDDING_TENSORS] + [
+        f"encoder.layer.{i}.{name}" for i in range(layers) for name in LAYER_TENSORS
+    ]
+    missing = [name for name in required if _find(tensors, name) is None]
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        raise ConfigError(f"{src}: missing BERT tensors {shown}")
 
     def get(name: str) -> np.ndarray:
-        # Old TF-converted checkpoints call LayerNorm parameters gamma / beta.
-        for alias in (
-            name,
-            name.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
-                "LayerNorm.bias", "LayerNorm.beta"
-            ),
-        ):
-            if alias in tensors:
-                return tensors[alias]
-        missing.append(name)
-        return np.zeros((1,), np.float32)
+        return _find(tensors, name)
 
     def stacked(name: str, fn=lambda a: a) -> np.ndarray:
         return np.stack([fn(get(f"encoder.layer.{i}.{name}")) for i in range(layers)])
 
     def norm(prefix: str, hf_prefix: str, per_layer: bool) -> dict:
-        read = (lambda n: stacked(n)) if per_layer else get
+        read = stacked if per_layer else get
         return {
             f"{prefix}/scale": read(f"{hf_prefix}.weight"),
             f"{prefix}/bias": read(f"{hf_prefix}.bias"),

@@ -43,10 +43,11 @@ def tiny_overrides(**extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def load_tiny(**extra):
+def load_tiny(config_file: str = "gpt", **extra):
+    """configs/<config_file>.py:tiny shrunk by tiny_overrides (gpt: causal LM, bert: masked LM)."""
     from jaxlm import config
 
-    return config.load(str(ROOT / "configs/gpt.py:tiny"), tiny_overrides(**extra))
+    return config.load(str(ROOT / f"configs/{config_file}.py:tiny"), tiny_overrides(**extra))
 
 
 def read_metrics(workdir: Path) -> list[dict]:

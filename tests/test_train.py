@@ -16,13 +16,17 @@ def _mesh(d, f, t):
     return {"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": t}
 
 
-def test_same_losses_on_every_mesh(tmp_path):
+OBJECTIVES = ["gpt", "bert"]  # config files: causal LM, masked LM
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_same_losses_on_every_mesh(tmp_path, objective):
     runs = {}
     for mesh in MESHES:
         workdir = tmp_path / "x".join(map(str, mesh))
-        result = train(load_tiny(**_mesh(*mesh)), workdir)
+        result = train(load_tiny(objective, **_mesh(*mesh)), workdir)
         runs[mesh] = losses(workdir)
-        assert result["eval_unigram_loss"] > 0
+        assert result.get("eval_unigram_loss", result.get("eval_majority_accuracy")) > 0
     reference = runs[MESHES[0]]
     assert sorted(reference) == [1, 2, 3, 4]
     assert reference[4] < reference[1]  # it learns
@@ -56,10 +60,10 @@ train.train(config.load(sys.argv[1], sys.argv[2:]), {workdir!r})
 """
 
 
-def _killed_at_8(workdir, overrides):
+def _killed_at_8(workdir, objective, overrides):
     code = KILL_AT_8.replace(
         "sys.argv[1], sys.argv[2:]",
-        repr(str(ROOT / "configs/gpt.py:tiny")) + ", " + repr(overrides),
+        repr(str(ROOT / f"configs/{objective}.py:tiny")) + ", " + repr(overrides),
     )
     proc = run_python(code.format(workdir=str(workdir)))
     assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL, after the step-8 checkpoint
@@ -76,21 +80,24 @@ def _final_params(workdir, **overrides):
     return [np.asarray(x) for x in jax.tree.leaves(loaded.params)]
 
 
-def test_killed_run_resumes_bitwise_and_on_another_mesh(tmp_path):
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_killed_run_resumes_bitwise_and_on_another_mesh(tmp_path, objective):
     opts = {"train.steps": 16, "checkpoint.every": 8}
-    train(load_tiny(**opts), tmp_path / "straight")
+    train(load_tiny(objective, **opts), tmp_path / "straight")
     straight = losses(tmp_path / "straight")
 
     killed = tmp_path / "killed"
-    _killed_at_8(killed, tiny_overrides(**opts))
+    _killed_at_8(killed, objective, tiny_overrides(**opts))
     shutil.copytree(killed, tmp_path / "other_mesh")
 
-    train(load_tiny(**opts), killed)  # same mesh: every step bitwise (JSON keeps float repr)
+    train(
+        load_tiny(objective, **opts), killed
+    )  # same mesh: every step bitwise (JSON keeps float repr)
     assert losses(killed) == straight
     for a, b in zip(_final_params(tmp_path / "straight"), _final_params(killed), strict=True):
         np.testing.assert_array_equal(a, b)
 
-    train(load_tiny(**opts, **_mesh(2, 2, 2)), tmp_path / "other_mesh")
+    train(load_tiny(objective, **opts, **_mesh(2, 2, 2)), tmp_path / "other_mesh")
     got = losses(tmp_path / "other_mesh")
     np.testing.assert_allclose(
         [got[s] for s in straight], list(straight.values()), atol=1e-4, rtol=0
