@@ -10,4 +10,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)'
 python3 -m jaxlm.cli bench configs/gpt.py:gpt2_124m --steps 30
 python3 -m jaxlm.cli bench configs/gpt.py:gpt2_124m --steps 30 model.scan_layers=true
-if [ -f gpu/peers.py ]; then python3 gpu/peers.py gpt2; else echo "no gpu/peers.py: peer not run"; fi
+python3 -m jaxlm.cli bench configs/bert.py:bert_base --steps 30
+if [ -f gpu/peers.py ]; then
+  python3 gpu/peers.py gpt2
+  python3 gpu/peers.py bert
+else
+  echo "no gpu/peers.py: peers not run"
+fi

@@ -84,3 +84,10 @@ def test_scan_and_unrolled_layers_agree():
     with jax.set_mesh(sharding.make_mesh(MeshConfig(data=8))):
         scanned_logits, unrolled_logits = jax.jit(lambda: (model(batch), unrolled(batch)))()
     np.testing.assert_allclose(scanned_logits, unrolled_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_base_has_bert_base_parameter_count():
+    cfg = config.load(str(ROOT / "configs/bert.py:bert_base"), ["mesh.data=8"])
+    n = build(cfg, sharding.make_mesh(cfg.mesh)).num_params()
+    # BertForMaskedLM-base without the pooler (unused by MLM): 109.5M.
+    assert 109_400_000 < n < 109_600_000, n
