@@ -6,10 +6,11 @@
 
 Variants:
 - tiny: 4 layers, d 128, 2k BPE vocab trained on the built-in Shakespeare; float32 because
-  bfloat16 matmuls are emulated (slower) on CPUs. 300 steps of 16 x 128 tokens. Expected on a
-  2-core CPU: eval_loss ~4.5 against an eval_unigram_loss of ~5.9 (the context-free baseline).
+  bfloat16 matmuls are emulated (slower) on CPUs. 300 steps of 16 x 128 tokens. Measured on a
+  2-core CPU (1 min 40 s): eval_loss 4.69 against an eval_unigram_loss of 6.01 (the
+  context-free baseline).
 - gpt2_124m: GPT-2 small (12 layers, d 768, 12 heads, seq 1024, vocab 50304, tied embeddings,
-  learned positions, LayerNorm, GELU): 124M parameters. Batch 12 x 1024 per step, as nanoGPT's
+  learned positions, LayerNorm, GELU (tanh approximation)): 124M parameters. Batch 12 x 1024 per step, as nanoGPT's
   benchmark; layers unrolled (1.36x faster than lax.scan on an H200).
 - llama_160m: Llama-style (RoPE, RMSNorm, SwiGLU, grouped-query attention 12 heads / 4 kv heads,
   untied output head, no biases).
