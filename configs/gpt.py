@@ -10,8 +10,8 @@ Variants:
   2-core CPU (1 min 40 s): eval_loss 4.69 against an eval_unigram_loss of 6.01 (the
   context-free baseline).
 - gpt2_124m: GPT-2 small (12 layers, d 768, 12 heads, seq 1024, vocab 50304, tied embeddings,
-  learned positions, LayerNorm, GELU (tanh approximation)): 124M parameters. Batch 12 x 1024 per step, as nanoGPT's
-  benchmark; layers unrolled (1.36x faster than lax.scan on an H200).
+  learned positions, LayerNorm, tanh-approximated GELU): 124M parameters. Batch 12 x 1024 per
+  step, as nanoGPT's benchmark; layers unrolled (1.36x faster than lax.scan on an H200).
 - llama_160m: Llama-style (RoPE, RMSNorm, SwiGLU, grouped-query attention 12 heads / 4 kv heads,
   untied output head, no biases).
 """

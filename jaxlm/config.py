@@ -106,6 +106,32 @@ class MlmConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The ViT image tower of the contrastive objective (blocks from the shared stack)."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    channels: int = 3
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 4
+    mlp_dim: int = 512
+    pool: str = "cls"  # cls | mean
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Contrastive image-text training; the text tower is `model`, the image tower `vision`."""
+
+    loss: str = "clip"  # clip (softmax over the global batch) | siglip (pairwise sigmoid)
+    embed_dim: int = 128
+    text_pool: str = "last"  # last (causal text tower, CLIP) | mean (bidirectional)
+    source: str = "digits"  # digits (scikit-learn, built in) | tar:GLOB | tfds:NAME[:DATA_DIR]
+    random_crop: bool = False  # random-resized crop for training images, else centre crop
+    eval_images: int = 0  # held-out images for zero-shot and retrieval; 0: all of them
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100
     keep: int = 3
@@ -127,13 +153,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mlm: MlmConfig = field(default_factory=MlmConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     name: str = ""  # "gpt:tiny"; set by load()
 
 
 CHOICES = {
-    "objective": ("lm", "mlm"),
+    "objective": ("lm", "mlm", "clip"),
+    "vision.pool": ("cls", "mean"),
+    "clip.loss": ("clip", "siglip"),
+    "clip.text_pool": ("last", "mean"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu_tanh", "gelu", "swiglu"),
     "model.norm_position": ("pre", "post"),
@@ -261,6 +292,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "mlm.mask_token_rate and mlm.random_token_rate must be >= 0 and sum to at most 1, "
             f"got {mlm.mask_token_rate} and {mlm.random_token_rate}"
+        )
+    v = cfg.vision
+    if cfg.objective == "clip" and v.image_size % v.patch_size:
+        raise ConfigError(
+            f"vision.image_size={v.image_size} is not divisible by vision.patch_size={v.patch_size}"
+        )
+    if cfg.objective == "clip" and v.d_model % v.num_heads:
+        raise ConfigError(
+            f"vision.d_model={v.d_model} is not divisible by vision.num_heads={v.num_heads}"
         )
     if not 0 < cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in (0, 1), got {cfg.data.eval_fraction}")

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from jaxlm import config as config_lib
-from jaxlm import data, sharding
+from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import CheckpointConfig, Config, ConfigError, MeshConfig
 from jaxlm.step import Setup, build, make_eval_step
@@ -60,9 +60,10 @@ def evaluate_checkpoint(
     loaded = load(workdir, step, overrides)
     cfg, mesh, objective = loaded.cfg, loaded.setup.mesh, loaded.setup.objective
     sharding.check_batch(cfg.train.batch_size, 1, mesh)
-    train_docs, eval_docs = data.load_splits(cfg.data, cfg.train.seed)
-    batches = held_out_batches(cfg, eval_docs, loaded.tokenizer, objective)
+    train_items, held_out = objective.load_splits(cfg)
+    batches = held_out_batches(cfg, held_out, loaded.tokenizer, objective)
     with jax.set_mesh(mesh):
         metrics = evaluate(make_eval_step(loaded.setup), loaded.params, batches, mesh)
-    baselines = objective.baselines(train_docs, loaded.tokenizer, batches)
+        metrics |= objective.extra_eval(loaded.setup, loaded.params, held_out, loaded.tokenizer)
+    baselines = objective.baselines(train_items, loaded.tokenizer, batches)
     return {"step": loaded.step, **metrics, **baselines}

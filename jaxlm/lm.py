@@ -1,9 +1,11 @@
 """Causal language modelling (GPT / Llama style): model, host-side batch transform, loss.
 
-Every objective module exports the same surface: `Model(model_cfg, rngs)`, `data_spec(cfg,
-tokenizer)` (how documents become examples in the Grain pipeline), `loss_fn(model, batch, rng)
--> (loss, metrics)`, `baselines(...)` (what a model without context would score),
-`flops_per_token(cfg)` and `synthetic_batch(cfg, batch_size, rng)` for benchmarks.
+Every objective module exports the same surface, which train.py uses and nothing more:
+`make_model(cfg, rngs)`; `load_splits(cfg) -> (train, held_out)` items, `texts(items)` to train
+a tokenizer on, `pipeline(cfg, items, tokenizer, local_batch, seed)` (a Grain dataset of
+batches); `loss_fn(model, batch, rng) -> (loss, metrics)`; `baselines(train, tokenizer,
+eval_batches)` (what a model without context would score) and `extra_eval(...)` (metrics
+beyond the loss); `flops_per_token(cfg)` and `synthetic_batch(cfg, batch_size, rng)`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,26 @@ class Model(nnx.Module):
         if self.head is None:
             return self.embed.attend(x)
         return jnp.einsum("BTD,DV->BTV", x, self.head[...].astype(x.dtype))
+
+
+def make_model(cfg: Config, rngs: nnx.Rngs) -> Model:
+    return Model(cfg.model, rngs)
+
+
+def load_splits(cfg: Config) -> tuple[list[str], list[str]]:
+    return data.load_splits(cfg.data, cfg.train.seed)
+
+
+def texts(docs: list[str]) -> list[str]:
+    return docs
+
+
+def pipeline(cfg: Config, docs: list[str], tokenizer, local_batch: int, seed: int):
+    return data.pipeline(docs, tokenizer, data_spec(cfg, tokenizer), local_batch, seed)
+
+
+def extra_eval(setup, params, held_out, tokenizer) -> dict:
+    return {}  # the held-out loss says it all
 
 
 def to_example(row: dict, rng: np.random.Generator | None = None) -> dict:

@@ -17,7 +17,7 @@ from flax import nnx
 from jaxlm import data
 from jaxlm.config import Config, ConfigError, MlmConfig, ModelConfig
 from jaxlm.layers import Embed, Norm, Transformer, param
-from jaxlm.lm import cross_entropy
+from jaxlm.lm import cross_entropy, extra_eval, load_splits, texts  # noqa: F401 (same hooks)
 
 
 class Model(nnx.Module):
@@ -44,6 +44,14 @@ class Model(nnx.Module):
         h = jax.nn.gelu(h + self.head_bias[...].astype(h.dtype), approximate=self.gelu_tanh)
         logits = self.embed.attend(self.head_norm(h))
         return logits + self.out_bias[...].astype(logits.dtype)
+
+
+def make_model(cfg: Config, rngs: nnx.Rngs) -> Model:
+    return Model(cfg.model, rngs)
+
+
+def pipeline(cfg: Config, docs: list[str], tokenizer, local_batch: int, seed: int):
+    return data.pipeline(docs, tokenizer, data_spec(cfg, tokenizer), local_batch, seed)
 
 
 def max_predictions(cfg: Config) -> int:

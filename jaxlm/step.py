@@ -47,7 +47,7 @@ class Setup:
         return jax.jit(self._init_fn, out_shardings=self.shardings)(key)
 
     def _init_fn(self, key: jax.Array) -> dict:
-        model = self.objective.Model(self.cfg.model, nnx.Rngs(params=key))
+        model = self.objective.make_model(self.cfg, nnx.Rngs(params=key))
         params = nnx.state(model, nnx.Param)
         return {
             "params": params,
@@ -65,7 +65,7 @@ class Setup:
 def build(cfg: Config, mesh: Mesh) -> Setup:
     objective = OBJECTIVES[cfg.objective]
     tx = optim.make(cfg.optim, cfg.train.steps)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.Model(cfg.model, nnx.Rngs(0))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.make_model(cfg, nnx.Rngs(0))))
     setup = Setup(cfg, mesh, objective, graphdef, tx, None, None)
     shapes = jax.eval_shape(setup._init_fn, jax.random.key(0))
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import jax
 from tensorboardX import SummaryWriter
 
-from jaxlm import data, sharding
+from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
-from jaxlm.step import Setup, build, make_eval_step, make_train_step, peak_flops
+from jaxlm.step import OBJECTIVES, Setup, build, make_eval_step, make_train_step, peak_flops
 
 log = logging.getLogger("jaxlm")
 
@@ -55,7 +55,7 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def get_tokenizer(cfg: Config, ckpt: Checkpointer, train_docs: list[str]):
+def get_tokenizer(cfg: Config, ckpt: Checkpointer, texts: list[str]):
     """The checkpoint's tokenizer when resuming; else data.tokenizer; else train one."""
     for step in ckpt.steps():
         try:
@@ -66,7 +66,7 @@ def get_tokenizer(cfg: Config, ckpt: Checkpointer, train_docs: list[str]):
         tok = tokenizer_lib.load(cfg.data.tokenizer)
     else:
         start = time.perf_counter()
-        tok = tokenizer_lib.train(train_docs, cfg.model.vocab_size)
+        tok = tokenizer_lib.train(texts, cfg.model.vocab_size)
         log.info(
             "trained a %d-token sentencepiece model in %.1fs",
             tok.vocab_size,
@@ -94,11 +94,10 @@ def restore_or_init(s: Setup, ckpt: Checkpointer, train_ds) -> tuple[dict, objec
     return s.init(), iter(train_ds), 0
 
 
-def held_out_batches(cfg: Config, eval_docs: list[str], tokenizer, objective) -> list[dict]:
+def held_out_batches(cfg: Config, held_out, tokenizer, objective) -> list[dict]:
     """The same train.eval_steps host batches of the held-out split at every evaluation."""
-    spec = objective.data_spec(cfg, tokenizer)
     local_batch = cfg.train.batch_size // jax.process_count()
-    it = iter(data.pipeline(eval_docs, tokenizer, spec, local_batch, cfg.train.seed + 1))
+    it = iter(objective.pipeline(cfg, held_out, tokenizer, local_batch, cfg.train.seed + 1))
     return [next(it) for _ in range(cfg.train.eval_steps)]
 
 
@@ -117,24 +116,25 @@ def train(cfg: Config, workdir: str | Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
-    train_docs, eval_docs = data.load_splits(cfg.data, cfg.train.seed)
+    objective = OBJECTIVES[cfg.objective]
+    train_items, held_out = objective.load_splits(cfg)
     ckpt = Checkpointer(workdir, cfg.checkpoint)
-    tokenizer = get_tokenizer(cfg, ckpt, train_docs)
+    tokenizer = get_tokenizer(cfg, ckpt, objective.texts(train_items))
 
     s = build(cfg, mesh)
     seq_len = cfg.model.seq_len
-    spec = s.objective.data_spec(cfg, tokenizer)  # checks the tokenizer suits the objective
     local_batch = cfg.train.batch_size // jax.process_count()
-    train_ds = data.pipeline(train_docs, tokenizer, spec, local_batch, cfg.train.seed)
+    # Building the pipeline checks that the tokenizer suits the objective, before any step.
+    train_ds = objective.pipeline(cfg, train_items, tokenizer, local_batch, cfg.train.seed)
 
     with jax.set_mesh(mesh):
         state, it, start = restore_or_init(s, ckpt, train_ds)
-        eval_batches = held_out_batches(cfg, eval_docs, tokenizer, s.objective)
+        eval_batches = held_out_batches(cfg, held_out, tokenizer, objective)
         train_step, eval_step = make_train_step(s), make_eval_step(s)
         flops_per_token = s.objective.flops_per_token(cfg)
         peak, peak_source = peak_flops(cfg.train.peak_flops)
         writer = MetricsWriter(workdir)
-        baselines = s.objective.baselines(train_docs, tokenizer, eval_batches)
+        baselines = objective.baselines(train_items, tokenizer, eval_batches)
         log.info(
             "%s: %s parameters, mesh %s, %d steps of %d x %d tokens, workdir %s",
             cfg.name,
@@ -185,6 +185,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                 jax.block_until_ready(metrics)
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 ev = evaluate(eval_step, state["params"], eval_batches, mesh)
+                ev |= objective.extra_eval(s, state["params"], held_out, tokenizer)
                 log.info("step %d | %s", done, " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 writer.write(done, ev)
                 last |= ev
