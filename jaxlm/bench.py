@@ -21,13 +21,7 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     s = build(cfg, mesh)
-    log.info(
-        "%s: %s parameters, %d x %d tokens per step",
-        cfg.name,
-        f"{s.num_params():,}",
-        cfg.train.batch_size,
-        cfg.model.seq_len,
-    )
+    log.info("%s: %s parameters, batch %d", cfg.name, f"{s.num_params():,}", cfg.train.batch_size)
     with jax.set_mesh(mesh):
         state = s.init()
         local = cfg.train.batch_size // jax.process_count()
@@ -48,17 +42,18 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
                 jax.block_until_ready(metrics)
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - start) / steps
-    tokens_per_s = cfg.train.batch_size * cfg.model.seq_len / step_s
+    unit, per_example = s.objective.UNIT, s.objective.items_per_example(cfg)
+    per_s = cfg.train.batch_size * per_example / step_s
     peak, source = peak_flops(cfg.train.peak_flops)
     return {
         "config": cfg.name,
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
         "params": s.num_params(),
-        "batch": f"{cfg.train.batch_size}x{cfg.model.seq_len}",
+        "batch": f"{cfg.train.batch_size}x{per_example} {unit}",
         "step_ms": round(step_s * 1e3, 2),
-        "tokens_per_s": round(tokens_per_s),
-        "mfu": round(tokens_per_s * s.objective.flops_per_token(cfg) / peak, 4),
+        f"{unit}_per_s": round(per_s),
+        "mfu": round(per_s * s.objective.flops_per_item(cfg) / peak, 4),
         "peak_flops": peak,
         "peak_flops_source": source,
         "compile_s": round(compile_s, 1),

@@ -5,7 +5,8 @@ Every objective module exports the same surface, which train.py uses and nothing
 a tokenizer on, `pipeline(cfg, items, tokenizer, local_batch, seed)` (a Grain dataset of
 batches); `loss_fn(model, batch, rng) -> (loss, metrics)`; `baselines(train, tokenizer,
 eval_batches)` (what a model without context would score) and `extra_eval(...)` (metrics
-beyond the loss); `flops_per_token(cfg)` and `synthetic_batch(cfg, batch_size, rng)`.
+beyond the loss); `UNIT`, `items_per_example(cfg)` and `flops_per_item(cfg)` for throughput
+and MFU, and `synthetic_batch(cfg, batch_size, rng)` for benchmarks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from flax import nnx
 from jaxlm import data
 from jaxlm.config import Config, ModelConfig
 from jaxlm.layers import Embed, Transformer, param
+
+UNIT = "tokens"  # what throughput is counted in: tokens_per_s
 
 
 class Model(nnx.Module):
@@ -49,7 +52,10 @@ def texts(docs: list[str]) -> list[str]:
     return docs
 
 
-def pipeline(cfg: Config, docs: list[str], tokenizer, local_batch: int, seed: int):
+def pipeline(
+    cfg: Config, docs: list[str], tokenizer, local_batch: int, seed: int, training: bool = True
+):
+    del training  # packed text needs no augmentation
     return data.pipeline(docs, tokenizer, data_spec(cfg, tokenizer), local_batch, seed)
 
 
@@ -96,7 +102,11 @@ def loss_fn(model: Model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]
     return loss, {"loss": loss, "tokens": tokens}
 
 
-def flops_per_token(cfg: Config) -> float:
+def items_per_example(cfg: Config) -> int:
+    return cfg.model.seq_len
+
+
+def flops_per_item(cfg: Config) -> float:
     """Training FLOPs per token: 6 x matmul parameters + 12 x L x T x (H x K) for attention
     scores and values (PaLM's count, causal masking not discounted)."""
     m = cfg.model

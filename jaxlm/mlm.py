@@ -17,7 +17,14 @@ from flax import nnx
 from jaxlm import data
 from jaxlm.config import Config, ConfigError, MlmConfig, ModelConfig
 from jaxlm.layers import Embed, Norm, Transformer, param
-from jaxlm.lm import cross_entropy, extra_eval, load_splits, texts  # noqa: F401 (same hooks)
+from jaxlm.lm import (  # noqa: F401 (the same hooks as the causal LM)
+    UNIT,
+    cross_entropy,
+    extra_eval,
+    items_per_example,
+    load_splits,
+    texts,
+)
 
 
 class Model(nnx.Module):
@@ -50,7 +57,10 @@ def make_model(cfg: Config, rngs: nnx.Rngs) -> Model:
     return Model(cfg.model, rngs)
 
 
-def pipeline(cfg: Config, docs: list[str], tokenizer, local_batch: int, seed: int):
+def pipeline(
+    cfg: Config, docs: list[str], tokenizer, local_batch: int, seed: int, training: bool = True
+):
+    del training  # the masking is random for held-out rows too, but seeded
     return data.pipeline(docs, tokenizer, data_spec(cfg, tokenizer), local_batch, seed)
 
 
@@ -138,7 +148,7 @@ def loss_fn(model: Model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]
     return loss, {"loss": loss, "accuracy": correct.sum() / tokens, "tokens": tokens}
 
 
-def flops_per_token(cfg: Config) -> float:
+def flops_per_item(cfg: Config) -> float:
     """Encoder 6N + attention, plus the head's FLOPs on the masked positions actually run."""
     m = cfg.model
     d, f, h, k = m.d_model, m.mlp_dim, m.num_heads, m.head_size

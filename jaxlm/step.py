@@ -18,11 +18,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import lm, mlm, optim
+from jaxlm import clip, lm, mlm, optim
 from jaxlm.config import Config
 from jaxlm.sharding import logical_spec
 
-OBJECTIVES: dict[str, ModuleType] = {"lm": lm, "mlm": mlm}
+OBJECTIVES: dict[str, ModuleType] = {"lm": lm, "mlm": mlm, "clip": clip}
 
 
 def _is_variable(x: Any) -> bool:

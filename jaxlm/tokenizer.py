@@ -208,6 +208,7 @@ def train(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> Tok
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             character_coverage=0.9995,
+            hard_vocab_limit=False,  # a small corpus (captions) may hold fewer pieces
             num_threads=1,  # deterministic: every process trains the same model
             minloglevel=2,
         )

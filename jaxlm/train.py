@@ -97,7 +97,8 @@ def restore_or_init(s: Setup, ckpt: Checkpointer, train_ds) -> tuple[dict, objec
 def held_out_batches(cfg: Config, held_out, tokenizer, objective) -> list[dict]:
     """The same train.eval_steps host batches of the held-out split at every evaluation."""
     local_batch = cfg.train.batch_size // jax.process_count()
-    it = iter(objective.pipeline(cfg, held_out, tokenizer, local_batch, cfg.train.seed + 1))
+    seed = cfg.train.seed + 1
+    it = iter(objective.pipeline(cfg, held_out, tokenizer, local_batch, seed, training=False))
     return [next(it) for _ in range(cfg.train.eval_steps)]
 
 
@@ -122,7 +123,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
     tokenizer = get_tokenizer(cfg, ckpt, objective.texts(train_items))
 
     s = build(cfg, mesh)
-    seq_len = cfg.model.seq_len
+    unit, per_example = objective.UNIT, objective.items_per_example(cfg)
     local_batch = cfg.train.batch_size // jax.process_count()
     # Building the pipeline checks that the tokenizer suits the objective, before any step.
     train_ds = objective.pipeline(cfg, train_items, tokenizer, local_batch, cfg.train.seed)
@@ -131,18 +132,19 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         state, it, start = restore_or_init(s, ckpt, train_ds)
         eval_batches = held_out_batches(cfg, held_out, tokenizer, objective)
         train_step, eval_step = make_train_step(s), make_eval_step(s)
-        flops_per_token = s.objective.flops_per_token(cfg)
+        flops_per_item = objective.flops_per_item(cfg)
         peak, peak_source = peak_flops(cfg.train.peak_flops)
         writer = MetricsWriter(workdir)
         baselines = objective.baselines(train_items, tokenizer, eval_batches)
         log.info(
-            "%s: %s parameters, mesh %s, %d steps of %d x %d tokens, workdir %s",
+            "%s: %s parameters, mesh %s, %d steps of %d x %d %s, workdir %s",
             cfg.name,
             f"{s.num_params():,}",
             dict(mesh.shape),
             cfg.train.steps,
             cfg.train.batch_size,
-            seq_len,
+            per_example,
+            unit,
             workdir,
         )
         log.info(
@@ -161,21 +163,19 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or done == start + 1:
                 metrics = {k: float(v) for k, v in metrics.items() if k != "tokens"}
                 elapsed = time.perf_counter() - timer
-                tokens_per_s = timed_steps * cfg.train.batch_size * seq_len / elapsed
-                metrics |= {
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * flops_per_token / peak,
-                }
+                per_s = timed_steps * cfg.train.batch_size * per_example / elapsed
+                metrics |= {f"{unit}_per_s": per_s, "mfu": per_s * flops_per_item / peak}
                 if not math.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
                 log.info(
-                    "step %d/%d | loss %.4f | grad_norm %.3f | lr %.3g | %s tokens/s | mfu %.2f%%",
+                    "step %d/%d | loss %.4f | grad_norm %.3f | lr %.3g | %s %s/s | mfu %.2f%%",
                     done,
                     cfg.train.steps,
                     metrics["loss"],
                     metrics["grad_norm"],
                     metrics["lr"],
-                    f"{tokens_per_s:,.0f}",
+                    f"{per_s:,.0f}",
+                    unit,
                     100 * metrics["mfu"],
                 )
                 writer.write(done, metrics)

@@ -1,0 +1,66 @@
+"""The ViT image tower: patch embedding as a matmul + learned positions + the shared stack.
+
+Einsum letters as in layers.py, plus N patches and P pixels per patch (patch^2 x channels).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import Config, ModelConfig
+from jaxlm.layers import Transformer, param
+
+
+def tower_config(cfg: Config) -> ModelConfig:
+    """The shared stack's settings for the image tower: pre-norm, GELU, bidirectional."""
+    v, m = cfg.vision, cfg.model
+    tokens = (v.image_size // v.patch_size) ** 2 + (v.pool == "cls")
+    return ModelConfig(
+        vocab_size=1,
+        seq_len=tokens,
+        num_layers=v.num_layers,
+        d_model=v.d_model,
+        num_heads=v.num_heads,
+        mlp_dim=v.mlp_dim,
+        norm="layernorm",
+        mlp="gelu",
+        position="learned",
+        dtype=m.dtype,
+        scan_layers=m.scan_layers,
+        remat=m.remat,
+        attention=m.attention,
+        init_std=m.init_std,
+    )
+
+
+class ImageTower(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        v, tc = cfg.vision, tower_config(cfg)
+        self.patch, self.pool, self.dtype = v.patch_size, v.pool, jnp.dtype(tc.dtype)
+        pixels = v.patch_size**2 * v.channels
+        self.patch_embed = param(rngs, (pixels, v.d_model), (None, "embed"), tc.init_std)
+        self.patch_bias = param(rngs, (v.d_model,), ("norm",), "zeros")
+        has_cls = v.pool == "cls"
+        self.cls = nnx.data(param(rngs, (v.d_model,), ("norm",), tc.init_std) if has_cls else None)
+        self.positions = param(rngs, (tc.seq_len, v.d_model), (None, "embed"), tc.init_std)
+        self.transformer = Transformer(tc, rngs)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """[B, H, W, C] float images -> pooled features [B, D]."""
+        b, h, w, c = images.shape
+        p = self.patch
+        x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
+        x = jnp.einsum("BNP,PD->BND", x, self.patch_embed[...].astype(self.dtype))
+        x = x + self.patch_bias[...].astype(self.dtype)
+        if self.cls is not None:
+            cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (b, 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)
+        x = x + self.positions[...].astype(self.dtype)
+        t = x.shape[1]
+        segments = jnp.ones((b, t), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        x = self.transformer(x, segments, positions, causal=False)
+        return x[:, 0] if self.cls is not None else x.mean(axis=1)
