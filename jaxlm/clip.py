@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import images, sharding
-from jaxlm.config import Config
+from jaxlm.config import Config, ConfigError
 from jaxlm.layers import Embed, Transformer, param
 from jaxlm.vit import ImageTower, tower_config
 
@@ -98,6 +98,12 @@ def load_splits(cfg: Config) -> tuple[list, list]:
     source = images.load_source(cfg)
     if any(source.skipped.values()):
         log.warning("image-text source %s: skipped %s", cfg.clip.source, source.skipped)
+    sample = source.train[:64]
+    if not any(images.decode(_image_of(r)) is not None for r in sample):
+        raise ConfigError(
+            f"clip.source {cfg.clip.source!r}: none of the first {len(sample)} training images "
+            "can be decoded: no readable image-text pairs"
+        )
     n = cfg.clip.eval_images or len(source.held_out)
     return source.train, HeldOut(source.held_out[:n], source.class_names, source.templates)
 
@@ -119,6 +125,10 @@ def texts(records: list) -> list[str]:
     return found
 
 
+def _image_of(record):
+    return record if isinstance(record, images.TarMember) else record["image"]
+
+
 def _caption_of(record) -> str | None:
     return record.caption if isinstance(record, images.TarMember) else record["caption"]
 
@@ -132,8 +142,7 @@ class Prepare:
         self.skips = images.SkipCounter()
 
     def __call__(self, record, rng: np.random.Generator) -> dict | None:
-        image = record if isinstance(record, images.TarMember) else record["image"]
-        rgb = images.decode(image)
+        rgb = images.decode(_image_of(record))
         if rgb is None:
             self.skips.add()
             log.warning(
@@ -226,9 +235,7 @@ def extra_eval(setup, params, held_out: HeldOut, tokenizer) -> dict:
     labels = np.asarray([r["label"] if isinstance(r, dict) else -1 for r in held_out])[: len(img)]
     if held_out.class_names and (labels >= 0).all():
         prompts = [
-            images.caption(t, c)
-            if held_out.class_names == images.DIGIT_WORDS
-            else t.format(word=name)
+            t.format(word=name, digit=c)
             for c, name in enumerate(held_out.class_names)
             for t in held_out.templates
         ]

@@ -159,8 +159,9 @@ def tfds_source(spec: str, eval_fraction: float, seed: int) -> Source:
     except Exception as e:  # tfds raises many types for a missing or unprepared dataset
         raise ConfigError(f"clip.source 'tfds:{spec}': cannot open the dataset ({e})") from None
     held_split = next((s for s in ("test", "validation") if s in splits), None)
-    label = builder.info.features.get("label") if hasattr(builder.info.features, "get") else None
-    names = tuple(label.names) if label is not None and hasattr(label, "names") else ()
+    features = builder.info.features
+    label = features["label"] if "label" in features.keys() else None
+    names = tuple(label.names) if hasattr(label, "names") else ()
     records = [_tfds_record(x, names) for x in train]
     if held_split:
         held_out = [

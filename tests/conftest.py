@@ -38,6 +38,7 @@ def tiny_overrides(**extra) -> list[str]:
         "optim.warmup_steps": 2,
         "optim.lr": 1e-2,
         "checkpoint.every": 1000,
+        "clip.eval_images": 64,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,162 @@
+"""Contrastive objective: losses against NumPy, permutation invariance, sharding invariance,
+image-text sources that are damaged or empty."""
+
+import io
+import logging
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_tiny
+from PIL import Image
+
+from jaxlm import clip, sharding
+from jaxlm.config import ConfigError, MeshConfig
+from jaxlm.step import build
+from jaxlm.train import train
+
+
+def numpy_clip(img, txt, log_scale):
+    logits = img @ txt.T * np.exp(min(log_scale, np.log(100)))
+
+    def xent(z):  # rows are predictions, the diagonal is the answer
+        z = z - z.max(1, keepdims=True)
+        return -(np.diag(z) - np.log(np.exp(z).sum(1))).mean()
+
+    return (xent(logits) + xent(logits.T)) / 2
+
+
+def numpy_siglip(img, txt, log_scale, bias):
+    z = img @ txt.T * np.exp(log_scale) + bias
+    signs = 2 * np.eye(len(img)) - 1
+    return np.log1p(np.exp(-signs * z)).sum() / len(img)
+
+
+def unit_rows(rng, n, d):
+    x = rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_losses_equal_a_numpy_reference_and_ignore_pair_order(kind):
+    rng = np.random.default_rng(0)
+    img, txt = unit_rows(rng, 12, 16), unit_rows(rng, 12, 16)
+    log_scale, bias = np.float32(np.log(10.0)), np.float32(-3.0)
+    loss, _ = clip.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), log_scale, bias, kind)
+    want = (
+        numpy_clip(img, txt, log_scale)
+        if kind == "clip"
+        else numpy_siglip(img, txt, log_scale, bias)
+    )
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    perm = rng.permutation(12)
+    shuffled, _ = clip.contrastive_loss(
+        jnp.asarray(img[perm]), jnp.asarray(txt[perm]), log_scale, bias, kind
+    )
+    np.testing.assert_allclose(float(shuffled), float(loss), rtol=1e-6)
+    broken, _ = clip.contrastive_loss(
+        jnp.asarray(img), jnp.asarray(txt[perm]), log_scale, bias, kind
+    )
+    assert float(broken) > float(loss)  # unpairing does matter
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_loss_and_gradients_equal_on_two_meshes(kind):
+    results = []
+    for mesh_cfg in (MeshConfig(8, 1, 1), MeshConfig(2, 2, 2)):
+        cfg = load_tiny(
+            "clip",
+            **{
+                "clip.loss": kind,
+                "mesh.data": mesh_cfg.data,
+                "mesh.fsdp": mesh_cfg.fsdp,
+                "mesh.tensor": mesh_cfg.tensor,
+            },
+        )
+        mesh = sharding.make_mesh(cfg.mesh)
+        s = build(cfg, mesh)
+        batch = clip.synthetic_batch(cfg, 16, np.random.default_rng(1))
+        with jax.set_mesh(mesh):
+            params = s.init()["params"]
+
+            @jax.jit
+            def value_and_grad(params, batch, s=s):
+                return jax.value_and_grad(lambda p: clip.loss_fn(s.model(p), batch, None)[0])(
+                    params
+                )
+
+            loss, grads = value_and_grad(params, sharding.to_global(batch, mesh))
+            results.append((float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    np.testing.assert_allclose(loss_a, loss_b, atol=1e-4)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def png(value: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((12, 12, 3), value, np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_shard(path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_tar_shards_with_a_corrupt_image_and_a_missing_caption_train_on(tmp_path, caplog):
+    members = {}
+    for i in range(40):
+        members[f"{i:05d}.png"] = png(i * 6)
+        members[f"{i:05d}.txt"] = f"a grey square number {i % 10}".encode()
+    members["00040.jpg"] = b"\xff\xd8 this is not a jpeg"  # corrupt image, with a caption
+    members["00040.txt"] = b"a broken picture"
+    members["00041.png"] = png(200)  # an image without a caption
+    write_shard(tmp_path / "shard-0.tar", members)
+    source = f"tar:{tmp_path}/*.tar"
+    with caplog.at_level(logging.WARNING, logger="jaxlm"):
+        result = train(
+            load_tiny(
+                "clip", **{"clip.source": source, "train.steps": 6, "data.eval_fraction": 0.1}
+            ),
+            tmp_path / "run",
+        )
+    assert np.isfinite(result["loss"])
+    assert "'no_caption': 1" in caplog.text
+    assert "skipped an unreadable image" in caplog.text and "shard-0.tar" in caplog.text
+
+
+def test_source_without_readable_pairs_fails_naming_it(tmp_path):
+    write_shard(tmp_path / "captions-only.tar", {"a.txt": b"hello", "b.txt": b"world"})
+    with pytest.raises(ConfigError, match=r"'tar:.*': no readable image-text pairs"):
+        train(load_tiny("clip", **{"clip.source": f"tar:{tmp_path}/*.tar"}), tmp_path / "run")
+    write_shard(tmp_path / "bad-images.tar", {"a.jpg": b"garbage", "a.txt": b"hello"})
+    with pytest.raises(ConfigError, match=r"no readable image-text pairs"):
+        train(load_tiny("clip", **{"clip.source": f"tar:{tmp_path}/bad-*.tar"}), tmp_path / "run2")
+    with pytest.raises(ConfigError, match=r"matches no file"):
+        train(load_tiny("clip", **{"clip.source": f"tar:{tmp_path}/none-*.tar"}), tmp_path / "run3")
+
+
+def test_image_size_not_divisible_by_patch_size():
+    with pytest.raises(
+        ConfigError, match=r"vision.image_size=30 is not divisible by vision.patch_size=8"
+    ):
+        load_tiny("clip", **{"vision.image_size": 30})
+
+
+def test_tfds_source_trains_and_evaluates_zero_shot(tmp_path):
+    from tfds_digits import JaxlmTinyDigits
+
+    builder = JaxlmTinyDigits(data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare(file_format="array_record")
+    source = f"tfds:jaxlm_tiny_digits:{tmp_path / 'tfds'}"
+    overrides = {"clip.source": source, "train.steps": 4, "train.eval_every": 4}
+    result = train(load_tiny("clip", **overrides), tmp_path / "run")
+    assert np.isfinite(result["loss"])
+    assert 0.0 <= result["eval_zeroshot_top1"] <= 1.0  # class names came from the ClassLabel
+    assert "eval_i2t_recall_at_1" in result
