@@ -19,7 +19,8 @@ SMALL_CORPUS = ("jaxlm/corpus/othello.txt", "jaxlm/corpus/julius_caesar.txt")
 
 
 def tiny_overrides(**extra) -> list[str]:
-    """A 2-layer GPT small enough to compile and run in a second or two per config."""
+    """2-layer towers small enough to compile and run in seconds (keys of objectives other
+    than the config's own are set too, and unused)."""
     base = {
         "model.vocab_size": 512,
         "model.seq_len": 32,
@@ -39,6 +40,9 @@ def tiny_overrides(**extra) -> list[str]:
         "optim.lr": 1e-2,
         "checkpoint.every": 1000,
         "clip.eval_images": 64,
+        "vision.image_size": 16,
+        "vision.d_model": 64,
+        "vision.mlp_dim": 128,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
