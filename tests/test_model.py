@@ -91,3 +91,10 @@ def test_bert_base_has_bert_base_parameter_count():
     n = build(cfg, sharding.make_mesh(cfg.mesh)).num_params()
     # BertForMaskedLM-base without the pooler (unused by MLM): 109.5M.
     assert 109_400_000 < n < 109_600_000, n
+
+
+def test_clip_vit_b16_has_clip_parameter_count():
+    cfg = config.load(str(ROOT / "configs/clip.py:vit_b16"), ["mesh.data=8"])
+    n = build(cfg, sharding.make_mesh(cfg.mesh)).num_params()
+    # OpenAI's CLIP ViT-B/16 has 149.6M parameters (86.2M image tower, 63.2M text tower).
+    assert 149_000_000 < n < 150_200_000, n
