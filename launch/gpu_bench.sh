@@ -11,9 +11,11 @@ python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__versi
 python3 -m jaxlm.cli bench configs/gpt.py:gpt2_124m --steps 30
 python3 -m jaxlm.cli bench configs/gpt.py:gpt2_124m --steps 30 model.scan_layers=true
 python3 -m jaxlm.cli bench configs/bert.py:bert_base --steps 30
+python3 -m jaxlm.cli bench configs/clip.py:vit_b16 --steps 30
 if [ -f gpu/peers.py ]; then
   python3 gpu/peers.py gpt2
   python3 gpu/peers.py bert
+  python3 gpu/peers.py clip
 else
   echo "no gpu/peers.py: peers not run"
 fi
