@@ -75,14 +75,15 @@ def read_documents(paths: list[Path], doc_chars: int) -> list[str]:
     return docs
 
 
-def split(docs: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """A seeded, document-level train / held-out split (at least one document each)."""
-    if len(docs) < 2:
-        raise ConfigError(f"need at least 2 documents for a train/eval split, found {len(docs)}")
-    held = np.random.default_rng(seed).random(len(docs)) < eval_fraction
+def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded train / held-out split of whole items (documents, image-text pairs), with at
+    least one item on each side."""
+    if len(items) < 2:
+        raise ConfigError(f"need at least 2 items for a train/eval split, found {len(items)}")
+    held = np.random.default_rng(seed).random(len(items)) < eval_fraction
     held[0], held[-1] = True, False  # never empty on either side
-    train = [d for d, h in zip(docs, held, strict=True) if not h]
-    return train, [d for d, h in zip(docs, held, strict=True) if h]
+    train = [d for d, h in zip(items, held, strict=True) if not h]
+    return train, [d for d, h in zip(items, held, strict=True) if h]
 
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[str], list[str]]:

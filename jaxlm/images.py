@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxlm.config import Config, ConfigError
+from jaxlm.data import split
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Captions of training pairs; zero-shot evaluation uses EVAL_TEMPLATES, none of which is here.
@@ -77,13 +78,11 @@ def digits(eval_fraction: float, seed: int) -> Source:
 
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # 8x8 in 0..16
-    held = np.random.default_rng(seed).random(len(images)) < eval_fraction
     records = [
         {"image": im, "caption": None, "label": int(y)}
         for im, y in zip(images, d.target, strict=True)
     ]
-    train = [r for r, h in zip(records, held, strict=True) if not h]
-    held_out = [r for r, h in zip(records, held, strict=True) if h]
+    train, held_out = split(records, eval_fraction, seed)
     for i, r in enumerate(held_out):  # fixed captions for held-out retrieval
         r["caption"] = caption(TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)], r["label"])
     return Source(train, held_out, DIGIT_WORDS, EVAL_TEMPLATES)
@@ -136,10 +135,11 @@ def tar_shards(pattern: str, eval_fraction: float, seed: int) -> Source:
             f"clip.source 'tar:{pattern}': no readable image-text pairs in {len(paths)} shards "
             f"(skipped {skipped})"
         )
-    held = np.random.default_rng(seed).random(len(records)) < eval_fraction
-    held[0], held[-1] = len(records) > 1, False
-    train = [r for r, h in zip(records, held, strict=True) if not h]
-    return Source(train, [r for r, h in zip(records, held, strict=True) if h], skipped=skipped)
+    if len(records) < 2:
+        raise ConfigError(
+            f"clip.source 'tar:{pattern}': one image-text pair; need at least two (one to hold out)"
+        )
+    return Source(*split(records, eval_fraction, seed), skipped=skipped)
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -168,12 +168,8 @@ def tfds_source(spec: str, eval_fraction: float, seed: int) -> Source:
             _tfds_record(x, names)
             for x in tfds.data_source(name, split=held_split, data_dir=data_dir or None)
         ]
-    else:
-        held = np.random.default_rng(seed).random(len(records)) < eval_fraction
-        records, held_out = (
-            [r for r, h in zip(records, held, strict=True) if not h],
-            [r for r, h in zip(records, held, strict=True) if h],
-        )
+    elif records:
+        records, held_out = split(records, eval_fraction, seed)
     if not records:
         raise ConfigError(f"clip.source 'tfds:{spec}': no readable image-text pairs")
     return Source(records, held_out, names, ("a photo of a {word}.", "an image of a {word}."))

@@ -135,7 +135,8 @@ def test_source_without_readable_pairs_fails_naming_it(tmp_path):
     write_shard(tmp_path / "captions-only.tar", {"a.txt": b"hello", "b.txt": b"world"})
     with pytest.raises(ConfigError, match=r"'tar:.*': no readable image-text pairs"):
         train(load_tiny("clip", **{"clip.source": f"tar:{tmp_path}/*.tar"}), tmp_path / "run")
-    write_shard(tmp_path / "bad-images.tar", {"a.jpg": b"garbage", "a.txt": b"hello"})
+    bad = {"a.jpg": b"garbage", "a.txt": b"hello", "b.png": b"\x89PNG junk", "b.txt": b"world"}
+    write_shard(tmp_path / "bad-images.tar", bad)
     with pytest.raises(ConfigError, match=r"no readable image-text pairs"):
         train(load_tiny("clip", **{"clip.source": f"tar:{tmp_path}/bad-*.tar"}), tmp_path / "run2")
     with pytest.raises(ConfigError, match=r"matches no file"):
