@@ -6,10 +6,12 @@
 
 Variants:
 - tiny: scikit-learn's 1,797 handwritten digits (8x8, upscaled to 32x32), captions drawn from
-  six templates ("a handwritten seven", "the digit 7 written by hand", ...), 20% of the images
-  held out. ViT 2 layers d 128 (patch 8, class token); causal text tower 2 layers d 128 over 16
-  tokens; CLIP loss. Zero-shot evaluation uses three prompt templates that no training caption
-  uses ("a photo of the number seven", ...). Expected on a 2-core CPU: see README.
+  six templates ("a handwritten seven", "the digit 7 written by hand", ...) with up to four
+  random context words, 20% of the images held out. ViT 2 layers d 128 (patch 8, class
+  token); causal text tower 2 layers d 128 over 16 tokens; CLIP loss. Zero-shot evaluation
+  uses three prompt templates that no training caption uses ("a photo of the number seven",
+  ...). Measured on a 2-core CPU (800 steps): held-out eval_zeroshot_top1 0.893 (0.830 with
+  train.seed=1), chance 0.1.
 - vit_b16: CLIP ViT-B/16: image width 768, 12 layers, patch 16, 224 px; text width 512, 12
   layers, 8 heads, 77 tokens, vocabulary 49408; joint embedding 512; batch 256.
 - siglip_b16: the same towers with SigLIP's pairwise sigmoid loss (learnable bias, init -10),
@@ -56,7 +58,7 @@ def tiny() -> Config:
         ),
         clip=ClipConfig(loss="clip", embed_dim=64, text_pool="last", source="digits"),
         data=DataConfig(eval_fraction=0.2),
-        train=TrainConfig(steps=600, batch_size=64, log_every=50, eval_every=200, eval_steps=4),
+        train=TrainConfig(steps=800, batch_size=64, log_every=50, eval_every=200, eval_steps=4),
         optim=OptimConfig(lr=1e-3, warmup_steps=30, weight_decay=0.1, b2=0.98),
         checkpoint=CheckpointConfig(every=100, keep=2),
     )

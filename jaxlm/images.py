@@ -66,10 +66,10 @@ def caption(template: str, label: int) -> str:
 
 
 def random_caption(label: int, rng: np.random.Generator) -> str:
-    """A training caption: a random template, with up to three filler words before or after."""
+    """A training caption: a random template with up to four filler words inserted anywhere."""
     words = caption(TRAIN_TEMPLATES[rng.integers(len(TRAIN_TEMPLATES))], label).split()
-    for word in rng.choice(FILLER_WORDS, rng.integers(0, 4)):
-        words.insert(0 if rng.random() < 0.5 else len(words), str(word))
+    for word in rng.choice(FILLER_WORDS, rng.integers(0, 5)):
+        words.insert(rng.integers(len(words) + 1), str(word))
     return " ".join(words)
 
 
