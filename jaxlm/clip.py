@@ -166,7 +166,7 @@ def pipeline(
 ):
     import grain  # here, so that models and benchmarks run where Grain is not installed
 
-    ds = grain.MapDataset.source(list(records))[jax.process_index() :: jax.process_count()]
+    ds = grain.MapDataset.source(records)[jax.process_index() :: jax.process_count()]
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(Prepare(cfg, tokenizer, training), seed=seed).filter(lambda x: x is not None)
     return ds.to_iter_dataset().batch(local_batch, drop_remainder=True)

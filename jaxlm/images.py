@@ -18,6 +18,7 @@ import glob
 import io
 import tarfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -162,17 +163,32 @@ def tfds_source(spec: str, eval_fraction: float, seed: int) -> Source:
     features = builder.info.features
     label = features["label"] if "label" in features.keys() else None
     names = tuple(label.names) if hasattr(label, "names") else ()
-    records = [_tfds_record(x, names) for x in train]
-    if held_split:
-        held_out = [
-            _tfds_record(x, names)
-            for x in tfds.data_source(name, split=held_split, data_dir=data_dir or None)
-        ]
-    elif records:
-        records, held_out = split(records, eval_fraction, seed)
-    if not records:
+    if not len(train):
         raise ConfigError(f"clip.source 'tfds:{spec}': no readable image-text pairs")
+    if held_split:
+        held = tfds.data_source(name, split=held_split, data_dir=data_dir or None)
+        records, held_out = TfdsRecords(train, range(len(train)), names), held
+        held_out = list(TfdsRecords(held, range(len(held)), names))
+    else:
+        train_idx, held_idx = split(list(range(len(train))), eval_fraction, seed)
+        records = TfdsRecords(train, train_idx, names)
+        held_out = list(TfdsRecords(train, held_idx, names))
     return Source(records, held_out, names, ("a photo of a {word}.", "an image of a {word}."))
+
+
+class TfdsRecords(Sequence):
+    """Records of a TFDS data source, read when indexed (the dataset is never all in memory)."""
+
+    def __init__(self, source, indices, names: tuple[str, ...]):
+        self.source, self.indices, self.names = source, list(indices), names
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return _tfds_record(self.source[self.indices[i]], self.names)
 
 
 def _tfds_record(x: dict, names: tuple[str, ...]) -> dict:
