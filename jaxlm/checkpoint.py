@@ -3,8 +3,9 @@
     WORKDIR/checkpoints/<step>/{state, data, config, tokenizer}
 
 `state` is the sharded train state, `data` the Grain iterator position (one file per process),
-`config` the full config as JSON and `tokenizer` the sentencepiece model. The state restores
-onto whatever shardings the caller's abstract state carries: any mesh, one CPU device too.
+`config` the full config as JSON and `tokenizer` the tokenizer (sentencepiece or WordPiece).
+The state restores onto whatever shardings the caller's abstract state carries: any mesh, one
+CPU device too; a step without `data` (an imported checkpoint) starts the data afresh.
 """
 
 from __future__ import annotations

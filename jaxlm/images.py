@@ -167,7 +167,7 @@ def tfds_source(spec: str, eval_fraction: float, seed: int) -> Source:
         raise ConfigError(f"clip.source 'tfds:{spec}': no readable image-text pairs")
     if held_split:
         held = tfds.data_source(name, split=held_split, data_dir=data_dir or None)
-        records, held_out = TfdsRecords(train, range(len(train)), names), held
+        records = TfdsRecords(train, range(len(train)), names)
         held_out = list(TfdsRecords(held, range(len(held)), names))
     else:
         train_idx, held_idx = split(list(range(len(train))), eval_fraction, seed)
