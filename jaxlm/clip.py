@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxlm import images, sharding
 from jaxlm.config import Config, ConfigError
-from jaxlm.layers import Embed, Transformer, param
+from jaxlm.layers import Embed, Transformer, param, stack_flops_per_token
 from jaxlm.vit import ImageTower, tower_config
 
 log = logging.getLogger("jaxlm")
@@ -260,9 +260,7 @@ def flops_per_item(cfg: Config) -> float:
     each tower, plus the projections."""
 
     def tower(m) -> float:
-        d, f, h, k = m.d_model, m.mlp_dim, m.num_heads, m.head_size
-        per_token = m.num_layers * (d * k * (2 * h + 2 * m.kv_heads) + d * f * 2)
-        return 6.0 * per_token * m.seq_len + 12.0 * m.num_layers * m.seq_len**2 * h * k
+        return stack_flops_per_token(m) * m.seq_len
 
     v, tc = cfg.vision, tower_config(cfg)
     patch = 6.0 * v.patch_size**2 * v.channels * v.d_model * (tc.seq_len - (v.pool == "cls"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -350,10 +349,6 @@ def from_dict(d: dict) -> Config:
         return cls(**kwargs)
 
     return build(Config, d)
-
-
-def to_json(cfg: Config) -> str:
-    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
 def variant_error(module: types.ModuleType | str, variant: str, variants: dict) -> ConfigError:

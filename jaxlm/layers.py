@@ -33,11 +33,14 @@ def param(rngs: nnx.Rngs, shape: tuple, axes: tuple, std: float | str) -> nnx.Pa
     return nnx.Param(value, axes=axes, eager_sharding=False)
 
 
-def param_axes(state: nnx.State):
-    """The logical axis names of every parameter, as a pytree shaped like `state`."""
-    return jax.tree.map(
-        lambda v: v.get_metadata()["axes"], state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
+def stack_flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token of the transformer stack: 6 x its matmul parameters, plus
+    12 x L x T x (H x K) for attention scores and values (PaLM's count, causal masking not
+    discounted). Embeddings and heads are the objective's to add."""
+    d, f, h, k = cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.head_size
+    attn = d * k * (2 * h + 2 * cfg.kv_heads)
+    mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
+    return 6.0 * cfg.num_layers * (attn + mlp) + 12.0 * cfg.num_layers * cfg.seq_len * h * k
 
 
 class Norm(nnx.Module):

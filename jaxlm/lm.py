@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxlm import data
 from jaxlm.config import Config, ModelConfig
-from jaxlm.layers import Embed, Transformer, param
+from jaxlm.layers import Embed, Transformer, param, stack_flops_per_token
 
 UNIT = "tokens"  # what throughput is counted in: tokens_per_s
 
@@ -107,14 +107,8 @@ def items_per_example(cfg: Config) -> int:
 
 
 def flops_per_item(cfg: Config) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + 12 x L x T x (H x K) for attention
-    scores and values (PaLM's count, causal masking not discounted)."""
-    m = cfg.model
-    d, f, h, n, k = m.d_model, m.mlp_dim, m.num_heads, m.kv_heads, m.head_size
-    attn = d * k * (2 * h + 2 * n)
-    mlp = d * f * (3 if m.mlp == "swiglu" else 2)
-    matmul_params = m.num_layers * (attn + mlp) + d * m.vocab_size
-    return 6.0 * matmul_params + 12.0 * m.num_layers * m.seq_len * h * k
+    """Training FLOPs per token: the stack's, plus the output projection onto the vocabulary."""
+    return stack_flops_per_token(cfg.model) + 6.0 * cfg.model.d_model * cfg.model.vocab_size
 
 
 def baselines(train_docs: list[str], tokenizer, eval_batches: list[dict]) -> dict:

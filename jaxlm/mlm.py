@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxlm import data
 from jaxlm.config import Config, ConfigError, MlmConfig, ModelConfig
-from jaxlm.layers import Embed, Norm, Transformer, param
+from jaxlm.layers import Embed, Norm, Transformer, param, stack_flops_per_token
 from jaxlm.lm import (  # noqa: F401 (the same hooks as the causal LM)
     UNIT,
     cross_entropy,
@@ -151,12 +151,8 @@ def loss_fn(model: Model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]
 def flops_per_item(cfg: Config) -> float:
     """Encoder 6N + attention, plus the head's FLOPs on the masked positions actually run."""
     m = cfg.model
-    d, f, h, k = m.d_model, m.mlp_dim, m.num_heads, m.head_size
-    attn = d * k * (2 * h + 2 * m.kv_heads)
-    mlp = d * f * (3 if m.mlp == "swiglu" else 2)
-    encoder = 6.0 * m.num_layers * (attn + mlp) + 12.0 * m.num_layers * m.seq_len * h * k
-    head = 6.0 * (d * d + d * m.vocab_size) * max_predictions(cfg) / m.seq_len
-    return encoder + head
+    head = 6.0 * (m.d_model**2 + m.d_model * m.vocab_size) * max_predictions(cfg) / m.seq_len
+    return stack_flops_per_token(m) + head
 
 
 def baselines(train_docs: list[str], tokenizer, eval_batches: list[dict]) -> dict:

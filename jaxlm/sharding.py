@@ -88,10 +88,6 @@ def logical_spec(names: tuple, shape: tuple | None = None, mesh: Mesh | None = N
     return PartitionSpec(*spec)
 
 
-def named(mesh: Mesh, *names) -> NamedSharding:
-    return NamedSharding(mesh, logical_spec(names))
-
-
 def constrain(x: jax.Array, *names) -> jax.Array:
     """Activation sharding hint by logical names (used at block boundaries only)."""
     return jax.lax.with_sharding_constraint(x, logical_spec(names))
