@@ -1,5 +1,7 @@
 """`jaxlm bench`: time full training steps on synthetic batches; no data pipeline involved,
-so it runs where Grain is not installed (e.g. a bare GPU image)."""
+so it runs where Grain is not installed (e.g. a bare GPU image). `jaxlm bench --data` times
+the data pipeline alone (no model): prepared shards, and on-the-fly tokenization of the same
+text files beside it for comparison."""
 
 from __future__ import annotations
 
@@ -59,3 +61,65 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
         "compile_s": round(compile_s, 1),
         "loss": round(float(metrics["loss"]), 4),
     }
+
+
+def bench_data(cfg: Config, steps: int, workdir: str) -> dict:
+    """Tokens per second this process's training batches arrive at, without a model."""
+    from jaxlm import data
+    from jaxlm import tokenizer as tokenizer_lib
+    from jaxlm.step import OBJECTIVES
+
+    objective = OBJECTIVES[cfg.objective]
+    tok = (
+        tokenizer_lib.load(cfg.data.tokenizer)
+        if cfg.data.tokenizer
+        else objective.default_tokenizer(cfg)
+    )
+    per_batch = cfg.train.batch_size // jax.process_count() * cfg.model.seq_len
+    dataset = objective.load_data(cfg, tok, workdir)
+    result = {
+        "config": cfg.name,
+        "seq_len": cfg.model.seq_len,
+        "local_batch": cfg.train.batch_size // jax.process_count(),
+        "prepared_tokens_per_s": round(_rate(dataset.train_batches(0), steps, per_batch)),
+    }
+    raw = [e for e in data.entries(cfg.data) if not data.is_prepared(e)]
+    if raw:
+        it = _tokenize_on_the_fly(raw, tok, cfg)
+        result["on_the_fly_tokens_per_s"] = round(_rate(it, steps, per_batch))
+    return result
+
+
+def _rate(batches, steps: int, tokens_per_batch: int) -> float:
+    for _ in range(3):  # let the read threads fill their buffers
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    return steps * tokens_per_batch / (time.perf_counter() - start)
+
+
+def _tokenize_on_the_fly(entries: list[str], tok, cfg: Config):
+    """The pipeline jaxlm had before prepared shards: documents read whole into memory and
+    tokenized by Grain's read threads, then concatenated and split into rows."""
+    import grain
+    from grain.experimental import ConcatThenSplitIterDataset
+
+    from jaxlm import data, prepare
+
+    docs = [
+        d
+        for e in entries
+        for u in prepare.plan_units(data.raw_files(e))
+        for d in prepare.documents(u, cfg.data.text_field)
+    ]
+
+    def tokenize(doc: str) -> dict:
+        ids = tok.encode(doc)
+        return {"tokens": np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32)}
+
+    ds = grain.MapDataset.source(docs).shuffle(seed=0).repeat(None).map(tokenize)
+    ds = ConcatThenSplitIterDataset(
+        ds.to_iter_dataset(), length_struct={"tokens": cfg.model.seq_len + 1}
+    )
+    return iter(ds.batch(cfg.train.batch_size // jax.process_count(), drop_remainder=True))

@@ -1,36 +1,56 @@
 """Orbax checkpoints holding everything a resume or an evaluation needs, in one step directory:
 
-    WORKDIR/checkpoints/<step>/{state, data, config, tokenizer}
+    WORKDIR/checkpoints/<step>/{state, config, tokenizer}
 
-`state` is the sharded train state, `data` the Grain iterator position (one file per process),
-`config` the full config as JSON and `tokenizer` the tokenizer (sentencepiece or WordPiece).
-The state restores onto whatever shardings the caller's abstract state carries: any mesh, one
-CPU device too; a step without `data` (an imported checkpoint) starts the data afresh.
+`state` is the sharded train state (its `step` is also the data position: batches are a pure
+function of the step, see data.py), `config` the full config as JSON and `tokenizer` the
+tokenizer. The state restores onto whatever shardings the caller's abstract state carries:
+any mesh, any number of processes, one CPU device too. WORKDIR may be local or a URL
+(`gs://bucket/run`): Orbax writes through tensorstore, the rest through etils.epath.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
+import os
 from typing import Any
 
-import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
 from jaxlm import tokenizer as tokenizer_lib
-from jaxlm.config import CheckpointConfig, Config
+from jaxlm.config import CheckpointConfig, Config, ConfigError
 
 log = logging.getLogger("jaxlm")
 
+# Errors of the storage itself, not of a checkpoint's contents: they fail the run.
+STORAGE_ERRORS = (PermissionError, ConnectionError, TimeoutError)
+STORAGE_MARKERS = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED")
+
+
+class StorageError(RuntimeError):
+    """The checkpoint storage could not be read: never a reason to set a checkpoint aside."""
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """A local workdir made absolute; a URL (gs://...) kept as it is."""
+    text = os.fspath(workdir)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def _is_storage_error(e: Exception) -> bool:
+    return isinstance(e, STORAGE_ERRORS) or any(m in str(e) for m in STORAGE_MARKERS)
+
 
 class Checkpointer:
-    def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
-        self.root = Path(workdir).absolute() / "checkpoints"
-        self.quarantine = Path(workdir).absolute() / "checkpoints_unreadable"
+    def __init__(self, workdir: str | os.PathLike, cfg: CheckpointConfig):
+        self.workdir = workdir_path(workdir)
+        self.root = self.workdir / "checkpoints"
+        self.quarantine = self.workdir / "checkpoints_unreadable"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True
         )
@@ -40,14 +60,12 @@ class Checkpointer:
         """Finalised steps, newest first (Orbax never lists a save that did not finish)."""
         return sorted(self.manager.all_steps(), reverse=True)
 
-    def save(self, step: int, state: Any, data_iter: Any, cfg: Config, tokenizer):
+    def save(self, step: int, state: Any, cfg: Config, tokenizer) -> None:
         args = {
             "state": ocp.args.StandardSave(state),
             "config": ocp.args.JsonSave(config_lib.to_dict(cfg)),
             "tokenizer": ocp.args.JsonSave(tokenizer.to_dict()),
         }
-        if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def restore_meta(self, step: int) -> tuple[Config, Any]:
@@ -59,19 +77,35 @@ class Checkpointer:
         )
         return config_lib.from_dict(meta["config"]), tokenizer_lib.from_dict(meta["tokenizer"])
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
-        """Restore the state onto abstract_state's shardings (and the iterator in place)."""
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None and (self.root / str(step) / "data").is_dir():
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        elif data_iter is not None:
-            log.info("step %d has no data iterator state (imported?): data starts afresh", step)
-        return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """The state, onto abstract_state's shardings."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self.manager.restore(step, args=args)["state"]
+
+    def agreed(self, step: int, action) -> tuple[Any, Exception | None]:
+        """Run action() on every process and agree on the outcome: (result, None) where all
+        succeeded; (None, error) where any process found the step unreadable. A storage error
+        on any process fails every process."""
+        result, error, code = None, None, 0
+        try:
+            result = action()
+        except Exception as e:
+            error, code = e, 2 if _is_storage_error(e) else 1
+        codes = [code]
+        if jax.process_count() > 1:
+            codes = list(multihost_utils.process_allgather(np.int32(code)))
+        if max(codes) == 2:
+            raise StorageError(
+                f"checkpoint storage {self.root} failed at step {step}"
+                + (f": {type(error).__name__}: {error}" if error else " on another process")
+            ) from error
+        if max(codes) == 1:
+            return None, error or RuntimeError("unreadable on another process")
+        return result, None
 
     def set_aside(self, step: int, error: Exception) -> None:
         """An unreadable step is moved out of the manager's way (never deleted): the run goes
-        on from an older step, and the bad one stays on disk for a post-mortem."""
-        self.quarantine.mkdir(parents=True, exist_ok=True)
+        on from an older step, and the bad one stays for a post-mortem."""
         target = self.quarantine / str(step)
         log.warning(
             "checkpoint step %d in %s is unreadable (%s: %.200s); moved to %s, trying an older one",
@@ -81,11 +115,13 @@ class Checkpointer:
             error,
             target,
         )
-        if target.exists():
-            target = self.quarantine / f"{step}.{len(list(self.quarantine.iterdir()))}"
         if jax.process_index() == 0:
-            shutil.move(str(self.root / str(step)), target)
-        multihost_utils.sync_global_devices(f"jaxlm_set_aside_{step}")
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target = self.quarantine / f"{step}.{len(list(self.quarantine.iterdir()))}"
+            (self.root / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxlm_set_aside_{step}")
         self.manager.reload()
 
     def wait(self) -> None:
@@ -93,3 +129,46 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def check_resume(saved: Config, cfg: Config, where: str) -> None:
+    """A resume may change how the run is executed, not what it computes: mesh.*, optim.*,
+    checkpoint.*, train.steps and the log / eval cadence are logged; any other change is an
+    error naming the keys and both values (nothing is moved or deleted)."""
+    old, new = _flat(config_lib.to_dict(saved)), _flat(config_lib.to_dict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    allowed = [k for k in changed if k.startswith(RESUMABLE_PREFIXES) or k in RESUMABLE_KEYS]
+    refused = [k for k in changed if k not in allowed]
+    for k in allowed:
+        log.info("resume: %s changed from %r to %r", k, old.get(k), new.get(k))
+    if refused:
+        details = "; ".join(
+            f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in refused
+        )
+        raise ConfigError(
+            f"cannot resume {where}: the config changed what the run computes ({details}). "
+            "Use the checkpoint's values, or a new --workdir (resumable changes: "
+            f"{', '.join(RESUMABLE_PREFIXES + RESUMABLE_KEYS)})"
+        )
+
+
+RESUMABLE_PREFIXES = ("mesh.", "optim.", "checkpoint.")
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_steps",
+    "train.peak_flops",
+    "train.grad_accum",
+    "name",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out

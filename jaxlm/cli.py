@@ -1,4 +1,4 @@
-"""The `jaxlm` command: train, bench, eval, import hf-bert, tokenizer train."""
+"""The `jaxlm` command: train, bench, eval, data prepare, import hf-bert, tokenizer train."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ DISTRIBUTED_HELP = (
 )
 
 
-def init_distributed() -> None:
-    """Join JAX's multi-controller runtime before any device is touched."""
+def init_distributed(heartbeat_timeout: int = 100) -> None:
+    """Join JAX's multi-controller runtime before any device is touched. A process that
+    stops sending heartbeats for heartbeat_timeout seconds is declared dead, and JAX then
+    ends every other process with an error naming it (instead of leaving them waiting)."""
     import jax
 
     env = os.environ
@@ -27,9 +29,10 @@ def init_distributed() -> None:
             env["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(env["JAX_NUM_PROCESSES"]),
             process_id=int(env["JAX_PROCESS_ID"]),
+            heartbeat_timeout_seconds=heartbeat_timeout,
         )
-    else:
-        jax.distributed.initialize()  # TPU pod, SLURM, Open MPI: detected from the environment
+    else:  # TPU pod, SLURM, Open MPI: detected from the environment
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,10 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", help="checkpoints and metrics (default runs/<config>_<variant>)")
     t.add_argument("overrides", nargs="*", help="key.path=value")
     t.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
+    t.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=100,
+        help="seconds without a heartbeat after which a process counts as dead (--distributed)",
+    )
 
     b = sub.add_parser("bench", help="time training steps on synthetic data, print one JSON line")
     b.add_argument("config")
     b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--data", action="store_true", help="time the data pipeline alone")
+    b.add_argument("--workdir", default="runs/bench_data", help="--data: where text is prepared")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
 
@@ -64,10 +75,36 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("tokenizer", help="tokenizer tools")
     ksub = k.add_subparsers(dest="tokenizer_command", required=True)
     kt = ksub.add_parser("train", help="train a sentencepiece model")
-    kt.add_argument("--input", nargs="+", required=True, help="text or .jsonl files")
+    kt.add_argument("--input", nargs="+", required=True, help="text files or globs")
     kt.add_argument("--vocab-size", type=int, required=True)
     kt.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     kt.add_argument("--out", required=True, help="path of the .model file to write")
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser("prepare", help="text -> tokenized ArrayRecord shards + manifest.json")
+    dp.add_argument(
+        "inputs",
+        nargs="+",
+        help=".txt .jsonl .jsonl.gz .jsonl.zst .parquet files, "
+        "globs or URLs, or tfds:NAME[:DATA_DIR]",
+    )
+    dp.add_argument(
+        "--tokenizer",
+        required=True,
+        help="sentencepiece .model, Hugging Face "
+        "tokenizer.json, a prepared directory or a jaxlm workdir",
+    )
+    dp.add_argument("--out", required=True, help="output directory (local or gs://...)")
+    dp.add_argument(
+        "--seq-len",
+        type=int,
+        default=1024,
+        help="the model's seq_len (rows hold seq_len + 1 tokens)",
+    )
+    dp.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
+    dp.add_argument("--eval-fraction", type=float, default=0.01, help="documents held out")
+    dp.add_argument("--text-field", default="text", help="jsonl field / parquet column / tfds key")
     return p
 
 
@@ -110,20 +147,23 @@ def _run(args: argparse.Namespace) -> int:
     from jaxlm import config
 
     if getattr(args, "distributed", False):
-        init_distributed()
+        init_distributed(getattr(args, "heartbeat_timeout", 100))
 
     if args.command == "train":
         from jaxlm.train import train
 
         cfg = config.load(args.config, args.overrides)
-        workdir = Path(args.workdir) if args.workdir else _default_workdir(args.config)
+        workdir = args.workdir or str(_default_workdir(args.config))
         result = train(cfg, workdir)
         print(json.dumps({k: round(v, 4) for k, v in result.items() if isinstance(v, float)}))
     elif args.command == "bench":
-        from jaxlm.bench import bench
+        from jaxlm.bench import bench, bench_data
 
         cfg = config.load(args.config, args.overrides)
-        print(json.dumps(bench(cfg, args.steps)))
+        if args.data:
+            print(json.dumps(bench_data(cfg, args.steps, args.workdir)))
+        else:
+            print(json.dumps(bench(cfg, args.steps)))
     elif args.command == "eval":
         from jaxlm.evaluate import evaluate_checkpoint
 
@@ -135,12 +175,25 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "tokenizer":
         from jaxlm import data, tokenizer
 
-        docs = data.read_documents(
-            data.corpus_files(tuple(args.input)), config.DataConfig().doc_chars
-        )
-        tok = tokenizer.train(docs, args.vocab_size, args.model_type)
+        texts = data.sample_texts(config.DataConfig(files=tuple(args.input)))
+        tok = tokenizer.train(texts, args.vocab_size, args.model_type)
         tok.save(args.out)
         print(f"wrote {args.out}: {tok.vocab_size} tokens")
+    elif args.command == "data":
+        from jaxlm import prepare
+
+        tok = prepare.load_tokenizer(args.tokenizer)
+        manifest = prepare.prepare(
+            args.inputs,
+            tok,
+            args.out,
+            args.seq_len,
+            workers=args.workers,
+            eval_fraction=args.eval_fraction,
+            text_field=args.text_field,
+        )
+        summary = {k: manifest[k] for k in ("documents", "tokens", "bytes", "row_length")}
+        print(json.dumps({"out": args.out, **summary, "shards": len(manifest["shards"])}))
     return 0
 
 

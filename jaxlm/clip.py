@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from jaxlm import images, sharding
+from jaxlm import data, images, sharding
+from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config, ConfigError
 from jaxlm.layers import Embed, Transformer, param, stack_flops_per_token
 from jaxlm.vit import ImageTower, tower_config
@@ -94,18 +96,97 @@ def make_model(cfg: Config, rngs: nnx.Rngs) -> Model:
     return Model(cfg, rngs)
 
 
-def load_splits(cfg: Config) -> tuple[list, list]:
-    source = images.load_source(cfg)
-    if any(source.skipped.values()):
-        log.warning("image-text source %s: skipped %s", cfg.clip.source, source.skipped)
-    sample = source.train[:64]
-    if not any(images.decode(_image_of(r)) is not None for r in sample):
+def check(cfg: Config) -> None:
+    if cfg.train.grad_accum > 1:
         raise ConfigError(
-            f"clip.source {cfg.clip.source!r}: none of the first {len(sample)} training images "
-            "can be decoded: no readable image-text pairs"
+            f"train.grad_accum={cfg.train.grad_accum}: the contrastive loss of a micro-batch "
+            "would only contrast its own pairs, not the whole batch; use train.grad_accum=1 "
+            "(and a mesh with more data-parallel devices, or model.remat, for memory)"
         )
-    n = cfg.clip.eval_images or len(source.held_out)
-    return source.train, HeldOut(source.held_out[:n], source.class_names, source.templates)
+
+
+def default_tokenizer(cfg: Config):
+    return tokenizer_lib.train(ClipData.texts(images.load_source(cfg)), cfg.model.vocab_size)
+
+
+def load_data(cfg: Config, tokenizer, workdir) -> ClipData:
+    del workdir  # image-text sources are read where they are
+    return ClipData(cfg, tokenizer)
+
+
+class ClipData:
+    """Image-text pairs in a global order: pair g of the stream depends only on the seed and
+    g (its crop and caption too, seeded by g), so the global batch at a step is the same for
+    any number of processes. An unreadable image is replaced by a later pair of the stream."""
+
+    def __init__(self, cfg: Config, tokenizer):
+        source = images.load_source(cfg)
+        if any(source.skipped.values()):
+            log.warning("image-text source %s: skipped %s", cfg.clip.source, source.skipped)
+        sample = source.train[:64]
+        if not any(images.decode(_image_of(r)) is not None for r in sample):
+            raise ConfigError(
+                f"clip.source {cfg.clip.source!r}: none of the first {len(sample)} training "
+                "images can be decoded: no readable image-text pairs"
+            )
+        n = cfg.clip.eval_images or len(source.held_out)
+        self.cfg, self.tokenizer, self.train = cfg, tokenizer, source.train
+        self.held_out = HeldOut(source.held_out[:n], source.class_names, source.templates)
+
+    @staticmethod
+    def texts(source: images.Source) -> list[str]:
+        """Captions to train the tokenizer on (every template x class for the digits)."""
+        found = [_caption_of(r) for r in source.train[:100_000]]
+        if any(c is None for c in found):
+            rng = np.random.default_rng(0)
+            found = [c for c in found if c]
+            found += [images.random_caption(i % 10, rng) for i in range(2000)]
+        return found
+
+    def examples(self, training: bool):
+        import grain  # here, so that models and benchmarks run where Grain is not installed
+
+        seed = self.cfg.train.seed + (0 if training else 1)
+        ds = grain.MapDataset.source(self.train if training else self.held_out)
+        ds = (ds.shuffle(seed=seed) if training else ds).repeat(None)
+        return Readable(ds, Prepare(self.cfg, self.tokenizer, training), seed)
+
+    def train_batches(
+        self, start_step: int, process_index: int | None = None, process_count: int | None = None
+    ):
+        ds = data.global_batches(
+            self.examples(True),
+            self.cfg.train.batch_size,
+            start_step,
+            process_index,
+            process_count,
+        )
+        return iter(ds.to_iter_dataset(data.read_options()))
+
+    def eval_batches(self) -> list[dict]:
+        ds = data.global_batches(self.examples(False), self.cfg.train.batch_size, 0)
+        return [ds[i] for i in range(self.cfg.train.eval_steps)]
+
+
+class Readable:
+    """Grain-style random access: pair g -> Prepare(record g, rng seeded by (seed, g)); a
+    record whose image does not decode is replaced by record g + k * STRIDE (k = 1, 2...)."""
+
+    STRIDE, TRIES = 7919, 16
+
+    def __init__(self, records, prepare: Prepare, seed: int):
+        self.records, self.prepare, self.seed = records, prepare, seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, g: int) -> dict:
+        for k in range(self.TRIES):
+            rng = np.random.default_rng([self.seed, int(g), k])
+            out = self.prepare(self.records[int(g) + k * self.STRIDE], rng)
+            if out is not None:
+                return out
+        raise ConfigError(f"clip.source: {self.TRIES} unreadable images in a row near pair {g}")
 
 
 class HeldOut(list):
@@ -114,15 +195,6 @@ class HeldOut(list):
     def __init__(self, records: list, class_names: tuple, templates: tuple):
         super().__init__(records)
         self.class_names, self.templates = class_names, templates
-
-
-def texts(records: list) -> list[str]:
-    """Captions to train the tokenizer on (every template x class for the digits)."""
-    found = [_caption_of(r) for r in records[:100_000]]
-    if any(c is None for c in found):
-        rng = np.random.default_rng(0)
-        found = [c for c in found if c] + [images.random_caption(i % 10, rng) for i in range(2000)]
-    return found
 
 
 def _image_of(record):
@@ -161,18 +233,7 @@ def _where(record) -> str:
     return f"{record.path}@{record.offset}" if isinstance(record, images.TarMember) else "record"
 
 
-def pipeline(
-    cfg: Config, records: list, tokenizer, local_batch: int, seed: int, training: bool = True
-):
-    import grain  # here, so that models and benchmarks run where Grain is not installed
-
-    ds = grain.MapDataset.source(records)[jax.process_index() :: jax.process_count()]
-    ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(Prepare(cfg, tokenizer, training), seed=seed).filter(lambda x: x is not None)
-    return ds.to_iter_dataset().batch(local_batch, drop_remainder=True)
-
-
-def baselines(train: list, tokenizer, eval_batches: list[dict]) -> dict:
+def baselines(dataset: ClipData, tokenizer, eval_batches: list[dict]) -> dict:
     """Chance: top-1 of a random guess over the classes, recall@1 of a random ranking."""
     n = sum(len(b["text"]) for b in eval_batches)
     return {"eval_batch_chance_accuracy": 1.0 / max(n / len(eval_batches), 1.0)}
@@ -196,14 +257,15 @@ def _batched(fn, arrays: dict, setup, batch: int) -> np.ndarray:
         chunk = {k: v[start : start + batch] for k, v in arrays.items()}
         pad = batch - len(next(iter(chunk.values())))
         chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in chunk.items()}
-        out.append(np.asarray(fn(**sharding.to_global(chunk, setup.mesh)))[: batch - pad])
+        result = fn(**sharding.from_full(chunk, setup.mesh))
+        out.append(np.asarray(multihost_utils.process_allgather(result, tiled=True))[: batch - pad])
     return np.concatenate(out)
 
 
-def extra_eval(setup, params, held_out: HeldOut, tokenizer) -> dict:
+def extra_eval(setup, params, dataset: ClipData, tokenizer) -> dict:
     """Zero-shot top-1/top-5 over the class names (prompt embeddings averaged over templates)
-    and image<->text recall@1/5 over the held-out pairs."""
-    cfg, g = setup.cfg, setup.graphdef
+    and image<->text recall@1/5 over the held-out pairs (every process runs the same)."""
+    cfg, g, held_out = setup.cfg, setup.graphdef, dataset.held_out
     prep = Prepare(cfg, tokenizer, training=False)
     rows = [prep(r, np.random.default_rng(0)) for r in held_out]
     rows = [r for r in rows if r is not None]

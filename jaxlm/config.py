@@ -63,10 +63,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    files: tuple[str, ...] = ()  # text files (.txt or .jsonl with a "text" field); () = built-in
-    tokenizer: str = ""  # a sentencepiece .model; "" = train one on the training split
-    eval_fraction: float = 0.02  # documents held out for evaluation
-    doc_chars: int = 4096  # .txt files: paragraphs are grouped into documents of about this size
+    # Prepared directories (`jaxlm data prepare`) or text files / globs (.txt, .jsonl,
+    # .jsonl.gz, .jsonl.zst, .parquet; prepared into WORKDIR/prepared once); () = built-in.
+    files: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()  # mixture weights, one per files entry; () = by tokens
+    tokenizer: str = ""  # .model / tokenizer.json; "" = a prepared entry's, or train one
+    eval_fraction: float = 0.02  # text files: documents held out for evaluation
+    text_field: str = "text"  # text files: the field of a .jsonl line / parquet column
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,8 @@ def _parse(key: str, text: str, t: Any) -> Any:
     if t is str:
         return text
     if typing.get_origin(t) is tuple:
-        return tuple(s for s in text.split(",") if s)
+        item = typing.get_args(t)[0]
+        return tuple(_parse(key, s, item) for s in text.split(",") if s)
     raise fail()
 
 

@@ -1,131 +1,326 @@
-"""Grain pipelines: text files -> documents -> tokens -> packed rows -> examples -> batches.
+"""Training data for the text objectives: prepared token shards read by global row index.
 
-Each process reads its own slice of the documents (`[process_index::process_count]`) and
-builds its share of the global batch; `sharding.to_global` joins the shares into one sharded
-array. The Grain iterator's state is saved in every checkpoint, so a resumed run sees exactly
-the batches an uninterrupted one would have. What differs between objectives (row length, the
-tokens around a document, the row -> example transform) comes in a `DataSpec`.
+Every `data.files` entry is either a prepared directory (`jaxlm data prepare`, known by its
+`manifest.json`) or text files (paths or globs, `.txt` / `.jsonl[.gz|.zst]` / `.parquet`),
+which are prepared once into `WORKDIR/prepared/<k>` at the first start and reused on every
+resume. Reading is the same for both:
+
+- each entry's training rows, permuted by a seeded shuffle that changes every epoch, repeated;
+- entries mixed by `data.weights` (default: proportional to their tokens) with Grain's `mix`;
+- row -> example by the objective's transform, seeded by the row's global index;
+- global batch s = examples [s * B, (s + 1) * B); process p takes its contiguous share.
+
+So the global batch at step s depends only on the data, the seed, the batch size and s: a run
+resumes from nothing but its step, on any number of processes, and sees the same batches.
+Start-up reads the manifests and token counts, never the corpus.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 
-from jaxlm.config import ConfigError, DataConfig
+from jaxlm import prepare as prepare_lib
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.config import Config, ConfigError, DataConfig
+
+log = logging.getLogger("jaxlm")
 
 BUILTIN_CORPUS = Path(__file__).parent / "corpus"
-
-
-def corpus_files(files: tuple[str, ...]) -> list[Path]:
-    """`data.files` entries (paths or globs) -> existing files; () means the built-in corpus."""
-    if not files:
-        return sorted(BUILTIN_CORPUS.glob("*.txt"))
-    paths = []
-    for entry in files:
-        matches = sorted(Path().glob(entry)) if any(c in entry for c in "*?[") else [Path(entry)]
-        if not matches or not all(p.is_file() for p in matches):
-            raise ConfigError(f"data.files: {entry!r} matches no file")
-        paths.extend(matches)
-    return paths
-
-
-def _paragraph_documents(text: str, doc_chars: int) -> list[str]:
-    """Consecutive blank-line-separated paragraphs grouped into documents of ~doc_chars."""
-    docs, current = [], ""
-    for para in text.split("\n\n"):
-        para = para.strip("\n")
-        if not para.strip():
-            continue
-        if current and len(current) + len(para) > doc_chars:
-            docs.append(current)
-            current = ""
-        current = f"{current}\n\n{para}" if current else para
-    if current:
-        docs.append(current)
-    return docs
-
-
-def read_documents(paths: list[Path], doc_chars: int) -> list[str]:
-    """.jsonl: one document per line's "text"; anything else: grouped paragraphs."""
-    docs = []
-    for path in paths:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if path.suffix == ".jsonl":
-            found = []
-            for i, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    found.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(
-                        f"{path}:{i}: expected a JSON object with a 'text' field"
-                    ) from None
-        else:
-            found = _paragraph_documents(text, doc_chars)
-        if not any(doc.strip() for doc in found):
-            raise ConfigError(f"data file {str(path)!r} is empty: no text to train on")
-        docs.extend(found)
-    return docs
-
-
-def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded train / held-out split of whole items (documents, image-text pairs), with at
-    least one item on each side."""
-    if len(items) < 2:
-        raise ConfigError(f"need at least 2 items for a train/eval split, found {len(items)}")
-    held = np.random.default_rng(seed).random(len(items)) < eval_fraction
-    held[0], held[-1] = True, False  # never empty on either side
-    train = [d for d, h in zip(items, held, strict=True) if not h]
-    return train, [d for d, h in zip(items, held, strict=True) if h]
-
-
-def load_splits(cfg: DataConfig, seed: int) -> tuple[list[str], list[str]]:
-    return split(read_documents(corpus_files(cfg.files), cfg.doc_chars), cfg.eval_fraction, seed)
+PREFETCH = 16  # batches Grain's read threads keep ready
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    row_length: int  # tokens per packed row
+    row_length: int  # tokens per packed row the objective needs
     start_id: int  # put before every document ([bos] or [CLS])
     end_id: int  # and after it ([eos] or [SEP])
     transform: Callable[[dict, np.random.Generator], dict]  # packed row -> example, seeded
 
 
-class Tokenize:
-    """Document -> [start] + tokens + [end]."""
-
-    def __init__(self, tokenizer, start_id: int, end_id: int):
-        self.tokenizer, self.start_id, self.end_id = tokenizer, start_id, end_id
-
-    def __call__(self, doc: str) -> dict:
-        ids = self.tokenizer.encode(doc)
-        return {"tokens": np.concatenate([[self.start_id], ids, [self.end_id]]).astype(np.int32)}
+def entries(cfg: DataConfig) -> list[str]:
+    """`data.files` entries; () is the built-in corpus."""
+    return list(cfg.files) or [str(BUILTIN_CORPUS / "*.txt")]
 
 
-def pipeline(docs: list[str], tokenizer, spec: DataSpec, local_batch: int, seed: int):
-    """An endless, seeded stream of this process's batches (a Grain IterDataset). Grain's read
-    threads tokenize documents ahead of the trainer, in order (sentencepiece releases the GIL)."""
-    # Imported here so that models and benchmarks run where Grain is not installed.
+def is_prepared(entry: str) -> bool:
+    return (
+        not any(c in entry for c in "*?[") and (epath.Path(entry) / prepare_lib.MANIFEST).exists()
+    )
+
+
+def raw_files(entry: str, text_field: str = "text") -> list[str]:
+    """The files of a text entry, each checked to hold some text (reading up to its first
+    document only)."""
+    files = prepare_lib.expand(entry)
+    if not files or not all(epath.Path(f).is_file() for f in files):
+        raise ConfigError(f"data.files: {entry!r} matches no file (nor a prepared directory)")
+    for f in files:
+        docs = (
+            d for u in prepare_lib.plan_units([f]) for d in prepare_lib.documents(u, text_field)
+        )
+        if not any(d.strip() for d in docs):
+            raise ConfigError(f"data file {f!r} is empty: no text to train on")
+    return files
+
+
+def sample_texts(cfg: DataConfig) -> Iterator[str]:
+    """The documents of the text entries, streamed (for training a tokenizer, which keeps a
+    bounded sample); prepared entries carry their tokenizer and are skipped."""
+    for entry in entries(cfg):
+        if is_prepared(entry):
+            continue
+        for unit in prepare_lib.plan_units(raw_files(entry, cfg.text_field)):
+            yield from prepare_lib.documents(unit, cfg.text_field)
+
+
+def prepared_tokenizer(cfg: DataConfig):
+    """The tokenizer of the first prepared entry, or None."""
+    for entry in entries(cfg):
+        if is_prepared(entry):
+            return tokenizer_lib.load(epath.Path(entry) / tokenizer_lib.JAXLM_TOKENIZER)
+    return None
+
+
+class Prepared:
+    """A prepared directory: its manifest, token counts and shards."""
+
+    def __init__(self, path: str):
+        self.path = epath.Path(path)
+        manifest = self.path / prepare_lib.MANIFEST
+        if not manifest.exists():
+            raise ConfigError(
+                f"{self.path}: no {prepare_lib.MANIFEST}; not a prepared directory, or its "
+                "preparation did not finish (run the same `jaxlm data prepare` again)"
+            )
+        self.manifest = json.loads(manifest.read_text())
+        self.manifest_path = manifest
+
+    @property
+    def row_length(self) -> int:
+        return self.manifest["row_length"]
+
+    @property
+    def tokens(self) -> int:
+        return self.manifest["train"]["tokens"]
+
+    def counts(self) -> np.ndarray:
+        with (self.path / self.manifest["counts"]).open("rb") as f:
+            return np.load(f).astype(np.float64)
+
+    def check(self, tokenizer, row_length: int) -> None:
+        want = tokenizer_lib.fingerprint(tokenizer)
+        if self.manifest["tokenizer_fingerprint"] != want:
+            raise ConfigError(
+                f"{self.manifest_path}: prepared with another tokenizer (fingerprint "
+                f"{self.manifest['tokenizer_fingerprint'][:12]}..., this run's is {want[:12]}...)"
+            )
+        if self.row_length != row_length:
+            raise ConfigError(
+                f"{self.manifest_path}: rows of {self.row_length} tokens (prepared with --seq-len "
+                f"{self.row_length - 1}), but model.seq_len={row_length - 1} needs "
+                f"{row_length}: prepare again with --seq-len {row_length - 1}"
+            )
+
+    def shards(self, split: str) -> list[tuple[epath.Path, int, int]]:
+        """(path, rows, bytes) of the split's non-empty shards: split is train or eval."""
+        return [
+            (self.path / s[split]["file"], s[split]["rows"], s[split]["size"])
+            for s in self.manifest["shards"]
+            if s[split]["rows"]
+        ]
+
+
+class Shards:
+    """Grain's ArrayRecordDataSource over a split's shards, told each shard's size by the
+    manifest (no file is opened at start-up). A damaged shard is named in the error."""
+
+    def __init__(self, shards: list[tuple[epath.Path, int, int]], row_length: int, what: str):
+        from grain.sources import ArrayRecordDataSource
+
+        if not shards:
+            raise ConfigError(f"{what}: no rows")
+        for path, _, size in shards:
+            if not prepare_lib.is_remote(str(path)):
+                found = path.stat().length if path.exists() else None
+                if found != size:
+                    raise ConfigError(
+                        f"prepared shard {path} is damaged or missing: {found} bytes, the "
+                        f"manifest says {size}; prepare the directory again"
+                    )
+        self.paths = [str(p) for p, _, _ in shards]
+        self.ends = np.cumsum([n for _, n, _ in shards])
+        self.row_length = row_length
+        self._source = ArrayRecordDataSource([f"{p}[0:{n}]" for p, n, _ in shards])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, index) -> dict:
+        index = int(index)
+        try:
+            tokens, segments = prepare_lib.decode_row(self._source[index], self.row_length)
+        except Exception as e:
+            shard = self.paths[int(np.searchsorted(self.ends, index, side="right"))]
+            raise ConfigError(f"prepared shard {shard} is damaged (row {index}: {e})") from None
+        return row_example(tokens, segments)
+
+
+def row_example(tokens: np.ndarray, segments: np.ndarray) -> dict:
+    """A packed row with each token's position within its document piece."""
+    starts = np.flatnonzero(np.diff(segments, prepend=-1))
+    lengths = np.diff(np.append(starts, len(tokens)))
+    positions = np.arange(len(tokens)) - np.repeat(starts, lengths)
+    return {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions}
+
+
+class Remap:
+    """The prepared start / end tokens -> the objective's (e.g. [bos] -> [CLS] for BERT), and
+    the first `length` tokens of each row."""
+
+    def __init__(self, table: dict[int, int], length: int):
+        self.table, self.length = table, length
+
+    def __call__(self, row: dict) -> dict:
+        row = {k: v[: self.length] for k, v in row.items()}
+        if self.table:
+            tokens = row["tokens"].copy()
+            for a, b in self.table.items():
+                tokens[row["tokens"] == a] = b
+            row["tokens"] = tokens
+        return row
+
+
+class TextData:
+    """Batches of one text objective: `train_batches(step)`, `eval_batches()`, `counts()`."""
+
+    def __init__(self, cfg: Config, spec: DataSpec, tokenizer, workdir: str | epath.Path):
+        self.cfg, self.spec = cfg, spec
+        self.sources = [
+            self._resolve(entry, k, tokenizer, workdir) for k, entry in enumerate(entries(cfg.data))
+        ]
+        for s in self.sources:  # rows of seq_len + 1; an objective needing seq_len cuts one
+            s.check(tokenizer, cfg.model.seq_len + 1)
+        self.weights = self._weights()
+        starts = {s.manifest["start_id"] for s in self.sources}
+        ends = {s.manifest["end_id"] for s in self.sources}
+        table = {a: spec.start_id for a in starts if a != spec.start_id}
+        table |= {a: spec.end_id for a in ends if a != spec.end_id}
+        self.remap = Remap(table, spec.row_length)
+
+    def _resolve(self, entry: str, k: int, tokenizer, workdir) -> Prepared:
+        if is_prepared(entry):
+            return Prepared(entry)
+        files = raw_files(entry, self.cfg.data.text_field)
+        out = epath.Path(workdir) / "prepared" / str(k)
+        if jax.process_index() == 0 and not (out / prepare_lib.MANIFEST).exists():
+            log.info("preparing %d text files of %r into %s (once)", len(files), entry, out)
+            prepare_lib.prepare(
+                files,
+                tokenizer,
+                str(out),
+                self.cfg.model.seq_len,
+                eval_fraction=self.cfg.data.eval_fraction,
+                text_field=self.cfg.data.text_field,
+                seed=self.cfg.train.seed,
+                progress=False,
+            )
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxlm_prepared_{k}")
+        return Prepared(str(out))
+
+    def _weights(self) -> list[float]:
+        given = self.cfg.data.weights
+        if not given:
+            total = sum(s.tokens for s in self.sources)
+            return [s.tokens / total for s in self.sources]
+        if len(given) != len(self.sources) or min(given) < 0 or sum(given) <= 0:
+            raise ConfigError(
+                f"data.weights={','.join(map(str, given))}: expected {len(self.sources)} "
+                "non-negative weights, one per data.files entry, not all zero"
+            )
+        return [w / sum(given) for w in given]
+
+    def counts(self) -> np.ndarray:
+        """Training-split token counts; for a mixture, the entries' frequencies mixed by the
+        weights and scaled to the total count (for the baselines)."""
+        counts = [s.counts() for s in self.sources]
+        if len(counts) == 1:
+            return counts[0]
+        size, total = max(len(c) for c in counts), sum(c.sum() for c in counts)
+        mixed = np.zeros(size)
+        for c, w in zip(counts, self.weights, strict=True):
+            mixed[: len(c)] += c / max(c.sum(), 1.0) * w
+        return mixed * total
+
+    def examples(self, split: str = "train"):
+        """The endless, seeded stream of examples in global order (a Grain MapDataset)."""
+        import grain
+
+        seed = self.cfg.train.seed
+        if split == "train":
+            parts = [
+                grain.MapDataset.source(self._shards(s.shards("train"), f"{s.manifest_path} train"))
+                .shuffle(seed=seed + k)
+                .repeat(None)
+                for k, s in enumerate(self.sources)
+            ]
+            ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, self.weights)
+        else:  # every entry's held-out rows in order: the same ones at every evaluation
+            held_out = [shard for s in self.sources for shard in s.shards("eval")]
+            ds = grain.MapDataset.source(self._shards(held_out, "data.files held-out split"))
+            ds, seed = ds.repeat(None), seed + 1
+        return ds.map(self.remap).random_map(self.spec.transform, seed=seed)
+
+    def _shards(self, shards: list, what: str) -> Shards:
+        return Shards(shards, self.cfg.model.seq_len + 1, what)
+
+    def train_batches(
+        self, start_step: int, process_index: int | None = None, process_count: int | None = None
+    ) -> Iterator[dict]:
+        """This process's share of global batches start_step, start_step + 1, ..."""
+        ds = global_batches(
+            self.examples("train"),
+            self.cfg.train.batch_size,
+            start_step,
+            process_index,
+            process_count,
+        )
+        return iter(ds.to_iter_dataset(read_options()))
+
+    def eval_batches(self) -> list[dict]:
+        ds = global_batches(self.examples("eval"), self.cfg.train.batch_size, 0)
+        return [ds[i] for i in range(self.cfg.train.eval_steps)]
+
+
+def global_batches(
+    ds,
+    batch_size: int,
+    start_step: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
+    """Examples [s * B, (s + 1) * B) form global batch s; process p of n gets the p-th
+    contiguous B / n of them. Returns this process's batches from start_step on."""
     import grain
-    from grain.experimental import ConcatThenSplitIterDataset
 
-    ds = grain.MapDataset.source(docs)[jax.process_index() :: jax.process_count()]
-    ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds.map(Tokenize(tokenizer, spec.start_id, spec.end_id)).to_iter_dataset()
-    ds = ConcatThenSplitIterDataset(ds, length_struct={"tokens": spec.row_length})
-    return ds.random_map(spec.transform, seed=seed).batch(local_batch, drop_remainder=True)
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    if not isinstance(ds, grain.MapDataset):
+        ds = grain.MapDataset.source(ds)
+    return ds.batch(batch_size // n)[start_step * n + p :: n]
 
 
-def token_counts(docs: list[str], tokenizer) -> np.ndarray:
-    """How often each token id occurs in the documents (float64, [vocab])."""
-    counts = np.zeros(tokenizer.vocab_size, np.float64)
-    for ids in tokenizer.encode_batch(docs):
-        counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-    return counts
+def read_options():
+    import grain
+
+    return grain.ReadOptions(num_threads=16, prefetch_buffer_size=PREFETCH)

@@ -8,17 +8,28 @@ model = loaded.setup.model(loaded.params)  # an NNX module: logits = model(batch
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 
 from jaxlm import config as config_lib
 from jaxlm import sharding
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, workdir_path
 from jaxlm.config import CheckpointConfig, Config, ConfigError, MeshConfig
 from jaxlm.step import Setup, build, make_eval_step
 from jaxlm.tokenizer import Tokenizer
+
+
+def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
+    """Token-weighted means of eval_step's metrics over host batches (each process passes
+    its share of every global batch)."""
+    sums: dict = {}
+    for b in batches:
+        for k, v in eval_step(params, sharding.to_global(b, mesh)).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    tokens = max(sums.pop("tokens"), 1.0)
+    return {f"eval_{k}": v / tokens for k, v in sums.items()}
 
 
 @dataclasses.dataclass
@@ -30,7 +41,7 @@ class Loaded:
     step: int
 
 
-def load(workdir: str | Path, step: int | None = None, overrides: list[str] = ()) -> Loaded:
+def load(workdir: str | os.PathLike, step: int | None = None, overrides: list[str] = ()) -> Loaded:
     """Restore a checkpoint's parameters onto a mesh of this machine's devices. The mesh is
     fsdp over all devices unless overrides (e.g. `mesh.data=2`) say otherwise."""
     ckpt = Checkpointer(workdir, CheckpointConfig())
@@ -52,18 +63,17 @@ def load(workdir: str | Path, step: int | None = None, overrides: list[str] = ()
 
 
 def evaluate_checkpoint(
-    workdir: str | Path, step: int | None = None, overrides: list[str] = ()
+    workdir: str | os.PathLike, step: int | None = None, overrides: list[str] = ()
 ) -> dict:
-    """Held-out metrics of a checkpoint, on the split its own config defines."""
-    from jaxlm.train import evaluate, held_out_batches  # the same evaluation as in training
-
+    """Held-out metrics of a checkpoint, on the split its own config defines (the baselines
+    from the prepared token counts: nothing re-reads the corpus)."""
     loaded = load(workdir, step, overrides)
     cfg, mesh, objective = loaded.cfg, loaded.setup.mesh, loaded.setup.objective
     sharding.check_batch(cfg.train.batch_size, 1, mesh)
-    train_items, held_out = objective.load_splits(cfg)
-    batches = held_out_batches(cfg, held_out, loaded.tokenizer, objective)
+    dataset = objective.load_data(cfg, loaded.tokenizer, workdir_path(workdir))
+    batches = dataset.eval_batches()
     with jax.set_mesh(mesh):
         metrics = evaluate(make_eval_step(loaded.setup), loaded.params, batches, mesh)
-        metrics |= objective.extra_eval(loaded.setup, loaded.params, held_out, loaded.tokenizer)
-    baselines = objective.baselines(train_items, loaded.tokenizer, batches)
+        metrics |= objective.extra_eval(loaded.setup, loaded.params, dataset, loaded.tokenizer)
+    baselines = objective.baselines(dataset, loaded.tokenizer, batches)
     return {"step": loaded.step, **metrics, **baselines}

@@ -228,7 +228,7 @@ def import_bert(src: str | Path, workdir: str | Path, overrides: list[str] = ())
 
         state["params"] = jax.tree_util.tree_map_with_path(take, state["params"])
         ckpt = Checkpointer(workdir, CheckpointConfig(keep=1))
-        ckpt.save(0, state, None, cfg, WordPiece(vocab, lowercase))
+        ckpt.save(0, state, cfg, WordPiece(vocab, lowercase))
         ckpt.wait()
         ckpt.close()
     head = "imported" if "head_dense" in arrays else "initialised (the source has no MLM head)"

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import split
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Captions of training pairs; zero-shot evaluation uses EVAL_TEMPLATES, none of which is here.
@@ -60,6 +59,16 @@ class Source:
     class_names: tuple[str, ...] = ()  # for zero-shot classification; () = none
     templates: tuple[str, ...] = ()  # zero-shot prompts, "{word}" / "{digit}" filled in
     skipped: dict = dataclasses.field(default_factory=dict)  # found while indexing
+
+
+def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded train / held-out split of whole items, with at least one on each side."""
+    if len(items) < 2:
+        raise ConfigError(f"need at least 2 items for a train/eval split, found {len(items)}")
+    held = np.random.default_rng(seed).random(len(items)) < eval_fraction
+    held[0], held[-1] = True, False  # never empty on either side
+    train = [d for d, h in zip(items, held, strict=True) if not h]
+    return train, [d for d, h in zip(items, held, strict=True) if h]
 
 
 def caption(template: str, label: int) -> str:

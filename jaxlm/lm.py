@@ -1,15 +1,20 @@
 """Causal language modelling (GPT / Llama style): model, host-side batch transform, loss.
 
 Every objective module exports the same surface, which train.py uses and nothing more:
-`make_model(cfg, rngs)`; `load_splits(cfg) -> (train, held_out)` items, `texts(items)` to train
-a tokenizer on, `pipeline(cfg, items, tokenizer, local_batch, seed)` (a Grain dataset of
-batches); `loss_fn(model, batch, rng) -> (loss, metrics)`; `baselines(train, tokenizer,
-eval_batches)` (what a model without context would score) and `extra_eval(...)` (metrics
-beyond the loss); `UNIT`, `items_per_example(cfg)` and `flops_per_item(cfg)` for throughput
-and MFU, and `synthetic_batch(cfg, batch_size, rng)` for benchmarks.
+`make_model(cfg, rngs)`; `check(cfg)` (config errors of this objective);
+`default_tokenizer(cfg)` (when neither a checkpoint nor data.tokenizer gives one);
+`load_data(cfg, tokenizer, workdir)` -> an object with `train_batches(step)` (this process's
+share of the global batches from `step` on) and `eval_batches()`; `loss_fn(model, batch, rng)
+-> (loss, metrics)`; `baselines(data, tokenizer, eval_batches)` (what a model without context
+would score) and `extra_eval(setup, params, data, tokenizer)` (metrics beyond the loss);
+`UNIT`, `items_per_example(cfg)` and `flops_per_item(cfg)` for throughput and MFU, and
+`synthetic_batch(cfg, batch_size, rng)` for benchmarks.
 """
 
 from __future__ import annotations
+
+import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +22,11 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import data
+from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config, ModelConfig
 from jaxlm.layers import Embed, Transformer, param, stack_flops_per_token
 
+log = logging.getLogger("jaxlm")
 UNIT = "tokens"  # what throughput is counted in: tokens_per_s
 
 
@@ -44,22 +51,30 @@ def make_model(cfg: Config, rngs: nnx.Rngs) -> Model:
     return Model(cfg.model, rngs)
 
 
-def load_splits(cfg: Config) -> tuple[list[str], list[str]]:
-    return data.load_splits(cfg.data, cfg.train.seed)
+def check(cfg: Config) -> None:
+    del cfg  # nothing beyond config.validate
 
 
-def texts(docs: list[str]) -> list[str]:
-    return docs
+def default_tokenizer(cfg: Config):
+    """A prepared entry's tokenizer, else one trained on a bounded sample of the text files."""
+    found = data.prepared_tokenizer(cfg.data)
+    if found is not None:
+        return found
+    start = time.perf_counter()
+    tok = tokenizer_lib.train(data.sample_texts(cfg.data), cfg.model.vocab_size)
+    log.info(
+        "trained a %d-token sentencepiece model in %.1fs",
+        tok.vocab_size,
+        time.perf_counter() - start,
+    )
+    return tok
 
 
-def pipeline(
-    cfg: Config, docs: list[str], tokenizer, local_batch: int, seed: int, training: bool = True
-):
-    del training  # packed text needs no augmentation
-    return data.pipeline(docs, tokenizer, data_spec(cfg, tokenizer), local_batch, seed)
+def load_data(cfg: Config, tokenizer, workdir) -> data.TextData:
+    return data.TextData(cfg, data_spec(cfg, tokenizer), tokenizer, workdir)
 
 
-def extra_eval(setup, params, held_out, tokenizer) -> dict:
+def extra_eval(setup, params, dataset, tokenizer) -> dict:
     return {}  # the held-out loss says it all
 
 
@@ -111,11 +126,15 @@ def flops_per_item(cfg: Config) -> float:
     return stack_flops_per_token(cfg.model) + 6.0 * cfg.model.d_model * cfg.model.vocab_size
 
 
-def baselines(train_docs: list[str], tokenizer, eval_batches: list[dict]) -> dict:
+def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> dict:
     """Held-out loss of the best context-free model: add-one smoothed frequencies of the
-    training targets (tokens and [eos]), on exactly the targets eval_loss is measured on."""
-    counts = data.token_counts(train_docs, tokenizer)
-    counts[tokenizer.eos_id] += len(train_docs)
+    training targets (tokens and [eos], from the prepared counts), on exactly the targets
+    eval_loss is measured on."""
+    counts = np.zeros(tokenizer.vocab_size)
+    found = dataset.counts()[: tokenizer.vocab_size]
+    counts[: len(found)] = found
+    if tokenizer.bos_id != tokenizer.eos_id:
+        counts[tokenizer.bos_id] = 0  # a document's first token is never a target
     log_probs = np.log((counts + 1.0) / (counts.sum() + tokenizer.vocab_size))
     total = sum(-float((log_probs[b["targets"]] * b["weights"]).sum()) for b in eval_batches)
     weight = sum(float(b["weights"].sum()) for b in eval_batches)

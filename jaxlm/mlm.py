@@ -19,11 +19,11 @@ from jaxlm.config import Config, ConfigError, MlmConfig, ModelConfig
 from jaxlm.layers import Embed, Norm, Transformer, param, stack_flops_per_token
 from jaxlm.lm import (  # noqa: F401 (the same hooks as the causal LM)
     UNIT,
+    check,
     cross_entropy,
+    default_tokenizer,
     extra_eval,
     items_per_example,
-    load_splits,
-    texts,
 )
 
 
@@ -55,13 +55,6 @@ class Model(nnx.Module):
 
 def make_model(cfg: Config, rngs: nnx.Rngs) -> Model:
     return Model(cfg.model, rngs)
-
-
-def pipeline(
-    cfg: Config, docs: list[str], tokenizer, local_batch: int, seed: int, training: bool = True
-):
-    del training  # the masking is random for held-out rows too, but seeded
-    return data.pipeline(docs, tokenizer, data_spec(cfg, tokenizer), local_batch, seed)
 
 
 def max_predictions(cfg: Config) -> int:
@@ -130,8 +123,13 @@ class MaskTokens:
         return np.sort(np.asarray(chosen, np.int64))
 
 
+def load_data(cfg: Config, tokenizer, workdir) -> data.TextData:
+    return data.TextData(cfg, data_spec(cfg, tokenizer), tokenizer, workdir)
+
+
 def data_spec(cfg: Config, tokenizer) -> data.DataSpec:
-    """Documents as [CLS] tokens [SEP], packed into rows of seq_len, then masked."""
+    """Documents as [CLS] tokens [SEP] (prepared [bos] / [eos] mapped to them), rows of
+    seq_len (the first seq_len of a prepared row), then masked."""
     cls_id, sep_id = tokenizer.piece_id("[CLS]"), tokenizer.piece_id("[SEP]")
     transform = MaskTokens(cfg.mlm, max_predictions(cfg), tokenizer)
     if cls_id is None or sep_id is None:
@@ -155,9 +153,11 @@ def flops_per_item(cfg: Config) -> float:
     return stack_flops_per_token(m) + head
 
 
-def baselines(train_docs: list[str], tokenizer, eval_batches: list[dict]) -> dict:
+def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> dict:
     """Accuracy of always predicting the training split's most frequent maskable token."""
-    counts = data.token_counts(train_docs, tokenizer)
+    counts = np.zeros(tokenizer.vocab_size)
+    found = dataset.counts()[: tokenizer.vocab_size]
+    counts[: len(found)] = found
     counts[tokenizer.special_ids()] = 0
     majority = int(np.argmax(counts))
     hits = sum(

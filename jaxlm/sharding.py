@@ -99,6 +99,16 @@ def to_global(local: dict, mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def from_full(full: dict, mesh: Mesh) -> dict:
+    """The whole batch, present on every process -> global arrays split over the batch axes
+    (each process places the rows its devices hold)."""
+    sharding = NamedSharding(mesh, logical_spec(("batch", None)))
+    return {
+        k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+        for k, v in full.items()
+    }
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 

@@ -108,16 +108,25 @@ def make_train_step(s: Setup):
             )
 
             def body(total, i):
+                # Sums weighted by each micro-batch's token count, so that the result is the
+                # token-weighted mean over the whole batch, as without accumulation.
                 mb = jax.tree.map(lambda x: x[i], micro)
-                out = grads_of(params, mb, jax.random.fold_in(rng, i))
+                grads, metrics = grads_of(params, mb, jax.random.fold_in(rng, i))
+                w = metrics["tokens"]
+                scaled = {k: v * w for k, v in metrics.items() if k != "tokens"} | {"tokens": w}
+                out = (jax.tree.map(lambda g: g * w, grads), scaled)
                 return jax.tree.map(jnp.add, total, out), None
 
             zeros = jax.tree.map(
                 lambda x: jnp.zeros(x.shape, x.dtype),
                 jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro), rng),
             )
-            total, _ = jax.lax.scan(body, zeros, jnp.arange(accum))
-            grads, metrics = jax.tree.map(lambda x: x / accum, total)
+            (grads, metrics), _ = jax.lax.scan(body, zeros, jnp.arange(accum))
+            tokens = jnp.maximum(metrics["tokens"], 1.0)
+            grads = jax.tree.map(lambda g: g / tokens, grads)
+            metrics = {k: v / tokens for k, v in metrics.items() if k != "tokens"} | {
+                "tokens": metrics["tokens"]
+            }
         updates, opt_state = s.tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))

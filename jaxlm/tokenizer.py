@@ -4,20 +4,26 @@
   3 eos; then the newline (a token of its own: no whitespace is normalised away, so decoding
   gives back the text) and [CLS], [SEP], [MASK] for the encoder objective.
 - `WordPiece`: BERT's uncased WordPiece, for checkpoints imported from Hugging Face.
+- `HFTokenizer`: a Hugging Face `tokenizer.json` (the `tokenizers` library), e.g. to prepare
+  shards for a model imported from Hugging Face.
 
-Both offer encode / decode / vocab_size / piece_id / word_starts and serialise to a dict.
+All offer encode / decode / vocab_size / piece_id / word_starts and serialise to a dict;
+`fingerprint` (sha256 of that dict) ties prepared token shards to the tokenizer that made them.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from jaxlm.config import ConfigError
 
@@ -183,14 +189,87 @@ def _is_cjk(c: str) -> bool:
     return 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF
 
 
-def from_dict(d: dict) -> Tokenizer | WordPiece:
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (`tokenizer.json`); start/end tokens come from the
+    `tokenizer_config.json` beside it, else from the usual special-token names."""
+
+    START_NAMES = ("<|begin_of_text|>", "<s>", "[CLS]", "<|endoftext|>", "<|im_start|>")
+    END_NAMES = ("<|end_of_text|>", "</s>", "[SEP]", "<|endoftext|>", "<|im_end|>")
+
+    def __init__(self, tokenizer_json: str, bos: str | None = None, eos: str | None = None):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        self.json = tokenizer_json
+        self._tok = FastTokenizer.from_str(tokenizer_json)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.bos = bos or next((n for n in self.START_NAMES if n in vocab), None)
+        self.eos = eos or next((n for n in self.END_NAMES if n in vocab), None)
+        if self.bos is None or self.eos is None:
+            raise ConfigError(
+                "Hugging Face tokenizer: no start / end-of-text token found (looked for "
+                f"{self.START_NAMES} and {self.END_NAMES}; give tokenizer_config.json beside it)"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self._tok.token_to_id(self.bos)
+
+    @property
+    def eos_id(self) -> int:
+        return self._tok.token_to_id(self.eos)
+
+    def piece_id(self, piece: str) -> int | None:
+        return self._tok.token_to_id(piece)
+
+    def special_ids(self) -> np.ndarray:
+        added = self._tok.get_added_tokens_decoder()
+        return np.asarray(sorted(i for i, t in added.items() if t.special), np.int32)
+
+    def word_starts(self) -> np.ndarray:
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        starts = np.zeros(self.vocab_size, bool)
+        for piece, i in vocab.items():
+            starts[i] = not piece.startswith("##")
+        return starts
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        out = self._tok.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, np.int32) for e in out]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return {"hf_tokenizer": self.json, "bos": self.bos, "eos": self.eos}
+
+
+def from_dict(d: dict) -> Tokenizer | WordPiece | HFTokenizer:
     if "sentencepiece" in d:
         return Tokenizer(base64.b64decode(d["sentencepiece"]))
+    if "hf_tokenizer" in d:
+        return HFTokenizer(d["hf_tokenizer"], d["bos"], d["eos"])
     return WordPiece(d["wordpiece"], d.get("lowercase", True))
 
 
+def fingerprint(tokenizer) -> str:
+    """sha256 of the serialised tokenizer: equal fingerprints, equal token ids."""
+    return hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+MAX_TRAINING_SENTENCES = 2_000_000  # sentencepiece samples this many lines, shuffled
+
+
 def train(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> Tokenizer:
-    """Train on an iterable of documents (split into lines for sentencepiece)."""
+    """Train on an iterable of documents (split into lines for sentencepiece). Sentencepiece
+    keeps a shuffled sample of at most MAX_TRAINING_SENTENCES lines: memory stays bounded
+    whatever the corpus size."""
     lines = (line for text in texts for line in text.split("\n") if line.strip())
     out = io.BytesIO()
     try:
@@ -210,6 +289,8 @@ def train(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> Tok
             character_coverage=0.9995,
             hard_vocab_limit=False,  # a small corpus (captions) may hold fewer pieces
             num_threads=1,  # deterministic: every process trains the same model
+            input_sentence_size=MAX_TRAINING_SENTENCES,
+            shuffle_input_sentence=True,
             minloglevel=2,
         )
     except RuntimeError as e:
@@ -219,13 +300,34 @@ def train(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> Tok
     return Tokenizer(out.getvalue())
 
 
-def load(path: str | Path) -> Tokenizer:
-    file = Path(path)
+def load(path: str | Path) -> Tokenizer | HFTokenizer | WordPiece:
+    """A sentencepiece `.model`, a Hugging Face `tokenizer.json`, or a tokenizer jaxlm wrote
+    (`jaxlm_tokenizer.json`, e.g. in a prepared directory); local or a URL (`gs://...`)."""
+    file = epath.Path(path)
     if not file.is_file():
         raise ConfigError(
-            f"tokenizer file {str(path)!r} not found (expected a sentencepiece .model)"
+            f"tokenizer file {str(path)!r} not found (expected a sentencepiece .model or a "
+            "Hugging Face tokenizer.json)"
         )
+    if file.name == JAXLM_TOKENIZER:
+        return from_dict(json.loads(file.read_text()))
+    if file.suffix == ".json":
+        config = file.parent / "tokenizer_config.json"
+        special = json.loads(config.read_text()) if config.is_file() else {}
+        names = [special.get(k) for k in ("bos_token", "eos_token")]
+        names = [n.get("content") if isinstance(n, dict) else n for n in names]
+        try:
+            return HFTokenizer(file.read_text(), *names)
+        except Exception as e:
+            if isinstance(e, ConfigError):
+                raise ConfigError(f"tokenizer file {str(path)!r}: {e}") from None
+            raise ConfigError(
+                f"tokenizer file {str(path)!r} is not a Hugging Face tokenizer.json ({e})"
+            ) from None
     try:
         return Tokenizer(file.read_bytes())
     except RuntimeError:
         raise ConfigError(f"tokenizer file {str(path)!r} is not a sentencepiece model") from None
+
+
+JAXLM_TOKENIZER = "jaxlm_tokenizer.json"  # to_dict() as JSON, beside prepared shards

@@ -1,7 +1,9 @@
-"""The training loop: data, resume, the jitted step, evaluation, logging, checkpoints.
+"""The training loop: resume, data, the jitted step, evaluation, logging, checkpoints, preemption.
 
-Run as `jaxlm train configs/gpt.py:tiny --workdir runs/gpt_tiny`. Running it again on the same
-workdir resumes from the newest readable checkpoint, on whatever mesh the config now asks for.
+Run as `jaxlm train configs/gpt.py:tiny --workdir runs/gpt_tiny` (or `gs://bucket/run`).
+Running it again on the same workdir resumes from the newest readable checkpoint, on whatever
+mesh and number of processes the run now has. SIGTERM (preemption on TPU and SLURM) or, in a
+single process, Ctrl-C saves a checkpoint at a step all processes agree on and exits 0.
 """
 
 from __future__ import annotations
@@ -9,16 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import signal
+import tempfile
 import time
 from pathlib import Path
 
 import jax
+from etils import epath
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, check_resume, workdir_path
 from jaxlm.config import Config, ConfigError
+from jaxlm.evaluate import evaluate
 from jaxlm.step import OBJECTIVES, Setup, build, make_eval_step, make_train_step, peak_flops
 
 log = logging.getLogger("jaxlm")
@@ -27,13 +36,25 @@ SYNC_EVERY = 8  # steps; CPU collectives deadlock when too many steps are queued
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per line) and TensorBoard events, from process 0 only."""
+    """metrics.jsonl (one JSON object per line) and TensorBoard events, from process 0 only.
 
-    def __init__(self, workdir: Path):
+    Cloud objects cannot be appended to: for a `gs://` workdir both are written to a local
+    directory and copied up at every checkpoint and at the end (`sync`)."""
+
+    def __init__(self, workdir: epath.Path):
         self.enabled = jax.process_index() == 0
-        if self.enabled:
-            self.path = workdir / "metrics.jsonl"
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.remote = "://" in str(workdir)
+        self.workdir = workdir
+        if not self.enabled:
+            return
+        self.local = (
+            Path(tempfile.mkdtemp(prefix="jaxlm_metrics_")) if self.remote else Path(str(workdir))
+        )
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.path = self.local / "metrics.jsonl"
+        if self.remote and (workdir / "metrics.jsonl").exists():
+            self.path.write_text((workdir / "metrics.jsonl").read_text())  # continue the file
+        self.tb = SummaryWriter(str(self.local / "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -44,34 +65,61 @@ class MetricsWriter:
         for k, v in record.items():
             if k != "step" and isinstance(v, float | int):
                 self.tb.add_scalar(k, v, step)
+
+    def sync(self) -> None:
+        if not self.enabled:
+            return
         self.tb.flush()
+        if self.remote:
+            for f in [self.path, *sorted((self.local / "tensorboard").glob("*"))]:
+                target = self.workdir / f.relative_to(self.local)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                epath.Path(f).copy(target, overwrite=True)
 
     def close(self) -> None:
         if self.enabled:
+            self.sync()
             self.tb.close()
+            if self.remote:
+                shutil.rmtree(self.local, ignore_errors=True)
 
 
 def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def get_tokenizer(cfg: Config, ckpt: Checkpointer, texts: list[str]):
-    """The checkpoint's tokenizer when resuming; else data.tokenizer; else train one."""
-    for step in ckpt.steps():
-        try:
-            return ckpt.restore_meta(step)[1]
-        except Exception as e:  # an unreadable step is handled by the state restore below
-            log.warning("checkpoint step %d: tokenizer unreadable (%s)", step, e)
+class Preemption:
+    """SIGTERM -> a step at which every process stops. Under jax.distributed, JAX's
+    preemption service turns a SIGTERM on any host into the same step everywhere; a single
+    process handles SIGTERM and SIGINT itself."""
+
+    def __init__(self):
+        self.distributed = jax.process_count() > 1
+        self.requested: int | None = None
+        self._previous = {}
+        if not self.distributed:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signum
+
+    def reached(self, step: int) -> bool:
+        if self.distributed:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested is not None
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def fresh_tokenizer(cfg: Config, objective):
+    """data.tokenizer; else a prepared entry's; else one trained on a bounded sample."""
     if cfg.data.tokenizer:
         tok = tokenizer_lib.load(cfg.data.tokenizer)
     else:
-        start = time.perf_counter()
-        tok = tokenizer_lib.train(texts, cfg.model.vocab_size)
-        log.info(
-            "trained a %d-token sentencepiece model in %.1fs",
-            tok.vocab_size,
-            time.perf_counter() - start,
-        )
+        tok = objective.default_tokenizer(cfg)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
@@ -79,68 +127,53 @@ def get_tokenizer(cfg: Config, ckpt: Checkpointer, texts: list[str]):
     return tok
 
 
-def restore_or_init(s: Setup, ckpt: Checkpointer, train_ds) -> tuple[dict, object, int]:
-    """Newest readable checkpoint (state + iterator), else a fresh state. Unreadable steps are
-    set aside with a warning, never loaded as garbage and never deleted."""
+def restore_or_init(s: Setup, ckpt: Checkpointer, cfg: Config) -> tuple[dict, int, object]:
+    """(state, step, the checkpoint's tokenizer) of the newest readable checkpoint, or a fresh
+    state. Every process takes the same decision; an unreadable step is set aside with a
+    warning; a config that changed what the run computes is an error and nothing moves."""
     for step in ckpt.steps():
-        it = iter(train_ds)
-        try:
-            state = ckpt.restore(step, s.abstract, it)
-        except Exception as e:
-            ckpt.set_aside(step, e)
+        meta, error = ckpt.agreed(step, lambda step=step: ckpt.restore_meta(step))
+        if error is None:
+            check_resume(meta[0], cfg, f"{ckpt.root}/{step}")
+            state, error = ckpt.agreed(step, lambda step=step: ckpt.restore(step, s.abstract))
+        if error is not None:
+            ckpt.set_aside(step, error)
             continue
         log.info("resumed from %s/%d", ckpt.root, step)
-        return state, it, step
-    return s.init(), iter(train_ds), 0
+        return state, step, meta[1]
+    return s.init(), 0, None
 
 
-def held_out_batches(cfg: Config, held_out, tokenizer, objective) -> list[dict]:
-    """The same train.eval_steps host batches of the held-out split at every evaluation."""
-    local_batch = cfg.train.batch_size // jax.process_count()
-    seed = cfg.train.seed + 1
-    it = iter(objective.pipeline(cfg, held_out, tokenizer, local_batch, seed, training=False))
-    return [next(it) for _ in range(cfg.train.eval_steps)]
-
-
-def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
-    sums: dict = {}
-    for b in batches:
-        for k, v in eval_step(params, sharding.to_global(b, mesh)).items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    tokens = max(sums.pop("tokens"), 1.0)
-    return {f"eval_{k}": v / tokens for k, v in sums.items()}
-
-
-def train(cfg: Config, workdir: str | Path) -> dict:
+def train(cfg: Config, workdir: str | os.PathLike) -> dict:
     """Train (or resume) to cfg.train.steps; returns the last logged metrics."""
-    workdir = Path(workdir)
+    workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     objective = OBJECTIVES[cfg.objective]
-    train_items, held_out = objective.load_splits(cfg)
+    objective.check(cfg)
     ckpt = Checkpointer(workdir, cfg.checkpoint)
-    tokenizer = get_tokenizer(cfg, ckpt, objective.texts(train_items))
-
     s = build(cfg, mesh)
     unit, per_example = objective.UNIT, objective.items_per_example(cfg)
-    local_batch = cfg.train.batch_size // jax.process_count()
-    # Building the pipeline checks that the tokenizer suits the objective, before any step.
-    train_ds = objective.pipeline(cfg, train_items, tokenizer, local_batch, cfg.train.seed)
 
     with jax.set_mesh(mesh):
-        state, it, start = restore_or_init(s, ckpt, train_ds)
-        eval_batches = held_out_batches(cfg, held_out, tokenizer, objective)
+        state, start, tokenizer = restore_or_init(s, ckpt, cfg)
+        tokenizer = tokenizer or fresh_tokenizer(cfg, objective)
+        dataset = objective.load_data(cfg, tokenizer, workdir)
+        batches = dataset.train_batches(start)
+        eval_batches = dataset.eval_batches()
         train_step, eval_step = make_train_step(s), make_eval_step(s)
         flops_per_item = objective.flops_per_item(cfg)
         peak, peak_source = peak_flops(cfg.train.peak_flops)
         writer = MetricsWriter(workdir)
-        baselines = objective.baselines(train_items, tokenizer, eval_batches)
+        baselines = objective.baselines(dataset, tokenizer, eval_batches)
         log.info(
-            "%s: %s parameters, mesh %s, %d steps of %d x %d %s, workdir %s",
+            "%s: %s parameters, mesh %s, %d processes, steps %d..%d of %d x %d %s, workdir %s",
             cfg.name,
             f"{s.num_params():,}",
             dict(mesh.shape),
+            jax.process_count(),
+            start,
             cfg.train.steps,
             cfg.train.batch_size,
             per_example,
@@ -155,45 +188,60 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         )
         writer.write(start, {**baselines, "peak_flops": peak, "peak_flops_source": peak_source})
 
+        preemption = Preemption()
         last: dict = {}
         timer, timed_steps = time.perf_counter(), 0
-        for step in range(start, cfg.train.steps):
-            state, metrics = train_step(state, sharding.to_global(next(it), mesh))
-            done, timed_steps = step + 1, timed_steps + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps or done == start + 1:
-                metrics = {k: float(v) for k, v in metrics.items() if k != "tokens"}
-                elapsed = time.perf_counter() - timer
-                per_s = timed_steps * cfg.train.batch_size * per_example / elapsed
-                metrics |= {f"{unit}_per_s": per_s, "mfu": per_s * flops_per_item / peak}
-                if not math.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
-                log.info(
-                    "step %d/%d | loss %.4f | grad_norm %.3f | lr %.3g | %s %s/s | mfu %.2f%%",
-                    done,
-                    cfg.train.steps,
-                    metrics["loss"],
-                    metrics["grad_norm"],
-                    metrics["lr"],
-                    f"{per_s:,.0f}",
-                    unit,
-                    100 * metrics["mfu"],
-                )
-                writer.write(done, metrics)
-                last |= metrics
-                timer, timed_steps = time.perf_counter(), 0
-            elif done % SYNC_EVERY == 0:
-                jax.block_until_ready(metrics)
-            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-                ev = evaluate(eval_step, state["params"], eval_batches, mesh)
-                ev |= objective.extra_eval(s, state["params"], held_out, tokenizer)
-                log.info("step %d | %s", done, " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                writer.write(done, ev)
-                last |= ev
-                timer, timed_steps = time.perf_counter(), 0
-            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-                ckpt.save(done, state, it, cfg, tokenizer)
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
+        try:
+            for step in range(start, cfg.train.steps):
+                state, metrics = train_step(state, sharding.to_global(next(batches), mesh))
+                done, timed_steps = step + 1, timed_steps + 1
+                final = done == cfg.train.steps
+                if done % cfg.train.log_every == 0 or final or done == start + 1:
+                    metrics = {k: float(v) for k, v in metrics.items() if k != "tokens"}
+                    elapsed = time.perf_counter() - timer
+                    per_s = timed_steps * cfg.train.batch_size * per_example / elapsed
+                    metrics |= {f"{unit}_per_s": per_s, "mfu": per_s * flops_per_item / peak}
+                    if not math.isfinite(metrics["loss"]):
+                        raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
+                    log.info(
+                        "step %d/%d | loss %.4f | grad_norm %.3f | lr %.3g | %s %s/s | mfu %.2f%%",
+                        done,
+                        cfg.train.steps,
+                        metrics["loss"],
+                        metrics["grad_norm"],
+                        metrics["lr"],
+                        f"{per_s:,.0f}",
+                        unit,
+                        100 * metrics["mfu"],
+                    )
+                    writer.write(done, metrics)
+                    last |= metrics
+                    timer, timed_steps = time.perf_counter(), 0
+                elif done % SYNC_EVERY == 0:
+                    jax.block_until_ready(metrics)
+                if done % cfg.train.eval_every == 0 or final:
+                    ev = evaluate(eval_step, state["params"], eval_batches, mesh)
+                    ev |= objective.extra_eval(s, state["params"], dataset, tokenizer)
+                    log.info(
+                        "step %d | %s", done, " | ".join(f"{k} {v:.4f}" for k, v in ev.items())
+                    )
+                    writer.write(done, ev)
+                    last |= ev
+                    timer, timed_steps = time.perf_counter(), 0
+                preempted = preemption.reached(done)
+                if done % cfg.checkpoint.every == 0 or final or preempted:
+                    ckpt.save(done, state, cfg, tokenizer)
+                    writer.sync()
+                if preempted:
+                    ckpt.wait()
+                    log.info(
+                        "preempted at step %d: checkpoint saved in %s/%d", done, ckpt.root, done
+                    )
+                    break
+            ckpt.wait()
+        finally:
+            preemption.close()
+            ckpt.close()
+            writer.close()
     log.info("checkpoints in %s; metrics in %s", ckpt.root, workdir / "metrics.jsonl")
     return {**baselines, **last}

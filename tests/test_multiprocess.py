@@ -1,53 +1,154 @@
-"""Two processes x 4 fake devices joined by jax.distributed, as two hosts of a pod would be."""
+"""Processes joined by jax.distributed, as the hosts of a pod would be (4 fake devices each):
+resume on another process count, preemption, a dead peer, and every objective."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import jax
 import numpy as np
-from conftest import ROOT, losses, tiny_overrides
+import portpicker
+import pytest
+from conftest import ROOT, load_tiny, losses, tiny_overrides
+
+from jaxlm import prepare, tokenizer
+from jaxlm.train import train
+
+# One process of a run. SIGNAL_AT=k with SIGNAL=NAME: process SIGNAL_PROCESS sends itself that
+# signal while its k-th batch is placed (as a preemption notice or a crash would arrive).
+PROCESS = """
+import os, signal, sys
+from jaxlm import cli
+if int(os.environ["JAX_NUM_PROCESSES"]) > 1:
+    cli.init_distributed(heartbeat_timeout=int(os.environ.get("HEARTBEAT", "100")))
+from jaxlm import config, sharding, train
+to_global, calls = sharding.to_global, []
+def to_global_with_signal(batch, mesh):
+    calls.append(1)
+    if len(calls) == int(os.environ.get("SIGNAL_AT", 0)) and os.environ["JAX_PROCESS_ID"] == (
+        os.environ.get("SIGNAL_PROCESS", "0")
+    ):
+        os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+    return to_global(batch, mesh)
+train.sharding.to_global = to_global_with_signal
+train.train(config.load(sys.argv[1], sys.argv[3:]), sys.argv[2])
+print("process", os.environ["JAX_PROCESS_ID"], "returned normally", flush=True)
+"""
 
 
-def launch(workdir: Path, **overrides) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    env.pop("XLA_FLAGS", None)
-    args = ["bash", str(ROOT / "launch/local.sh"), "2", "train", str(ROOT / "configs/gpt.py:tiny")]
-    args += ["--workdir", str(workdir), *tiny_overrides(**overrides)]
-    proc = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # a hung collective ignores SIGTERM
-        out, _ = proc.communicate()
-    return subprocess.CompletedProcess(args, proc.returncode, out, None)
+def launch(workdir, n: int, objective: str = "gpt", timeout: int = 240, env=None, **overrides):
+    """n processes x 8/n devices; returns [(returncode, output, seconds)] per process."""
+    port = portpicker.pick_unused_port()
+    args = [str(ROOT / f"configs/{objective}.py:tiny"), str(workdir), *tiny_overrides(**overrides)]
+    procs, start = [], time.monotonic()
+    for i in range(n):
+        penv = dict(
+            os.environ,
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES=str(n),
+            JAX_PROCESS_ID=str(i),
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n}",
+            **(env or {}),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", PROCESS, *args],
+                cwd=ROOT,
+                env=penv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    results = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(1, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # a hung collective ignores SIGTERM
+            out, _ = p.communicate()
+        results.append((p.returncode, out, time.monotonic() - start))
+    return results
 
 
-def test_two_process_training_checkpoints_and_resumes(tmp_path):
-    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "checkpoint.every": 4}
-    first = launch(tmp_path, **mesh)
-    assert first.returncode == 0, first.stdout[-4000:]
-    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]  # written once, by process 0
-    data_files = sorted(p.name for p in (tmp_path / "checkpoints/4/data").glob("process_*"))
-    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]  # one per process
+def _ok(results) -> str:
+    for rc, out, _ in results:
+        assert rc == 0, out[-4000:]
+    return "\n".join(out for _, out, _ in results)
 
-    second = launch(tmp_path, **mesh, **{"train.steps": 6})
-    assert second.returncode == 0, second.stdout[-4000:]
-    assert "resumed from" in second.stdout
-    assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
 
+def _preempted_step(out: str) -> int:
+    steps = {
+        int(line.split("preempted at step ")[1].split(":")[0])
+        for line in out.splitlines()
+        if "preempted at step " in line
+    }
+    assert len(steps) == 1, out[-3000:]  # every process stopped at the same step
+    return steps.pop()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    tok = tokenizer.train([(ROOT / "jaxlm/corpus/othello.txt").read_text()], 512)
+    files = [str(ROOT / "jaxlm/corpus/othello.txt"), str(ROOT / "jaxlm/corpus/lear.txt")]
+    prepare.prepare(files, tok, str(root / "plays"), 32, eval_fraction=0.05, progress=False)
+    return str(root / "plays")
+
+
+def test_preempted_and_resumed_on_2_then_1_then_2_processes(tmp_path, prepared):
+    opts = {"data.files": prepared, "train.steps": 12, "checkpoint.every": 100}
+    train(load_tiny(**opts), tmp_path / "straight")  # 1 process x 8 devices, uninterrupted
+    run = tmp_path / "run"
+    sigterm = {"SIGNAL": "SIGTERM", "SIGNAL_AT": "3", "SIGNAL_PROCESS": "1"}
+
+    out = _ok(launch(run, 2, env=sigterm, **opts))  # SIGTERM to process 1 (not the coordinator)
+    first = _preempted_step(out)
+    assert out.count("returned normally") == 2
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [first]
+
+    out = _ok(launch(run, 1, env={**sigterm, "SIGNAL_PROCESS": "0"}, **opts))  # 1 x 8
+    assert f"resumed from {run}/checkpoints/{first}" in out
+    second = _preempted_step(out)
+    assert second > first
+
+    out = _ok(launch(run, 2, **opts))  # and back to 2 x 4
+    assert f"resumed from {run}/checkpoints/{second}" in out
+    got, want = losses(run), losses(tmp_path / "straight")
+    assert sorted(got) == list(range(1, 13))
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), atol=1e-4, rtol=0)
+
+
+def test_a_dead_peer_ends_the_survivor_with_an_error(tmp_path, prepared):
+    opts = {"data.files": prepared, "train.steps": 200, "checkpoint.every": 1000}
+    env = {"SIGNAL": "SIGKILL", "SIGNAL_AT": "3", "SIGNAL_PROCESS": "1", "HEARTBEAT": "10"}
+    (rc0, out0, seconds), (rc1, _, _) = launch(tmp_path, 2, env=env, timeout=300, **opts)
+    assert rc1 == -signal.SIGKILL
+    assert rc0 != 0 and seconds < 120, (rc0, seconds, out0[-3000:])
+    assert "task:1" in out0 or "process 1" in out0, out0[-3000:]
+
+
+@pytest.mark.parametrize("objective", ["bert", "clip"])
+def test_mlm_and_clip_train_evaluate_and_resume_on_2_processes(tmp_path, prepared, objective):
+    opts = {"train.steps": 6, "checkpoint.every": 100, "train.eval_every": 2}
+    if objective == "bert":
+        opts["data.files"] = prepared
+    train(load_tiny(objective, **opts), tmp_path / "straight")
+    sigterm = {"SIGNAL": "SIGTERM", "SIGNAL_AT": "2", "SIGNAL_PROCESS": "1"}
+    stopped = _preempted_step(_ok(launch(tmp_path / "run", 2, objective, env=sigterm, **opts)))
+    out = _ok(launch(tmp_path / "run", 2, objective, **opts))
+    assert f"resumed from {tmp_path}/run/checkpoints/{stopped}" in out
+    got, want = losses(tmp_path / "run"), losses(tmp_path / "straight")
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), atol=1e-4, rtol=0)
+    evals = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in evals if "eval_loss" in r}) == [2, 4, 6]
+    if objective == "clip":
+        assert any("eval_zeroshot_top1" in r for r in evals)
     from jaxlm.evaluate import load
 
-    loaded = load(tmp_path)  # the 2-process checkpoint, on this single process
-    assert loaded.step == 6 and jax.process_count() == 1
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(loaded.params))
+    assert load(tmp_path / "run").step == 6 and jax.process_count() == 1

@@ -1,0 +1,562 @@
+"""`jaxlm data prepare`: text -> tokenized, packed ArrayRecord shards + `manifest.json`.
+
+    jaxlm data prepare corpus/*.jsonl.zst --tokenizer tok.model --out gs://bucket/corpus_1024 \
+        --seq-len 1024 --workers 32
+
+The inputs are cut into work units (byte ranges of .txt / .jsonl files, one compressed file,
+parquet row groups, TFDS index ranges); a pool of worker processes turns each unit into one
+shard pair: `train-NNNNN.array_record` and `eval-NNNNN.array_record` (documents held out with
+probability `--eval-fraction`, seeded per unit), then `shard-NNNNN.json` with its counts. A
+rerun after an interruption skips the units whose json exists. The manifest, written last,
+sums them up; training reads nothing else at start-up.
+
+A record is one packed row of `row_length = seq_len + 1` tokens: documents as
+`[start] tokens [end]` laid end to end (a document may continue into the next row), stored
+as int32 tokens followed by uint16 segment ids (1, 2, ... per document within the row, 0 for
+the padding of a shard's last row). Rows are read by random access, so any row of any shard
+can be the next one a training step needs, whatever the number of hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import numpy as np
+from etils import epath
+
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.config import ConfigError
+
+log = logging.getLogger("jaxlm")
+
+MANIFEST = "manifest.json"
+COUNTS = "token_counts.npy"  # train-split occurrences of each token id, for the baselines
+PLAN = "plan.json"
+FORMAT = "jaxlm.prepared/1"
+UNIT_BYTES = 64 << 20  # text per work unit (and shard) of an uncompressed input
+TFDS_UNIT = 100_000  # records per work unit of a TFDS input
+DOC_CHARS = 4096  # .txt inputs: blank-line separated paragraphs grouped into ~this many chars
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def expand(entry: str) -> list[str]:
+    """A path, URL or glob (absolute, relative or `gs://...`) -> the files it names, sorted."""
+    if not any(c in entry for c in "*?["):
+        return [entry]
+    if is_remote(entry):
+        scheme, rest = entry.split("://", 1)
+        root, _, pattern = rest.partition("/")
+        return sorted(str(p) for p in epath.Path(f"{scheme}://{root}").glob(pattern))
+    return sorted(glob.glob(entry))
+
+
+def kind_of(path: str) -> str:
+    if path.startswith("tfds:"):
+        return "tfds"
+    for suffix in (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet"):
+        if path.endswith(suffix):
+            return suffix[1:]
+    return "txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One work item, one shard: [start, stop) in bytes (txt, jsonl), row groups (parquet)
+    or records (tfds); a compressed file is one unit."""
+
+    path: str
+    kind: str
+    start: int
+    stop: int
+
+
+def plan_units(inputs: list[str], unit_bytes: int | None = None) -> list[Unit]:
+    unit_bytes, units = unit_bytes or UNIT_BYTES, []
+    for entry in inputs:
+        paths = [entry] if entry.startswith("tfds:") else expand(entry)
+        if not paths:
+            raise ConfigError(f"input {entry!r} matches no file")
+        for path in paths:
+            kind = kind_of(path)
+            if kind == "tfds":
+                n = len(_tfds_source(path))
+                units += [
+                    Unit(path, kind, s, min(s + TFDS_UNIT, n)) for s in range(0, n, TFDS_UNIT)
+                ]
+                continue
+            p = epath.Path(path)
+            if not p.is_file():
+                raise ConfigError(f"input file {path!r} not found")
+            if kind == "parquet":
+                import pyarrow.parquet as pq
+
+                with p.open("rb") as f:
+                    n = pq.ParquetFile(f).num_row_groups
+                units += [Unit(path, kind, g, g + 1) for g in range(n)]
+            elif kind in ("jsonl.gz", "jsonl.zst"):
+                units.append(Unit(path, kind, 0, -1))
+            else:
+                size = p.stat().length
+                starts = range(0, max(size, 1), unit_bytes)
+                units += [Unit(path, kind, s, min(s + unit_bytes, size)) for s in starts]
+    return units
+
+
+def _boundary(f, pos: int, paragraphs: bool) -> int:
+    """The first record start at or after pos: after the next newline (jsonl) or the next
+    blank line (txt, whose documents are paragraphs). Units split at the same boundaries."""
+    if pos == 0:
+        return 0
+    f.seek(pos - 1)
+    f.readline()
+    if paragraphs:
+        while (line := f.readline()) and line.strip():
+            pass
+    return f.tell()
+
+
+def _lines(unit: Unit) -> Iterator[str]:
+    raw = epath.Path(unit.path).open("rb")
+    with raw:
+        if unit.kind == "jsonl.gz":
+            stream = gzip.GzipFile(fileobj=raw)
+        elif unit.kind == "jsonl.zst":
+            import zstandard
+
+            stream = zstandard.ZstdDecompressor().stream_reader(raw)
+        else:
+            paragraphs = unit.kind == "txt"
+            start = _boundary(raw, unit.start, paragraphs)
+            stop = _boundary(raw, unit.stop, paragraphs) if unit.stop < _size(raw) else None
+            raw.seek(start)
+            pos = start
+            while stop is None or pos < stop:
+                line = raw.readline()
+                if not line:
+                    break
+                pos += len(line)
+                yield line.decode("utf-8", errors="replace")
+            return
+        yield from io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+
+
+def _size(f) -> int:
+    here = f.tell()
+    size = f.seek(0, os.SEEK_END)
+    f.seek(here)
+    return size
+
+
+def paragraph_documents(lines, doc_chars: int = DOC_CHARS) -> Iterator[str]:
+    """Blank-line separated paragraphs grouped into documents of about doc_chars."""
+    current, para = "", []
+    for line in [*lines, ""]:
+        if line.strip():
+            para.append(line.rstrip("\n"))
+            continue
+        if not para:
+            continue
+        text, para = "\n".join(para), []
+        if current and len(current) + len(text) > doc_chars:
+            yield current
+            current = ""
+        current = f"{current}\n\n{text}" if current else text
+    if current:
+        yield current
+
+
+def documents(unit: Unit, text_field: str = "text") -> Iterator[str]:
+    """The texts of a unit; a record without the text field is an error naming the file."""
+    if unit.kind == "txt":
+        yield from paragraph_documents(_lines(unit))
+    elif unit.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with epath.Path(unit.path).open("rb") as f:
+            pf = pq.ParquetFile(f)
+            if text_field not in pf.schema_arrow.names:
+                raise ConfigError(
+                    f"{unit.path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); "
+                    "choose one with --text-field"
+                )
+            for g in range(unit.start, unit.stop):
+                yield from (t for t in pf.read_row_group(g, [text_field])[text_field].to_pylist())
+    elif unit.kind == "tfds":
+        source = _tfds_source(unit.path)
+        for i in range(unit.start, unit.stop):
+            text = source[i].get(text_field)
+            if text is None:
+                raise ConfigError(f"{unit.path}: record {i} has no field {text_field!r}")
+            yield text.decode() if isinstance(text, bytes) else str(text)
+    else:
+        for i, line in enumerate(_lines(unit), 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(
+                    f"{unit.path}: line {i} of the unit at byte {unit.start} is not a JSON "
+                    f"object with a {text_field!r} field"
+                ) from None
+
+
+def _tfds_source(spec: str):
+    import tensorflow_datasets as tfds
+
+    name, _, data_dir = spec[len("tfds:") :].partition(":")
+    try:
+        return tfds.data_source(name, split="train", data_dir=data_dir or None)
+    except Exception as e:  # tfds raises many types for a missing or unprepared dataset
+        raise ConfigError(f"input {spec!r}: cannot open the dataset ({e})") from None
+
+
+class Packer:
+    """Documents laid end to end, cut into rows of `row_length` tokens with segment ids."""
+
+    def __init__(self, row_length: int):
+        self.row_length = row_length
+        self.tokens = np.zeros(0, np.int32)
+        self.docs = np.zeros(0, np.int64)  # a running document number per token
+        self.next_doc = 0
+
+    def add(self, seqs: list[np.ndarray]) -> np.ndarray:
+        """Append documents; returns the complete rows [n, 2, row_length] (tokens, segments)."""
+        if not seqs:
+            return np.zeros((0, 2, self.row_length), np.int32)
+        lengths = [len(s) for s in seqs]
+        docs = np.repeat(np.arange(self.next_doc, self.next_doc + len(seqs)), lengths)
+        self.next_doc += len(seqs)
+        self.tokens = np.concatenate([self.tokens, *seqs])
+        self.docs = np.concatenate([self.docs, docs])
+        n = len(self.tokens) // self.row_length
+        return self._rows(n)
+
+    def flush(self) -> np.ndarray:
+        """The last, partial row, padded with token 0 / segment 0."""
+        if not len(self.tokens):
+            return np.zeros((0, 2, self.row_length), np.int32)
+        pad = self.row_length - len(self.tokens)
+        rows = self._rows(1, pad)
+        self.tokens, self.docs = self.tokens[:0], self.docs[:0]
+        return rows
+
+    def _rows(self, n: int, pad: int = 0) -> np.ndarray:
+        cut = n * self.row_length - pad
+        tokens = np.pad(self.tokens[:cut], (0, pad)).reshape(n, self.row_length)
+        docs = self.docs[:cut]
+        segments = np.pad(
+            docs - np.repeat(docs[:: self.row_length], self.row_length)[:cut] + 1, (0, pad)
+        ).reshape(n, self.row_length)
+        self.tokens, self.docs = self.tokens[cut:], self.docs[cut:]
+        return np.stack([tokens, segments], axis=1).astype(np.int32)
+
+
+def encode_row(row: np.ndarray) -> bytes:
+    """[2, R] (tokens, segment ids) -> int32 tokens then uint16 segment ids."""
+    return row[0].astype(np.int32).tobytes() + row[1].astype(np.uint16).tobytes()
+
+
+def decode_row(record: bytes, row_length: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(record) != 6 * row_length:
+        raise ValueError(
+            f"record of {len(record)} bytes; rows of {row_length} take {6 * row_length}"
+        )
+    tokens = np.frombuffer(record, np.int32, row_length)
+    segments = np.frombuffer(record, np.uint16, row_length, 4 * row_length).astype(np.int32)
+    return tokens, segments
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    unit: Unit
+    index: int
+    tokenizer: dict
+    row_length: int
+    start_id: int
+    end_id: int
+    eval_fraction: float
+    seed: int
+    text_field: str
+    out: str
+
+
+_TOKENIZERS: dict = {}  # per worker process: the tokenizer, built once
+
+
+def prepare_unit(job: Job) -> dict:
+    """One unit -> its train / eval shards and shard json; returns the shard's stats."""
+    key = json.dumps(job.tokenizer, sort_keys=True)
+    tok = _TOKENIZERS.get(key) or _TOKENIZERS.setdefault(
+        key, tokenizer_lib.from_dict(job.tokenizer)
+    )
+    rng = np.random.default_rng([job.seed, job.index])
+    name = f"{job.index:05d}"
+    stats = {
+        split: {
+            "documents": 0,
+            "tokens": 0,
+            "bytes": 0,
+            "rows": 0,
+            "file": f"{split}-{name}.array_record",
+        }
+        for split in ("train", "eval")
+    }
+    counts = np.zeros(tok.vocab_size, np.int64)
+    out = epath.Path(job.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        writers = {s: _Writer(os.path.join(tmp, stats[s]["file"])) for s in stats}
+        packers = {s: Packer(job.row_length) for s in stats}
+        for texts in _chunks(documents(job.unit, job.text_field), 256):
+            held = rng.random(len(texts)) < job.eval_fraction
+            seqs = {"train": [], "eval": []}
+            for text, ids, h in zip(texts, tok.encode_batch(texts), held, strict=True):
+                split = "eval" if h else "train"
+                seqs[split].append(np.concatenate([[job.start_id], ids, [job.end_id]]))
+                stats[split]["documents"] += 1
+                stats[split]["bytes"] += len(text.encode("utf-8"))
+            for split, docs in seqs.items():
+                for d in docs:
+                    stats[split]["tokens"] += len(d)
+                if split == "train" and docs:
+                    counts += np.bincount(np.concatenate(docs), minlength=tok.vocab_size)
+                writers[split].write(packers[split].add(docs))
+        for split in stats:
+            writers[split].write(packers[split].flush())
+            stats[split]["rows"] = writers[split].close()
+            stats[split]["size"] = os.path.getsize(writers[split].path)
+            _copy(writers[split].path, out / stats[split]["file"])
+        np.save(os.path.join(tmp, "counts.npy"), counts)
+        _copy(os.path.join(tmp, "counts.npy"), out / f"counts-{name}.npy")
+    stats["unit"] = dataclasses.asdict(job.unit)
+    (out / f"shard-{name}.json").write_text(json.dumps(stats))  # last: the unit is done
+    return stats
+
+
+def _chunks(items, n: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Writer:
+    def __init__(self, path: str):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self.path, self.rows = path, 0
+        self._w = ArrayRecordWriter(path, "group_size:1")  # random access reads single records
+
+    def write(self, rows: np.ndarray) -> None:
+        for row in rows:
+            self._w.write(encode_row(row))
+        self.rows += len(rows)
+
+    def close(self) -> int:
+        self._w.close()
+        return self.rows
+
+
+def _copy(local: str, target: epath.Path) -> None:
+    """Local file -> target (local or a URL) under a temporary name, renamed when complete."""
+    tmp = target.parent / f".{target.name}.tmp"
+    epath.Path(local).copy(tmp, overwrite=True)
+    tmp.replace(target)
+
+
+def prepare(
+    inputs: list[str],
+    tokenizer,
+    out: str,
+    seq_len: int,
+    workers: int = 1,
+    eval_fraction: float = 0.01,
+    text_field: str = "text",
+    seed: int = 0,
+    start_id: int | None = None,
+    end_id: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Prepare (or finish preparing) `out`; returns the manifest."""
+    if seq_len <= 0:
+        raise ConfigError(f"--seq-len must be positive, got {seq_len}")
+    if not 0 <= eval_fraction < 1:
+        raise ConfigError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    out_dir = epath.Path(out)
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.exists():
+        log.info("%s is already prepared", out)
+        return json.loads(manifest_path.read_text())
+    units = plan_units(inputs)
+    tok_dict = tokenizer.to_dict()
+    start_id = tokenizer.bos_id if start_id is None else start_id
+    end_id = tokenizer.eos_id if end_id is None else end_id
+    plan = {
+        "format": FORMAT,
+        "inputs": list(inputs),
+        "units": [dataclasses.asdict(u) for u in units],
+        "tokenizer_fingerprint": tokenizer_lib.fingerprint(tokenizer),
+        "row_length": seq_len + 1,
+        "start_id": int(start_id),
+        "end_id": int(end_id),
+        "eval_fraction": eval_fraction,
+        "text_field": text_field,
+        "seed": seed,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan_path = out_dir / PLAN
+    if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
+        raise ConfigError(
+            f"{plan_path} describes another preparation (other inputs, tokenizer or settings): "
+            "finish it with the same command, or choose another --out"
+        )
+    plan_path.write_text(json.dumps(plan, indent=1))
+    (out_dir / tokenizer_lib.JAXLM_TOKENIZER).write_text(json.dumps(tok_dict))
+    jobs = [
+        Job(
+            u,
+            i,
+            tok_dict,
+            seq_len + 1,
+            int(start_id),
+            int(end_id),
+            eval_fraction,
+            seed,
+            text_field,
+            str(out_dir),
+        )
+        for i, u in enumerate(units)
+        if not (out_dir / f"shard-{i:05d}.json").exists()
+    ]
+    if len(jobs) < len(units):
+        log.info(
+            "%s: %d of %d shards already done, preparing the rest",
+            out,
+            len(units) - len(jobs),
+            len(units),
+        )
+    bar = _Progress(len(units), len(units) - len(jobs), progress)
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            bar.update(prepare_unit(job))
+    else:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            for stats in pool.imap_unordered(prepare_unit, jobs):
+                bar.update(stats)
+    bar.close()
+    return _write_manifest(out_dir, plan, len(units), tokenizer.vocab_size)
+
+
+def _write_manifest(out_dir: epath.Path, plan: dict, n: int, vocab_size: int) -> dict:
+    shards = [json.loads((out_dir / f"shard-{i:05d}.json").read_text()) for i in range(n)]
+    counts = np.zeros(vocab_size, np.int64)
+    for i in range(n):
+        with (out_dir / f"counts-{i:05d}.npy").open("rb") as f:
+            counts += np.load(f)
+    totals = {
+        split: {
+            k: sum(s[split][k] for s in shards) for k in ("documents", "tokens", "bytes", "rows")
+        }
+        for split in ("train", "eval")
+    }
+    manifest = {
+        **{
+            k: plan[k]
+            for k in ("format", "tokenizer_fingerprint", "row_length", "start_id", "end_id")
+        },
+        "vocab_size": vocab_size,
+        "documents": totals["train"]["documents"] + totals["eval"]["documents"],
+        "tokens": totals["train"]["tokens"] + totals["eval"]["tokens"],
+        "bytes": totals["train"]["bytes"] + totals["eval"]["bytes"],
+        "train": totals["train"],
+        "held_out": totals["eval"] | {"fraction": plan["eval_fraction"]},
+        "shards": [
+            {
+                split: {k: s[split][k] for k in ("file", "rows", "size")}
+                for split in ("train", "eval")
+            }
+            for s in shards
+        ],
+        "inputs": plan["inputs"],
+        "text_field": plan["text_field"],
+        "counts": COUNTS,
+    }
+    with (out_dir / COUNTS).open("wb") as f:
+        np.save(f, counts)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: the dir is complete
+    return manifest
+
+
+class _Progress:
+    """One stderr line: shards done, documents, text MB and MB/s."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.total, self.done, self.enabled = total, done, enabled
+        self.bytes = self.docs = 0
+        self.start = time.perf_counter()
+
+    def update(self, stats: dict) -> None:
+        self.done += 1
+        self.bytes += stats["train"]["bytes"] + stats["eval"]["bytes"]
+        self.docs += stats["train"]["documents"] + stats["eval"]["documents"]
+        if self.enabled:
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            width = 30
+            filled = int(width * self.done / max(self.total, 1))
+            mb = self.bytes / 1e6
+            print(
+                f"\rprepare [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"shards | {self.docs:,} docs | {mb:,.1f} MB | {mb / elapsed:.1f} MB/s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.enabled and self.total:
+            print(file=sys.stderr)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / max(time.perf_counter() - self.start, 1e-9)
+
+
+def load_tokenizer(spec: str):
+    """--tokenizer: a sentencepiece .model, a Hugging Face tokenizer.json, a prepared
+    directory or a jaxlm workdir (its newest checkpoint's tokenizer)."""
+    path = epath.Path(spec)
+    if path.is_dir():
+        if (path / tokenizer_lib.JAXLM_TOKENIZER).is_file():
+            return tokenizer_lib.load(path / tokenizer_lib.JAXLM_TOKENIZER)
+        if (path / "tokenizer.json").is_file():
+            return tokenizer_lib.load(path / "tokenizer.json")
+        from jaxlm.checkpoint import Checkpointer
+        from jaxlm.config import CheckpointConfig
+
+        ckpt = Checkpointer(spec, CheckpointConfig(async_save=False))
+        steps = ckpt.steps()
+        if not steps:
+            raise ConfigError(
+                f"--tokenizer {spec!r}: a directory with no checkpoint and no tokenizer"
+            )
+        return ckpt.restore_meta(steps[0])[1]
+    return tokenizer_lib.load(spec)

@@ -1,0 +1,160 @@
+"""gs:// workdirs and prepared output against a real GCS API served locally
+(the PyPI package gcp-storage-emulator): tensorstore (Orbax's arrays) and etils.epath / gcsfs
+(everything else) talk to it as they would to Google Cloud Storage."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import ROOT, run_python, tiny_overrides
+from etils import epath
+
+BUCKET = "jaxlm-test"
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    url = f"http://127.0.0.1:{port}"
+    exe = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable))
+    proc = subprocess.Popen(
+        [
+            exe,
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+            "--default-bucket",
+            BUCKET,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {
+        "STORAGE_EMULATOR_HOST": url,  # gcsfs, hence etils.epath
+        "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore, hence Orbax
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no gRPC bucket probing
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield f"gs://{BUCKET}"
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.kill()
+
+
+def _jaxlm(*args, timeout=300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlm.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared(gcs, tmp_path_factory):
+    """`jaxlm data prepare --out gs://...`, then a local copy (array_record reads gs:// with
+    its own client, which the emulator cannot serve; pods mount the bucket with gcsfuse)."""
+    tmp = tmp_path_factory.mktemp("gcs_prepare")
+    tok = tmp / "tok.model"
+    from jaxlm import tokenizer
+
+    tokenizer.train([(ROOT / "jaxlm/corpus/othello.txt").read_text()], 512).save(tok)
+    (tmp / "a.txt").write_text((ROOT / "jaxlm/corpus/othello.txt").read_text())
+    epath.Path(tmp / "a.txt").copy(epath.Path(f"{gcs}/text/othello.txt"))
+    out = f"{gcs}/prepared/othello"
+    proc = _jaxlm(
+        "data",
+        "prepare",
+        f"{gcs}/text/*.txt",
+        "--tokenizer",
+        str(tok),
+        "--out",
+        out,
+        "--seq-len",
+        "32",
+        "--workers",
+        "1",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["out"] == out and summary["documents"] > 10
+    assert "MB/s" in proc.stderr
+    local = tmp / "othello"
+    local.mkdir()
+    for f in epath.Path(out).iterdir():
+        f.copy(epath.Path(local / f.name))
+    assert json.loads((local / "manifest.json").read_text())["tokens"] == summary["tokens"]
+    return local
+
+
+KILL_AFTER_4 = """
+import os, signal
+from jaxlm import checkpoint, config, train
+save = checkpoint.Checkpointer.save
+def save_then_die(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if step == 4:
+        self.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.Checkpointer.save = save_then_die
+train.train(config.load({config!r}, {overrides!r}), {workdir!r})
+"""
+
+
+def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared):
+    workdir = f"{gcs}/runs/gpt"
+    overrides = tiny_overrides(
+        **{
+            "data.files": str(prepared),
+            "train.steps": 6,
+            "checkpoint.every": 2,
+            "train.eval_every": 2,
+        }
+    )
+    code = KILL_AFTER_4.format(
+        config=str(ROOT / "configs/gpt.py:tiny"), overrides=overrides, workdir=workdir
+    )
+    proc = run_python(code)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    run = epath.Path(workdir)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
+        2,
+        4,
+    ]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4  # copied up at the step-4 checkpoint
+
+    proc = run_python(code.replace("step == 4", "False"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {workdir}/checkpoints/4" in proc.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in records if "loss" in r}) == [1, 2, 3, 4, 5, 6]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    proc = _jaxlm("eval", workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == 6 and result["eval_loss"] > 0

@@ -1,0 +1,234 @@
+"""Prepared token shards: every input format, resumable preparation, mixtures, any host count,
+and damaged shards or a foreign tokenizer named in the error."""
+
+import gzip
+import json
+import logging
+
+import numpy as np
+import pytest
+import zstandard
+from conftest import ROOT, load_tiny
+
+from jaxlm import clip, lm, mlm, prepare, tokenizer
+from jaxlm.config import ConfigError
+from jaxlm.train import train
+
+PLAYS = sorted((ROOT / "jaxlm/corpus").glob("*.txt"))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer.train([p.read_text() for p in PLAYS[:3]], 512)
+
+
+def _documents(play: int = 0, n: int = 200) -> list[str]:
+    lines = PLAYS[play].read_text().splitlines(keepends=True)
+    return list(prepare.paragraph_documents(lines, doc_chars=600))[:n]
+
+
+def _write(path, docs: list[str]) -> str:
+    lines = "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)).encode()
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(lines))
+    elif path.name.endswith(".zst"):
+        path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=64)
+    else:
+        path.write_bytes(lines)
+    return str(path)
+
+
+def _rows(out, split: str = "train") -> list[tuple[np.ndarray, np.ndarray]]:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = []
+    for shard in manifest["shards"]:
+        reader = ArrayRecordReader(str(out / shard[split]["file"]))
+        for i in range(reader.num_records()):
+            rows.append(prepare.decode_row(reader.read([i])[0], manifest["row_length"]))
+    return rows
+
+
+def _decoded_documents(out, tok) -> list[str]:
+    """The documents of the train split, read back from the packed rows in order."""
+    stream = np.concatenate([t[s > 0] for t, s in _rows(out)])
+    starts = np.flatnonzero(stream == tok.bos_id)
+    return [tok.decode(d[1:-1]) for d in np.split(stream, starts[1:])]
+
+
+@pytest.mark.parametrize("name", ["docs.jsonl", "docs.jsonl.gz", "docs.jsonl.zst", "docs.parquet"])
+def test_every_format_keeps_every_document(tmp_path, tok, name):
+    docs = _documents()
+    out = tmp_path / "out"
+    m = prepare.prepare([_write(tmp_path / name, docs)], tok, str(out), 64, eval_fraction=0.1)
+    assert m["documents"] == len(docs)
+    assert m["bytes"] == sum(len(d.encode()) for d in docs)
+    assert m["tokens"] == sum(len(tok.encode(d)) + 2 for d in docs)
+    assert m["row_length"] == 65 and m["tokenizer_fingerprint"] == tokenizer.fingerprint(tok)
+    assert 0 < m["held_out"]["documents"] < len(docs) * 0.2
+    expected = {tok.decode(tok.encode(d)) for d in docs}
+    got = _decoded_documents(out, tok)
+    assert len(got) == m["train"]["documents"] and set(got) <= expected
+    counts = np.load(out / "token_counts.npy")
+    assert counts.sum() == m["train"]["tokens"]
+
+
+def test_units_split_files_at_record_boundaries(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(prepare, "UNIT_BYTES", 20_000)
+    docs = _documents(n=400)
+    src = _write(tmp_path / "docs.jsonl", docs)
+    assert len(prepare.plan_units([src])) > 5
+    m = prepare.prepare([src], tok, str(tmp_path / "out"), 64, eval_fraction=0.0)
+    assert m["documents"] == len(docs) and len(m["shards"]) > 5
+    got = sorted(_decoded_documents(tmp_path / "out", tok))
+    assert got == sorted(tok.decode(tok.encode(d)) for d in docs)
+    # .txt: paragraphs never cut in two, none lost or repeated.
+    text = PLAYS[1].read_text()
+    (tmp_path / "play.txt").write_text(text)
+    whole = list(
+        prepare.documents(prepare.Unit(str(tmp_path / "play.txt"), "txt", 0, len(text.encode())))
+    )
+    units = prepare.plan_units([str(tmp_path / "play.txt")])
+    pieces = [d for u in units for d in prepare.documents(u)]
+    assert len(units) > 3
+    assert [p for d in pieces for p in d.split("\n\n")] == [
+        p for d in whole for p in d.split("\n\n")
+    ]
+
+
+def test_rerun_prepares_only_the_missing_shards(tmp_path, tok, monkeypatch, caplog):
+    monkeypatch.setattr(prepare, "UNIT_BYTES", 30_000)
+    src = _write(tmp_path / "docs.jsonl", _documents(n=300))
+    out = tmp_path / "out"
+    first = prepare.prepare([src], tok, str(out), 64, workers=2)  # spawned worker processes
+    n = len(first["shards"])
+    assert n >= 3
+    kept = (out / "train-00000.array_record").stat().st_mtime_ns
+    for f in ("manifest.json", "shard-00001.json", "train-00001.array_record"):
+        (out / f).unlink()  # as if interrupted while writing shard 1
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        again = prepare.prepare([src], tok, str(out), 64, workers=2)
+    assert f"{n - 1} of {n} shards already done" in caplog.text
+    assert again == first
+    assert (out / "train-00000.array_record").stat().st_mtime_ns == kept
+    other = tokenizer.train([PLAYS[5].read_text()], 300)
+    with pytest.raises(ConfigError, match="describes another preparation"):
+        (out / "manifest.json").unlink()
+        prepare.prepare([src], other, str(out), 64)
+
+
+@pytest.fixture(scope="module")
+def two_dirs(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("prepared")
+    dirs = []
+    for play in (0, 1):
+        src = _write(root / f"play{play}.jsonl", _documents(play, n=400))
+        prepare.prepare([src], tok, str(root / f"p{play}"), 32, eval_fraction=0.05)
+        dirs.append(str(root / f"p{play}"))
+    return dirs
+
+
+def _cfg(objective, files, **extra):
+    return load_tiny(objective, **{"data.files": ",".join(files), **extra})
+
+
+def test_mixture_follows_the_weights(two_dirs, tok, tmp_path):
+    first = {t.tobytes() for t, _ in _rows(ROOT / two_dirs[0])}
+    cfg = _cfg("gpt", two_dirs, **{"data.weights": "0.7,0.3", "train.batch_size": 40})
+    batches = lm.load_data(cfg, tok, tmp_path).train_batches(0)
+    from_first = total = 0
+    for _ in range(150):  # 6,000 rows
+        b = next(batches)
+        for inputs, targets in zip(b["inputs"], b["targets"], strict=True):
+            row = np.concatenate([inputs, targets[-1:]])
+            from_first += row.tobytes() in first
+            total += 1
+    assert abs(from_first / total - 0.7) < 0.02, from_first / total
+    default = lm.load_data(_cfg("gpt", two_dirs), tok, tmp_path).weights
+    tokens = [
+        json.loads((ROOT / d / "manifest.json").read_text())["train"]["tokens"] for d in two_dirs
+    ]
+    np.testing.assert_allclose(default, np.asarray(tokens) / sum(tokens))
+
+
+def _local_batches(dataset, start, steps, n):
+    """The global batches start..start+steps-1 as n processes would read them, joined."""
+    its = [dataset.train_batches(start, p, n) for p in range(n)]
+    out = []
+    for _ in range(steps):
+        parts = [next(it) for it in its]
+        out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    return out
+
+
+@pytest.mark.parametrize("objective", ["gpt", "bert", "clip"])
+def test_global_batches_do_not_depend_on_the_process_count(two_dirs, tok, tmp_path, objective):
+    module = {"gpt": lm, "bert": mlm, "clip": clip}[objective]
+    cfg = _cfg(objective, two_dirs, **{"train.batch_size": 8, "clip.random_crop": True})
+    if objective == "clip":
+        tok = tokenizer.train(clip.ClipData.texts(clip.images.load_source(cfg)), 512)
+    dataset = module.load_data(cfg, tok, tmp_path)
+    straight = _local_batches(dataset, 0, 6, 1)[3:]
+    for n in (1, 2, 4):
+        for a, b in zip(_local_batches(dataset, 3, 3, n), straight, strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+    # Not the same rows twice: host p's random stream is its own (masking, crops, captions).
+    first = straight[0]
+    key = {"gpt": "inputs", "bert": "inputs", "clip": "images"}[objective]
+    assert not np.array_equal(first[key][:4], first[key][4:])
+
+
+def test_foreign_tokenizer_and_damaged_shards_are_named(two_dirs, tok, tmp_path):
+    other = tokenizer.train([PLAYS[6].read_text()], 512)
+    other.save(tmp_path / "other.model")
+    manifest = f"{two_dirs[0]}/manifest.json"
+    with pytest.raises(ConfigError, match=f"{manifest}: prepared with another tokenizer"):
+        lm.load_data(_cfg("gpt", two_dirs[:1]), other, tmp_path)
+    with pytest.raises(ConfigError, match=r"rows of 33 tokens .* prepare again with --seq-len 64"):
+        lm.load_data(_cfg("gpt", two_dirs[:1], **{"model.seq_len": 64}), tok, tmp_path)
+
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(two_dirs[0], damaged)
+    shard = damaged / "train-00000.array_record"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3 : len(raw) // 3 + 64] = b"\xff" * 64  # same size, garbage inside
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match=f"prepared shard {shard} is damaged"):
+        batches = lm.load_data(_cfg("gpt", [str(damaged)]), tok, tmp_path).train_batches(0)
+        for _ in range(200):
+            next(batches)
+    shard.write_bytes(bytes(raw[:-100]))  # truncated
+    with pytest.raises(ConfigError, match=f"prepared shard {shard} is damaged or missing"):
+        lm.load_data(_cfg("gpt", [str(damaged)]), tok, tmp_path).train_batches(0)
+
+
+def test_training_reads_the_prepared_directory_and_its_tokenizer(two_dirs, tmp_path):
+    cfg = _cfg("gpt", two_dirs[:1], **{"train.steps": 2})
+    result = train(cfg, tmp_path)
+    assert result["eval_loss"] > 0 and result["eval_unigram_loss"] > 0
+    assert not (tmp_path / "prepared").exists()  # nothing prepared again
+    # The tokenizer is the one the directory was prepared with.
+    from jaxlm.evaluate import load
+
+    assert (
+        tokenizer.fingerprint(load(tmp_path).tokenizer)
+        == json.loads((ROOT / two_dirs[0] / "manifest.json").read_text())["tokenizer_fingerprint"]
+    )
+
+
+def test_mlm_reads_lm_prepared_rows_with_its_own_specials(two_dirs, tok, tmp_path):
+    cfg = _cfg("bert", two_dirs[:1], **{"train.batch_size": 64})
+    batches = mlm.load_data(cfg, tok, tmp_path).train_batches(0)
+    inputs = np.concatenate([next(batches)["inputs"] for _ in range(4)])
+    assert inputs.shape == (256, cfg.model.seq_len)
+    assert (inputs == tok.piece_id("[CLS]")).sum() > 10 and not (inputs == tok.bos_id).any()

@@ -1,0 +1,69 @@
+"""Resume never silently restarts: a changed config is refused or logged, SIGTERM saves a
+checkpoint at the step it arrives and the rerun resumes exactly."""
+
+import logging
+
+import pytest
+from conftest import ROOT, load_tiny, losses, run_python, tiny_overrides
+
+from jaxlm.config import ConfigError
+from jaxlm.train import train
+
+
+def test_changed_model_is_refused_and_nothing_moves(tmp_path, caplog):
+    train(load_tiny(**{"train.steps": 2, "checkpoint.every": 1}), tmp_path)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ConfigError) as e:
+        train(load_tiny(**{"train.steps": 4, "model.d_model": 32}), tmp_path)
+    assert "model.d_model: 64 in the checkpoint, 32 now" in str(e.value)
+    with pytest.raises(ConfigError, match="train.seed: 0 in the checkpoint, 3 now"):
+        train(load_tiny(**{"train.steps": 4, "train.seed": 3}), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert not (tmp_path / "checkpoints_unreadable").exists()
+
+    # Execution settings may change: logged, and the run resumes.
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(
+            load_tiny(**{"train.steps": 3, "optim.lr": 0.005, "mesh.data": 2, "mesh.fsdp": 4}),
+            tmp_path,
+        )
+    assert "resume: optim.lr changed from 0.01 to 0.005" in caplog.text
+    assert f"resumed from {tmp_path}/checkpoints/2" in caplog.text
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+
+SIGTERM_AT_STEP_5 = """
+import os, signal
+from jaxlm import config, sharding, train
+to_global, calls = sharding.to_global, []
+def to_global_then_signal(batch, mesh):
+    calls.append(1)
+    if len(calls) == 5:  # while step 5 runs, as a preemption notice would arrive
+        os.kill(os.getpid(), signal.{signal})
+    return to_global(batch, mesh)
+train.sharding.to_global = to_global_then_signal
+train.train(config.load({config!r}, {overrides!r}), {workdir!r})
+print("returned normally")
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_the_rerun_resumes_exactly(tmp_path, sig):
+    opts = {"train.steps": 10, "checkpoint.every": 100}
+    train(load_tiny(**opts), tmp_path / "straight")
+    code = SIGTERM_AT_STEP_5.format(
+        signal=sig,
+        config=str(ROOT / "configs/gpt.py:tiny"),
+        overrides=tiny_overrides(**opts),
+        workdir=str(tmp_path / "run"),
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0 and "returned normally" in proc.stdout, proc.stderr[-3000:]
+    assert f"preempted at step 5: checkpoint saved in {tmp_path}/run/checkpoints/5" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["5"]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
+
+    proc = run_python(code.replace("len(calls) == 5", "False"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {tmp_path}/run/checkpoints/5" in proc.stderr
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
