@@ -54,7 +54,12 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True
         )
-        self.manager = ocp.CheckpointManager(self.root, options=options)
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(use_ocdbt=cfg.ocdbt),
+            "config": ocp.JsonCheckpointHandler(),
+            "tokenizer": ocp.JsonCheckpointHandler(),
+        }
+        self.manager = ocp.CheckpointManager(self.root, options=options, item_handlers=handlers)
 
     def steps(self) -> list[int]:
         """Finalised steps, newest first (Orbax never lists a save that did not finish)."""

@@ -138,6 +138,9 @@ class CheckpointConfig:
     every: int = 100
     keep: int = 3
     async_save: bool = True
+    # Orbax's OCDBT layout: few large files per step, Orbax's default and the one to use on
+    # GCS. False: one zarr array per parameter (what a local GCS emulator can serve).
+    ocdbt: bool = True
 
 
 @dataclass(frozen=True)

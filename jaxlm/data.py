@@ -18,8 +18,10 @@ Start-up reads the manifests and token counts, never the corpus.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,6 +37,8 @@ log = logging.getLogger("jaxlm")
 
 BUILTIN_CORPUS = Path(__file__).parent / "corpus"
 PREFETCH = 16  # batches Grain's read threads keep ready
+# Text files of a run whose workdir is in the cloud are prepared here, on each host.
+CACHE = epath.Path(os.environ.get("JAXLM_CACHE", "~/.cache/jaxlm")).expanduser() / "prepared"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,11 +220,26 @@ class TextData:
         self.remap = Remap(table, spec.row_length)
 
     def _resolve(self, entry: str, k: int, tokenizer, workdir) -> Prepared:
+        """A prepared entry as it is; text files prepared once, into WORKDIR/prepared/<k> by
+        process 0, or, for a cloud workdir (whose shards array_record would have to read
+        over the network), into a local cache on every host."""
         if is_prepared(entry):
             return Prepared(entry)
         files = raw_files(entry, self.cfg.data.text_field)
-        out = epath.Path(workdir) / "prepared" / str(k)
-        if jax.process_index() == 0 and not (out / prepare_lib.MANIFEST).exists():
+        settings = {
+            "files": [(f, epath.Path(f).stat().length) for f in files],
+            "tokenizer": tokenizer_lib.fingerprint(tokenizer),
+            "seq_len": self.cfg.model.seq_len,
+            "data": dataclasses.asdict(self.cfg.data),
+            "seed": self.cfg.train.seed,
+        }
+        local = not prepare_lib.is_remote(str(workdir))
+        if local:
+            out = epath.Path(workdir) / "prepared" / str(k)
+        else:
+            key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+            out = CACHE / key / f"process_{jax.process_index()}"
+        if (jax.process_index() == 0 or not local) and not (out / prepare_lib.MANIFEST).exists():
             log.info("preparing %d text files of %r into %s (once)", len(files), entry, out)
             prepare_lib.prepare(
                 files,
@@ -232,7 +251,7 @@ class TextData:
                 seed=self.cfg.train.seed,
                 progress=False,
             )
-        if jax.process_count() > 1:
+        if local and jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"jaxlm_prepared_{k}")

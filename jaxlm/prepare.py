@@ -377,7 +377,11 @@ class _Writer:
 
 
 def _copy(local: str, target: epath.Path) -> None:
-    """Local file -> target (local or a URL) under a temporary name, renamed when complete."""
+    """Local file -> target, never seen half-written: a cloud object appears only once its
+    upload is complete; a local file is written under a temporary name and renamed."""
+    if is_remote(str(target)):
+        epath.Path(local).copy(target, overwrite=True)
+        return
     tmp = target.parent / f".{target.name}.tmp"
     epath.Path(local).copy(tmp, overwrite=True)
     tmp.replace(target)

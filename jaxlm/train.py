@@ -230,8 +230,8 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
                     timer, timed_steps = time.perf_counter(), 0
                 preempted = preemption.reached(done)
                 if done % cfg.checkpoint.every == 0 or final or preempted:
+                    writer.sync()  # metrics up to here are stored by the time the step is
                     ckpt.save(done, state, cfg, tokenizer)
-                    writer.sync()
                 if preempted:
                     ckpt.wait()
                     log.info(

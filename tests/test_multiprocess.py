@@ -20,7 +20,8 @@ from jaxlm.train import train
 # One process of a run. SIGNAL_AT=k with SIGNAL=NAME: process SIGNAL_PROCESS sends itself that
 # signal while its k-th batch is placed (as a preemption notice or a crash would arrive).
 PROCESS = """
-import os, signal, sys
+import logging, os, signal, sys
+logging.basicConfig(level=logging.INFO)
 from jaxlm import cli
 if int(os.environ["JAX_NUM_PROCESSES"]) > 1:
     cli.init_distributed(heartbeat_timeout=int(os.environ.get("HEARTBEAT", "100")))
@@ -130,12 +131,13 @@ def test_a_dead_peer_ends_the_survivor_with_an_error(tmp_path, prepared):
     (rc0, out0, seconds), (rc1, _, _) = launch(tmp_path, 2, env=env, timeout=300, **opts)
     assert rc1 == -signal.SIGKILL
     assert rc0 != 0 and seconds < 120, (rc0, seconds, out0[-3000:])
-    assert "task:1" in out0 or "process 1" in out0, out0[-3000:]
+    # JAX's coordination service names the lost process (task 1) in the survivor's log.
+    assert "tasks are unhealthy (stopped sending heartbeats):\n1\n" in out0, out0[-3000:]
 
 
 @pytest.mark.parametrize("objective", ["bert", "clip"])
 def test_mlm_and_clip_train_evaluate_and_resume_on_2_processes(tmp_path, prepared, objective):
-    opts = {"train.steps": 6, "checkpoint.every": 100, "train.eval_every": 2}
+    opts = {"train.steps": 6, "checkpoint.every": 100, "train.eval_every": 3}
     if objective == "bert":
         opts["data.files"] = prepared
     train(load_tiny(objective, **opts), tmp_path / "straight")
@@ -146,7 +148,7 @@ def test_mlm_and_clip_train_evaluate_and_resume_on_2_processes(tmp_path, prepare
     got, want = losses(tmp_path / "run"), losses(tmp_path / "straight")
     np.testing.assert_allclose([got[s] for s in want], list(want.values()), atol=1e-4, rtol=0)
     evals = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert sorted({r["step"] for r in evals if "eval_loss" in r}) == [2, 4, 6]
+    assert sorted({r["step"] for r in evals if "eval_loss" in r}) == [3, 6]
     if objective == "clip":
         assert any("eval_zeroshot_top1" in r for r in evals)
     from jaxlm.evaluate import load

@@ -33,7 +33,8 @@ def test_changed_model_is_refused_and_nothing_moves(tmp_path, caplog):
 
 
 SIGTERM_AT_STEP_5 = """
-import os, signal
+import logging, os, signal
+logging.basicConfig(level=logging.INFO)
 from jaxlm import config, sharding, train
 to_global, calls = sharding.to_global, []
 def to_global_then_signal(batch, mesh):
