@@ -232,3 +232,23 @@ def test_mlm_reads_lm_prepared_rows_with_its_own_specials(two_dirs, tok, tmp_pat
     inputs = np.concatenate([next(batches)["inputs"] for _ in range(4)])
     assert inputs.shape == (256, cfg.model.seq_len)
     assert (inputs == tok.piece_id("[CLS]")).sum() > 10 and not (inputs == tok.bos_id).any()
+
+
+def test_tfds_input_and_globs(tmp_path, tok, monkeypatch):
+    from tfds_digits import JaxlmTinyDigits
+
+    builder = JaxlmTinyDigits(data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare(file_format="array_record")
+    spec = f"tfds:jaxlm_tiny_digits:{tmp_path / 'tfds'}"
+    m = prepare.prepare([spec], tok, str(tmp_path / "out"), 32, text_field="caption")
+    captions = [r["caption"].decode() for r in builder.as_data_source()["train"]]
+    assert m["documents"] == 300 and m["bytes"] == sum(len(c.encode()) for c in captions)
+    with pytest.raises(ConfigError, match="record 0 has no field 'text'"):
+        prepare.prepare([spec], tok, str(tmp_path / "out2"), 32)
+
+    for name in ("a.jsonl", "b.jsonl", "c.txt"):
+        _write(tmp_path / name, _documents(n=3))
+    absolute = prepare.expand(str(tmp_path / "*.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    assert prepare.expand("*.jsonl") == ["a.jsonl", "b.jsonl"]
+    assert absolute == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]

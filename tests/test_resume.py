@@ -32,14 +32,14 @@ def test_changed_model_is_refused_and_nothing_moves(tmp_path, caplog):
     assert sorted(losses(tmp_path)) == [1, 2, 3]
 
 
-SIGTERM_AT_STEP_5 = """
+SIGNAL_AT = """
 import logging, os, signal
 logging.basicConfig(level=logging.INFO)
 from jaxlm import config, sharding, train
 to_global, calls = sharding.to_global, []
 def to_global_then_signal(batch, mesh):
     calls.append(1)
-    if len(calls) == 5:  # while step 5 runs, as a preemption notice would arrive
+    if len(calls) == {at}:  # while that step runs, as a preemption notice would arrive
         os.kill(os.getpid(), signal.{signal})
     return to_global(batch, mesh)
 train.sharding.to_global = to_global_then_signal
@@ -48,23 +48,47 @@ print("returned normally")
 """
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_signal_saves_a_checkpoint_and_the_rerun_resumes_exactly(tmp_path, sig):
+def test_signals_save_a_checkpoint_and_the_rerun_resumes_exactly(tmp_path):
     opts = {"train.steps": 10, "checkpoint.every": 100}
     train(load_tiny(**opts), tmp_path / "straight")
-    code = SIGTERM_AT_STEP_5.format(
-        signal=sig,
-        config=str(ROOT / "configs/gpt.py:tiny"),
-        overrides=tiny_overrides(**opts),
-        workdir=str(tmp_path / "run"),
-    )
-    proc = run_python(code)
-    assert proc.returncode == 0 and "returned normally" in proc.stdout, proc.stderr[-3000:]
-    assert f"preempted at step 5: checkpoint saved in {tmp_path}/run/checkpoints/5" in proc.stderr
-    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["5"]
-    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
+    run = tmp_path / "run"
 
-    proc = run_python(code.replace("len(calls) == 5", "False"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {tmp_path}/run/checkpoints/5" in proc.stderr
-    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+    def launch(sig: str, at: int):
+        code = SIGNAL_AT.format(
+            at=at,
+            signal=sig,
+            config=str(ROOT / "configs/gpt.py:tiny"),
+            overrides=tiny_overrides(**opts),
+            workdir=str(run),
+        )
+        proc = run_python(code)
+        assert proc.returncode == 0 and "returned normally" in proc.stdout, proc.stderr[-3000:]
+        return proc.stderr
+
+    err = launch("SIGTERM", 5)  # preemption
+    assert f"preempted at step 5: checkpoint saved in {run}/checkpoints/5" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["5"]
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5]
+
+    err = launch("SIGINT", 3)  # Ctrl-C while step 8 runs
+    assert f"resumed from {run}/checkpoints/5" in err
+    assert f"preempted at step 8: checkpoint saved in {run}/checkpoints/8" in err
+
+    err = launch("SIGINT", 0)
+    assert f"resumed from {run}/checkpoints/8" in err
+    assert losses(run) == losses(tmp_path / "straight")
+
+
+def test_storage_error_fails_the_run_and_sets_nothing_aside(tmp_path, monkeypatch):
+    from jaxlm import checkpoint
+
+    train(load_tiny(**{"train.steps": 2, "checkpoint.every": 1}), tmp_path)
+
+    def denied(self, step, abstract):
+        raise PermissionError(f"403 PERMISSION_DENIED reading {self.root}/{step}")
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", denied)
+    with pytest.raises(checkpoint.StorageError, match="checkpoint storage .* failed at step 2"):
+        train(load_tiny(**{"train.steps": 4}), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+    assert not (tmp_path / "checkpoints_unreadable").exists()
