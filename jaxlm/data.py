@@ -46,7 +46,8 @@ class DataSpec:
     row_length: int  # tokens per packed row the objective needs
     start_id: int  # put before every document ([bos] or [CLS])
     end_id: int  # and after it ([eos] or [SEP])
-    transform: Callable[[dict, np.random.Generator], dict]  # packed row -> example, seeded
+    transform: Callable[..., dict]  # packed row (, np.random.Generator) -> example
+    random: bool = True  # the transform takes a random stream seeded by the row's index
 
 
 def entries(cfg: DataConfig) -> list[str]:
@@ -179,9 +180,10 @@ class Shards:
 
 def row_example(tokens: np.ndarray, segments: np.ndarray) -> dict:
     """A packed row with each token's position within its document piece."""
-    starts = np.flatnonzero(np.diff(segments, prepend=-1))
-    lengths = np.diff(np.append(starts, len(tokens)))
-    positions = np.arange(len(tokens)) - np.repeat(starts, lengths)
+    index = np.arange(len(tokens), dtype=np.int32)
+    starts = np.empty(len(tokens), bool)
+    starts[0], starts[1:] = True, segments[1:] != segments[:-1]
+    positions = index - np.maximum.accumulate(np.where(starts, index, 0))
     return {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions}
 
 
@@ -298,7 +300,10 @@ class TextData:
             held_out = [shard for s in self.sources for shard in s.shards("eval")]
             ds = grain.MapDataset.source(self._shards(held_out, "data.files held-out split"))
             ds, seed = ds.repeat(None), seed + 1
-        return ds.map(self.remap).random_map(self.spec.transform, seed=seed)
+        ds = ds.map(self.remap)
+        if self.spec.random:
+            return ds.random_map(self.spec.transform, seed=seed)
+        return ds.map(self.spec.transform)
 
     def _shards(self, shards: list, what: str) -> Shards:
         return Shards(shards, self.cfg.model.seq_len + 1, what)
@@ -342,4 +347,7 @@ def global_batches(
 def read_options():
     import grain
 
-    return grain.ReadOptions(num_threads=16, prefetch_buffer_size=PREFETCH)
+    # One read thread per core: more threads only contend for the GIL (measured: 16 threads on
+    # 2 cores read 1.7M tokens/s, 2 threads 3.3M).
+    threads = min(16, os.cpu_count() or 1)
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=PREFETCH)

@@ -98,7 +98,9 @@ def to_example(row: dict, rng: np.random.Generator | None = None) -> dict:
 def data_spec(cfg: Config, tokenizer) -> data.DataSpec:
     """Documents as [bos] tokens [eos]; rows of seq_len + 1 tokens so that inputs are the
     first seq_len and targets the last seq_len."""
-    return data.DataSpec(cfg.model.seq_len + 1, tokenizer.bos_id, tokenizer.eos_id, to_example)
+    return data.DataSpec(
+        cfg.model.seq_len + 1, tokenizer.bos_id, tokenizer.eos_id, to_example, random=False
+    )
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):

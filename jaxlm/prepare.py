@@ -364,7 +364,9 @@ class _Writer:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         self.path, self.rows = path, 0
-        self._w = ArrayRecordWriter(path, "group_size:1")  # random access reads single records
+        # group_size 1: random access reads single records; zstd: 4x faster reads than the
+        # default brotli, about the same size on tokens.
+        self._w = ArrayRecordWriter(path, "group_size:1,zstd:1")
 
     def write(self, rows: np.ndarray) -> None:
         for row in rows:
