@@ -102,3 +102,8 @@ def test_corrupt_latest_checkpoint_is_skipped_not_loaded_nor_deleted(tmp_path, c
     # Resumed from step 2: steps 3 and 4 are recomputed and equal the uninterrupted run's.
     resumed = losses(workdir)
     assert resumed[3] == losses(tmp_path / "straight")[3]
+
+
+def test_clip_refuses_gradient_accumulation(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.grad_accum=2: the contrastive loss"):
+        train(load_tiny("clip", **{"train.grad_accum": 2, "train.batch_size": 16}), tmp_path)

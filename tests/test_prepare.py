@@ -220,10 +220,26 @@ def test_training_reads_the_prepared_directory_and_its_tokenizer(two_dirs, tmp_p
     # The tokenizer is the one the directory was prepared with.
     from jaxlm.evaluate import load
 
-    assert (
-        tokenizer.fingerprint(load(tmp_path).tokenizer)
-        == json.loads((ROOT / two_dirs[0] / "manifest.json").read_text())["tokenizer_fingerprint"]
-    )
+    want = json.loads((ROOT / two_dirs[0] / "manifest.json").read_text())["tokenizer_fingerprint"]
+    assert tokenizer.fingerprint(load(tmp_path).tokenizer) == want
+    # --tokenizer WORKDIR: the checkpoint's tokenizer.
+    assert tokenizer.fingerprint(prepare.load_tokenizer(str(tmp_path))) == want
+
+
+def test_hugging_face_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|endoftext|>"])
+    hf.train_from_iterator([PLAYS[0].read_text()], trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = prepare.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert tok.bos_id == tok.eos_id == hf.token_to_id("<|endoftext|>")
+    docs = _documents(n=50)
+    m = prepare.prepare([_write(tmp_path / "d.jsonl", docs)], tok, str(tmp_path / "out"), 32)
+    assert m["tokens"] == sum(len(hf.encode(d).ids) + 2 for d in docs)
+    assert m["tokenizer_fingerprint"] == tokenizer.fingerprint(tokenizer.from_dict(tok.to_dict()))
 
 
 def test_mlm_reads_lm_prepared_rows_with_its_own_specials(two_dirs, tok, tmp_path):
