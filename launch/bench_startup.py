@@ -21,13 +21,17 @@ def main() -> None:
             first_step = time.monotonic() - start
     code = proc.wait()
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: kilobytes
-    print(json.dumps({
-        "command": " ".join(cmd),
-        "returncode": code,
-        "seconds_to_first_step": None if first_step is None else round(first_step, 1),
-        "seconds_total": round(time.monotonic() - start, 1),
-        "peak_rss_mb": round(peak_kb / 1024),
-    }))
+    print(
+        json.dumps(
+            {
+                "command": " ".join(cmd),
+                "returncode": code,
+                "seconds_to_first_step": None if first_step is None else round(first_step, 1),
+                "seconds_total": round(time.monotonic() - start, 1),
+                "peak_rss_mb": round(peak_kb / 1024),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
