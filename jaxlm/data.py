@@ -273,14 +273,13 @@ class TextData:
 
     def counts(self) -> np.ndarray:
         """Training-split token counts; for a mixture, the entries' frequencies mixed by the
-        weights and scaled to the total count (for the baselines)."""
+        weights and scaled to the total count (for the baselines). One entry per token id of
+        the run's tokenizer: every source was prepared with it (checked at start-up)."""
         counts = [s.counts() for s in self.sources]
         if len(counts) == 1:
             return counts[0]
-        size, total = max(len(c) for c in counts), sum(c.sum() for c in counts)
-        mixed = np.zeros(size)
-        for c, w in zip(counts, self.weights, strict=True):
-            mixed[: len(c)] += c / max(c.sum(), 1.0) * w
+        total = sum(c.sum() for c in counts)
+        mixed = sum(c / max(c.sum(), 1.0) * w for c, w in zip(counts, self.weights, strict=True))
         return mixed * total
 
     def examples(self, split: str = "train"):

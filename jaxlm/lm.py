@@ -132,9 +132,7 @@ def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> di
     """Held-out loss of the best context-free model: add-one smoothed frequencies of the
     training targets (tokens and [eos], from the prepared counts), on exactly the targets
     eval_loss is measured on."""
-    counts = np.zeros(tokenizer.vocab_size)
-    found = dataset.counts()[: tokenizer.vocab_size]
-    counts[: len(found)] = found
+    counts = dataset.counts().copy()
     if tokenizer.bos_id != tokenizer.eos_id:
         counts[tokenizer.bos_id] = 0  # a document's first token is never a target
     log_probs = np.log((counts + 1.0) / (counts.sum() + tokenizer.vocab_size))

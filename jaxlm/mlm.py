@@ -155,9 +155,7 @@ def flops_per_item(cfg: Config) -> float:
 
 def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> dict:
     """Accuracy of always predicting the training split's most frequent maskable token."""
-    counts = np.zeros(tokenizer.vocab_size)
-    found = dataset.counts()[: tokenizer.vocab_size]
-    counts[: len(found)] = found
+    counts = dataset.counts().copy()
     counts[tokenizer.special_ids()] = 0
     majority = int(np.argmax(counts))
     hits = sum(
