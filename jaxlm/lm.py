@@ -78,20 +78,20 @@ def extra_eval(setup, params, dataset, tokenizer) -> dict:
     return {}  # the held-out loss says it all
 
 
-def to_example(row: dict, rng: np.random.Generator | None = None) -> dict:
-    """A packed row of seq_len + 1 tokens -> next-token inputs, targets and loss weights.
+def to_example(rows: dict) -> dict:
+    """Packed rows [..., seq_len + 1] -> next-token inputs, targets and loss weights.
 
     A target counts only when it continues the same document: the first token of the next
     packed document is never predicted from the previous one.
     """
-    tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
-    weights = (seg[:-1] == seg[1:]) & (seg[:-1] != 0)
+    tokens, seg, pos = rows["tokens"], rows["tokens_segment_ids"], rows["tokens_positions"]
+    weights = (seg[..., :-1] == seg[..., 1:]) & (seg[..., :-1] != 0)
     return {
-        "inputs": tokens[:-1].astype(np.int32),
-        "targets": tokens[1:].astype(np.int32),
+        "inputs": tokens[..., :-1].astype(np.int32),
+        "targets": tokens[..., 1:].astype(np.int32),
         "weights": weights.astype(np.float32),
-        "segment_ids": seg[:-1].astype(np.int32),
-        "positions": pos[:-1].astype(np.int32),
+        "segment_ids": seg[..., :-1].astype(np.int32),
+        "positions": pos[..., :-1].astype(np.int32),
     }
 
 

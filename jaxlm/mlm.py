@@ -62,7 +62,7 @@ def max_predictions(cfg: Config) -> int:
 
 
 class MaskTokens:
-    """Grain random map: a packed row -> corrupted inputs + the positions to predict.
+    """Packed rows -> corrupted inputs + the positions to predict, row by row.
 
     Of the maskable tokens (not special, not padding) a share `mask_rate` is chosen (the count
     rounded up or down at random so the expectation is exact), at most `max_predictions`; of
@@ -83,7 +83,12 @@ class MaskTokens:
         self.random_pool = np.flatnonzero(self.maskable).astype(np.int32)
         self.word_starts = tokenizer.word_starts() if cfg.whole_word else None
 
-    def __call__(self, row: dict, rng: np.random.Generator) -> dict:
+    def __call__(self, rows: dict, rngs: list[np.random.Generator]) -> dict:
+        """Rows [b, seq_len], each masked with its own random stream."""
+        masked = [self.mask({k: v[j] for k, v in rows.items()}, rng) for j, rng in enumerate(rngs)]
+        return {k: np.stack([m[k] for m in masked]) for k in masked[0]}
+
+    def mask(self, row: dict, rng: np.random.Generator) -> dict:
         tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
         candidates = np.flatnonzero(self.maskable[tokens] & (seg != 0))
         expected = len(candidates) * self.cfg.mask_rate
