@@ -105,13 +105,13 @@ def _tokenize_on_the_fly(entries: list[str], tok, cfg: Config):
     import grain
     from grain.experimental import ConcatThenSplitIterDataset
 
-    from jaxlm import data, prepare
+    from jaxlm import data, inputs
 
     docs = [
         d
         for e in entries
-        for u in prepare.plan_units(data.raw_files(e))
-        for d in prepare.documents(u, cfg.data.text_field)
+        for u in inputs.plan_units(data.raw_files(e))
+        for d in inputs.documents(u, cfg.data.text_field)
     ]
 
     def tokenize(doc: str) -> dict:

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from jaxlm import inputs
 from jaxlm import prepare as prepare_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config, ConfigError, DataConfig
@@ -68,13 +69,11 @@ def is_prepared(entry: str) -> bool:
 def raw_files(entry: str, text_field: str = "text") -> list[str]:
     """The files of a text entry, each checked to hold some text (reading up to its first
     document only)."""
-    files = prepare_lib.expand(entry)
+    files = inputs.expand(entry)
     if not files or not all(epath.Path(f).is_file() for f in files):
         raise ConfigError(f"data.files: {entry!r} matches no file (nor a prepared directory)")
     for f in files:
-        docs = (
-            d for u in prepare_lib.plan_units([f]) for d in prepare_lib.documents(u, text_field)
-        )
+        docs = (d for u in inputs.plan_units([f]) for d in inputs.documents(u, text_field))
         if not any(d.strip() for d in docs):
             raise ConfigError(f"data file {f!r} is empty: no text to train on")
     return files
@@ -86,8 +85,8 @@ def sample_texts(cfg: DataConfig) -> Iterator[str]:
     for entry in entries(cfg):
         if is_prepared(entry):
             continue
-        for unit in prepare_lib.plan_units(raw_files(entry, cfg.text_field)):
-            yield from prepare_lib.documents(unit, cfg.text_field)
+        for unit in inputs.plan_units(raw_files(entry, cfg.text_field)):
+            yield from inputs.documents(unit, cfg.text_field)
 
 
 def prepared_tokenizer(cfg: DataConfig):
@@ -161,7 +160,7 @@ class Shards:
         if not shards:
             raise ConfigError(f"{what}: no rows")
         for path, _, size in shards:
-            if not prepare_lib.is_remote(str(path)):
+            if not inputs.is_remote(str(path)):
                 found = path.stat().length if path.exists() else None
                 if found != size:
                     raise ConfigError(
@@ -196,10 +195,7 @@ class Shards:
                     f"{len(record)} bytes; rows of {self.row_length} tokens take {width})"
                 )
             records.append(record)
-        flat = np.frombuffer(b"".join(records), np.uint8).reshape(len(rows), width)
-        tokens = np.ascontiguousarray(flat[:, : 4 * self.row_length]).view(np.int32)
-        segments = np.ascontiguousarray(flat[:, 4 * self.row_length :]).view(np.uint16)
-        return tokens, segments.astype(np.int32)
+        return prepare_lib.decode_rows(records, self.row_length)
 
     def _reader(self, k: int):
         from array_record.python.array_record_module import ArrayRecordReader
@@ -284,7 +280,7 @@ class TextData:
             "data": dataclasses.asdict(self.cfg.data),
             "seed": self.cfg.train.seed,
         }
-        local = not prepare_lib.is_remote(str(workdir))
+        local = not inputs.is_remote(str(workdir))
         if local:
             out = epath.Path(workdir) / "prepared" / str(k)
         else:

@@ -10,7 +10,7 @@ import pytest
 import zstandard
 from conftest import ROOT, load_tiny
 
-from jaxlm import clip, lm, mlm, prepare, tokenizer
+from jaxlm import clip, inputs, lm, mlm, prepare, tokenizer
 from jaxlm.config import ConfigError
 from jaxlm.train import train
 
@@ -24,7 +24,7 @@ def tok():
 
 def _documents(play: int = 0, n: int = 200) -> list[str]:
     lines = PLAYS[play].read_text().splitlines(keepends=True)
-    return list(prepare.paragraph_documents(lines, doc_chars=600))[:n]
+    return list(inputs.paragraph_documents(lines, doc_chars=600))[:n]
 
 
 def _write(path, docs: list[str]) -> str:
@@ -50,8 +50,9 @@ def _rows(out, split: str = "train") -> list[tuple[np.ndarray, np.ndarray]]:
     rows = []
     for shard in manifest["shards"]:
         reader = ArrayRecordReader(str(out / shard[split]["file"]))
-        for i in range(reader.num_records()):
-            rows.append(prepare.decode_row(reader.read([i])[0], manifest["row_length"]))
+        if reader.num_records():
+            tokens, segments = prepare.decode_rows(reader.read_all(), manifest["row_length"])
+            rows += zip(tokens, segments, strict=True)
     return rows
 
 
@@ -80,10 +81,10 @@ def test_every_format_keeps_every_document(tmp_path, tok, name):
 
 
 def test_units_split_files_at_record_boundaries(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(prepare, "UNIT_BYTES", 20_000)
+    monkeypatch.setattr(inputs, "UNIT_BYTES", 20_000)
     docs = _documents(n=400)
     src = _write(tmp_path / "docs.jsonl", docs)
-    assert len(prepare.plan_units([src])) > 5
+    assert len(inputs.plan_units([src])) > 5
     m = prepare.prepare([src], tok, str(tmp_path / "out"), 64, eval_fraction=0.0)
     assert m["documents"] == len(docs) and len(m["shards"]) > 5
     got = sorted(_decoded_documents(tmp_path / "out", tok))
@@ -92,10 +93,10 @@ def test_units_split_files_at_record_boundaries(tmp_path, tok, monkeypatch):
     text = PLAYS[1].read_text()
     (tmp_path / "play.txt").write_text(text)
     whole = list(
-        prepare.documents(prepare.Unit(str(tmp_path / "play.txt"), "txt", 0, len(text.encode())))
+        inputs.documents(inputs.Unit(str(tmp_path / "play.txt"), "txt", 0, len(text.encode())))
     )
-    units = prepare.plan_units([str(tmp_path / "play.txt")])
-    pieces = [d for u in units for d in prepare.documents(u)]
+    units = inputs.plan_units([str(tmp_path / "play.txt")])
+    pieces = [d for u in units for d in inputs.documents(u)]
     assert len(units) > 3
     assert [p for d in pieces for p in d.split("\n\n")] == [
         p for d in whole for p in d.split("\n\n")
@@ -103,7 +104,7 @@ def test_units_split_files_at_record_boundaries(tmp_path, tok, monkeypatch):
 
 
 def test_rerun_prepares_only_the_missing_shards(tmp_path, tok, monkeypatch, caplog):
-    monkeypatch.setattr(prepare, "UNIT_BYTES", 30_000)
+    monkeypatch.setattr(inputs, "UNIT_BYTES", 30_000)
     src = _write(tmp_path / "docs.jsonl", _documents(n=300))
     out = tmp_path / "out"
     first = prepare.prepare([src], tok, str(out), 64, workers=2)  # spawned worker processes
@@ -145,8 +146,8 @@ def test_mixture_follows_the_weights(two_dirs, tok, tmp_path):
     from_first = total = 0
     for _ in range(150):  # 6,000 rows
         b = next(batches)
-        for inputs, targets in zip(b["inputs"], b["targets"], strict=True):
-            row = np.concatenate([inputs, targets[-1:]])
+        for ins, targets in zip(b["inputs"], b["targets"], strict=True):
+            row = np.concatenate([ins, targets[-1:]])
             from_first += row.tobytes() in first
             total += 1
     assert abs(from_first / total - 0.7) < 0.02, from_first / total
@@ -264,7 +265,7 @@ def test_tfds_input_and_globs(tmp_path, tok, monkeypatch):
 
     for name in ("a.jsonl", "b.jsonl", "c.txt"):
         _write(tmp_path / name, _documents(n=3))
-    absolute = prepare.expand(str(tmp_path / "*.jsonl"))
+    absolute = inputs.expand(str(tmp_path / "*.jsonl"))
     monkeypatch.chdir(tmp_path)
-    assert prepare.expand("*.jsonl") == ["a.jsonl", "b.jsonl"]
+    assert inputs.expand("*.jsonl") == ["a.jsonl", "b.jsonl"]
     assert absolute == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]

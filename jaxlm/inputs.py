@@ -1,0 +1,204 @@
+"""Text inputs of `jaxlm data prepare` and of raw `data.files`: which files an entry names,
+how they are cut into work units, and the documents of a unit.
+
+Kinds: `.txt` (blank-line separated paragraphs grouped into documents of about DOC_CHARS),
+`.jsonl` / `.jsonl.gz` / `.jsonl.zst` (one JSON object per line, its `text_field`),
+`.parquet` (the `text_field` column), and `tfds:NAME[:DATA_DIR]` (read with
+`tfds.data_source`, no TensorFlow). Paths, globs and URLs go through etils.epath, so
+`gs://bucket/*.jsonl` works like a local glob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+
+from etils import epath
+
+from jaxlm.config import ConfigError
+
+UNIT_BYTES = 64 << 20  # text per work unit (and shard) of an uncompressed input
+TFDS_UNIT = 100_000  # records per work unit of a TFDS input
+DOC_CHARS = 4096  # .txt inputs: blank-line separated paragraphs grouped into ~this many chars
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def expand(entry: str) -> list[str]:
+    """A path, URL or glob (absolute, relative or `gs://...`) -> the files it names, sorted."""
+    if not any(c in entry for c in "*?["):
+        return [entry]
+    if is_remote(entry):
+        scheme, rest = entry.split("://", 1)
+        root, _, pattern = rest.partition("/")
+        return sorted(str(p) for p in epath.Path(f"{scheme}://{root}").glob(pattern))
+    return sorted(glob.glob(entry))
+
+
+def kind_of(path: str) -> str:
+    if path.startswith("tfds:"):
+        return "tfds"
+    for suffix in (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet"):
+        if path.endswith(suffix):
+            return suffix[1:]
+    return "txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One work item, one shard: [start, stop) in bytes (txt, jsonl), row groups (parquet)
+    or records (tfds); a compressed file is one unit."""
+
+    path: str
+    kind: str
+    start: int
+    stop: int
+
+
+def plan_units(inputs: list[str], unit_bytes: int | None = None) -> list[Unit]:
+    unit_bytes, units = unit_bytes or UNIT_BYTES, []
+    for entry in inputs:
+        paths = [entry] if entry.startswith("tfds:") else expand(entry)
+        if not paths:
+            raise ConfigError(f"input {entry!r} matches no file")
+        for path in paths:
+            kind = kind_of(path)
+            if kind == "tfds":
+                n = len(_tfds_source(path))
+                units += [
+                    Unit(path, kind, s, min(s + TFDS_UNIT, n)) for s in range(0, n, TFDS_UNIT)
+                ]
+                continue
+            p = epath.Path(path)
+            if not p.is_file():
+                raise ConfigError(f"input file {path!r} not found")
+            if kind == "parquet":
+                import pyarrow.parquet as pq
+
+                with p.open("rb") as f:
+                    n = pq.ParquetFile(f).num_row_groups
+                units += [Unit(path, kind, g, g + 1) for g in range(n)]
+            elif kind in ("jsonl.gz", "jsonl.zst"):
+                units.append(Unit(path, kind, 0, -1))
+            else:
+                size = p.stat().length
+                starts = range(0, max(size, 1), unit_bytes)
+                units += [Unit(path, kind, s, min(s + unit_bytes, size)) for s in starts]
+    return units
+
+
+def _boundary(f, pos: int, paragraphs: bool) -> int:
+    """The first record start at or after pos: after the next newline (jsonl) or the next
+    blank line (txt, whose documents are paragraphs). Units split at the same boundaries."""
+    if pos == 0:
+        return 0
+    f.seek(pos - 1)
+    f.readline()
+    if paragraphs:
+        while (line := f.readline()) and line.strip():
+            pass
+    return f.tell()
+
+
+def _lines(unit: Unit) -> Iterator[str]:
+    raw = epath.Path(unit.path).open("rb")
+    with raw:
+        if unit.kind == "jsonl.gz":
+            stream = gzip.GzipFile(fileobj=raw)
+        elif unit.kind == "jsonl.zst":
+            import zstandard
+
+            stream = zstandard.ZstdDecompressor().stream_reader(raw)
+        else:
+            paragraphs = unit.kind == "txt"
+            start = _boundary(raw, unit.start, paragraphs)
+            stop = _boundary(raw, unit.stop, paragraphs) if unit.stop < _size(raw) else None
+            raw.seek(start)
+            pos = start
+            while stop is None or pos < stop:
+                line = raw.readline()
+                if not line:
+                    break
+                pos += len(line)
+                yield line.decode("utf-8", errors="replace")
+            return
+        yield from io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+
+
+def _size(f) -> int:
+    here = f.tell()
+    size = f.seek(0, os.SEEK_END)
+    f.seek(here)
+    return size
+
+
+def paragraph_documents(lines, doc_chars: int = DOC_CHARS) -> Iterator[str]:
+    """Blank-line separated paragraphs grouped into documents of about doc_chars."""
+    current, para = "", []
+    for line in [*lines, ""]:
+        if line.strip():
+            para.append(line.rstrip("\n"))
+            continue
+        if not para:
+            continue
+        text, para = "\n".join(para), []
+        if current and len(current) + len(text) > doc_chars:
+            yield current
+            current = ""
+        current = f"{current}\n\n{text}" if current else text
+    if current:
+        yield current
+
+
+def documents(unit: Unit, text_field: str = "text") -> Iterator[str]:
+    """The texts of a unit; a record without the text field is an error naming the file."""
+    if unit.kind == "txt":
+        yield from paragraph_documents(_lines(unit))
+    elif unit.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with epath.Path(unit.path).open("rb") as f:
+            pf = pq.ParquetFile(f)
+            if text_field not in pf.schema_arrow.names:
+                raise ConfigError(
+                    f"{unit.path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); "
+                    "choose one with --text-field"
+                )
+            for g in range(unit.start, unit.stop):
+                yield from (t for t in pf.read_row_group(g, [text_field])[text_field].to_pylist())
+    elif unit.kind == "tfds":
+        source = _tfds_source(unit.path)
+        for i in range(unit.start, unit.stop):
+            text = source[i].get(text_field)
+            if text is None:
+                raise ConfigError(f"{unit.path}: record {i} has no field {text_field!r}")
+            yield text.decode() if isinstance(text, bytes) else str(text)
+    else:
+        for i, line in enumerate(_lines(unit), 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(
+                    f"{unit.path}: line {i} of the unit at byte {unit.start} is not a JSON "
+                    f"object with a {text_field!r} field"
+                ) from None
+
+
+def _tfds_source(spec: str):
+    import tensorflow_datasets as tfds
+
+    name, _, data_dir = spec[len("tfds:") :].partition(":")
+    try:
+        return tfds.data_source(name, split="train", data_dir=data_dir or None)
+    except Exception as e:  # tfds raises many types for a missing or unprepared dataset
+        raise ConfigError(f"input {spec!r}: cannot open the dataset ({e})") from None
