@@ -85,3 +85,29 @@ def run_python(code: str, devices: int = 8, timeout: int = 300) -> subprocess.Co
         proc.kill()
         out, err = proc.communicate()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+KILLED_AFTER_SAVE = """
+import logging, os, signal
+logging.basicConfig(level=logging.INFO)
+from jaxlm import checkpoint, config, train
+save = checkpoint.Checkpointer.save
+def save_then_die(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if step == {step}:  # once the save has finished: the hard kill of a lost host
+        self.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.Checkpointer.save = save_then_die
+train.train(config.load({config!r}, {overrides!r}), {workdir!r})
+"""
+
+
+def train_killed_after_save(
+    config: str, overrides: list[str], workdir: str, step: int | None, devices: int = 8
+) -> subprocess.CompletedProcess:
+    """`jaxlm train` in a fresh process, SIGKILLed right after checkpoint `step` is saved
+    (step None: never killed)."""
+    code = KILLED_AFTER_SAVE.format(
+        config=str(ROOT / config), overrides=overrides, workdir=str(workdir), step=step
+    )
+    return run_python(code, devices=devices)

@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, run_python, tiny_overrides
+from conftest import ROOT, tiny_overrides, train_killed_after_save
 from etils import epath
 
 BUCKET = "jaxlm-test"
@@ -110,21 +110,6 @@ def prepared(gcs, tmp_path_factory):
     return local
 
 
-KILL_AFTER_4 = """
-import logging, os, signal
-logging.basicConfig(level=logging.INFO)
-from jaxlm import checkpoint, config, train
-save = checkpoint.Checkpointer.save
-def save_then_die(self, step, *args, **kwargs):
-    save(self, step, *args, **kwargs)
-    if step == 4:
-        self.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.Checkpointer.save = save_then_die
-train.train(config.load({config!r}, {overrides!r}), {workdir!r})
-"""
-
-
 def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared):
     workdir = f"{gcs}/runs/gpt"
     overrides = tiny_overrides(
@@ -138,10 +123,7 @@ def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared):
             "checkpoint.ocdbt": "false",
         }
     )
-    code = KILL_AFTER_4.format(
-        config=str(ROOT / "configs/gpt.py:tiny"), overrides=overrides, workdir=workdir
-    )
-    proc = run_python(code, devices=1)
+    proc = train_killed_after_save("configs/gpt.py:tiny", overrides, workdir, 4, devices=1)
     assert proc.returncode == -9, proc.stderr[-3000:]
     run = epath.Path(workdir)
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
@@ -151,7 +133,7 @@ def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4  # copied up at the step-4 checkpoint
 
-    proc = run_python(code.replace("step == 4", "False"), devices=1)
+    proc = train_killed_after_save("configs/gpt.py:tiny", overrides, workdir, None, devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {workdir}/checkpoints/4" in proc.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -5,7 +5,14 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_tiny, losses, read_metrics, run_python, tiny_overrides
+from conftest import (
+    load_tiny,
+    losses,
+    read_metrics,
+    run_python,
+    tiny_overrides,
+    train_killed_after_save,
+)
 
 from jaxlm.train import train
 
@@ -46,26 +53,8 @@ def test_metrics_lines_carry_the_promised_fields(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-KILL_AT_8 = """
-import os, signal, sys
-from jaxlm import checkpoint, config, train
-save = checkpoint.Checkpointer.save
-def save_then_die(self, step, *args, **kwargs):
-    save(self, step, *args, **kwargs)
-    if step == 8:
-        self.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.Checkpointer.save = save_then_die
-train.train(config.load(sys.argv[1], sys.argv[2:]), {workdir!r})
-"""
-
-
 def _killed_at_8(workdir, objective, overrides):
-    code = KILL_AT_8.replace(
-        "sys.argv[1], sys.argv[2:]",
-        repr(str(ROOT / f"configs/{objective}.py:tiny")) + ", " + repr(overrides),
-    )
-    proc = run_python(code.format(workdir=str(workdir)))
+    proc = train_killed_after_save(f"configs/{objective}.py:tiny", overrides, workdir, 8)
     assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL, after the step-8 checkpoint
     assert sorted(losses(workdir)) == list(range(1, 9))
     assert (workdir / "checkpoints" / "8").is_dir()
