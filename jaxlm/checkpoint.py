@@ -121,10 +121,9 @@ class Checkpointer:
             target,
         )
         if jax.process_index() == 0:
-            self.quarantine.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 target = self.quarantine / f"{step}.{len(list(self.quarantine.iterdir()))}"
-            (self.root / str(step)).rename(target)
+            _move_tree(self.root / str(step), target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"jaxlm_set_aside_{step}")
         self.manager.reload()
@@ -134,6 +133,21 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _move_tree(src: epath.Path, dst: epath.Path) -> None:
+    """Move a directory. Object stores (gs://) have no directories and no rename: each object
+    is copied, and the originals are deleted only once every copy exists."""
+    if "://" not in str(src):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+        return
+    root = str(src).split("://", 1)[1]
+    for folder, _, names in src.walk():  # folders come as "bucket/...", without the scheme
+        below = str(folder).split("://")[-1][len(root) :].strip("/")
+        for name in names:
+            (src / below / name).copy(dst / below / name, overwrite=True)
+    src.rmtree()  # through the same filesystem object as Orbax's listings: no stale cache
 
 
 def check_resume(saved: Config, cfg: Config, where: str) -> None:

@@ -144,3 +144,19 @@ def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 6 and result["eval_loss"] > 0
+
+    # A damaged newest checkpoint on GCS (no directories, no rename) is set aside, object by
+    # object, and the run goes on from the one before.
+    import fsspec
+
+    fs, step6 = fsspec.core.url_to_fs(f"{workdir}/checkpoints/6")
+    damaged = [f for f in fs.find(step6) if "/state/" in f]
+    for f in damaged:
+        fs.pipe(f, b"\x00garbage" * 7)
+    longer = [o.replace("train.steps=6", "train.steps=8") for o in overrides]
+    proc = train_killed_after_save("configs/gpt.py:tiny", longer, workdir, None, devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"moved to {workdir}/checkpoints_unreadable/6" in proc.stderr
+    assert f"resumed from {workdir}/checkpoints/4" in proc.stderr
+    kept = fs.find(step6.replace("/checkpoints/6", "/checkpoints_unreadable/6"))
+    assert len([f for f in kept if "/state/" in f]) == len(damaged) > 0
