@@ -1,6 +1,9 @@
 """8 fake CPU devices for every test, set before JAX is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
@@ -8,6 +11,14 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_cpu_collective_call_terminate_timeout_seconds=60"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the session, shared with every subprocess the tests start:
+# most of them compile the same tiny models again (a resume, another process count), and
+# compiling is most of their time on 2 cores (a 3-launch test: 115 s -> 75 s).
+CACHE = tempfile.mkdtemp(prefix="jaxlm_tests_xla_cache_")
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import json  # noqa: E402
 import subprocess  # noqa: E402
