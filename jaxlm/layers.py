@@ -20,6 +20,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
 
 LAYERS = "layers"  # the logical name of the stacked-layer dimension
+EMBED = "embed"  # the model width: every weight matrix has it (see optim.decay_mask)
 
 
 def param(rngs: nnx.Rngs, shape: tuple, axes: tuple, std: float | str) -> nnx.Param:

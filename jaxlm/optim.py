@@ -7,7 +7,7 @@ import optax
 from flax import nnx
 
 from jaxlm.config import OptimConfig
-from jaxlm.layers import LAYERS
+from jaxlm.layers import EMBED, LAYERS
 
 
 def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
@@ -22,11 +22,14 @@ def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: nnx.State) -> nnx.State:
-    """Decay matrices only, not biases or norm scales (as GPT-2 and Llama). Stacked layers
-    make a per-layer bias 2-D, so count the logical axes other than `layers`, not ndim."""
+    """Decay the weight matrices only, not biases, norm scales or the CLIP temperature (as
+    GPT-2 and Llama). A matrix maps to or from the model width: it has an `embed` axis and at
+    least one other besides `layers`. Neither ndim nor the axis count alone tells: stacked
+    layers make every bias 2-D, and a q/k/v bias is [heads, kv]."""
 
     def decays(v: nnx.Variable) -> nnx.Variable:
-        return v.replace(sum(a != LAYERS for a in v.get_metadata()["axes"]) >= 2)
+        axes = [a for a in v.get_metadata()["axes"] if a != LAYERS]
+        return v.replace(EMBED in axes and len(axes) >= 2)
 
     return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

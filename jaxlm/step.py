@@ -8,6 +8,7 @@ graph definition stays outside and is merged with the parameters inside each jit
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from types import ModuleType
 from typing import Any
@@ -156,17 +157,29 @@ def make_eval_step(s: Setup):
 
 
 # bf16 dense peak FLOP/s per device, from the vendors' data sheets.
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v4": 275e12,
-}
+# Dense bf16 peak FLOP/s per chip from the data sheets, by the `device_kind` JAX reports. The
+# first pattern that matches wins, so variants come before the family: an H100 PCIe is not an
+# SXM, an L40S is not an L4, and a v5p reports itself as "TPU v5" (a v5e as "TPU v5 lite").
+PEAK_FLOPS = (
+    (r"\bH100 PCIe\b", "H100 PCIe", 756e12),
+    (r"\bH100 NVL\b", "H100 NVL", 835e12),
+    (r"\b(GH200|H200|H100)\b", "H100 / H200 SXM", 989e12),
+    (r"\bA100\b", "A100", 312e12),
+    (r"\bL40S\b", "L40S", 362e12),
+    (r"\bL4$", "L4", 121e12),
+    (r"^TPU v6( lite|e)$", "TPU v6e", 918e12),
+    (r"^TPU v5( lite|e)$", "TPU v5e", 197e12),
+    (r"^TPU v5p?$", "TPU v5p", 459e12),
+    (r"^TPU v4$", "TPU v4", 275e12),
+)
+
+
+def device_peak_flops(kind: str) -> tuple[float, str] | None:
+    """(peak FLOP/s of one device, table row) for a `device_kind`, or None if unknown."""
+    for pattern, name, flops in PEAK_FLOPS:
+        if re.search(pattern, kind.strip()):
+            return flops, name
+    return None
 
 
 def peak_flops(override: float = 0.0) -> tuple[float, str]:
@@ -175,9 +188,9 @@ def peak_flops(override: float = 0.0) -> tuple[float, str]:
     if override:
         return override * len(devices), "train.peak_flops"
     kind = devices[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops * len(devices), f"{name} bf16 data sheet"
+    found = device_peak_flops(kind)
+    if found is not None:
+        return found[0] * len(devices), f"{found[1]} bf16 data sheet"
     if devices[0].platform == "cpu":
         # Fake CPU devices share the same cores: the machine's peak is one measured matmul.
         return _measured_matmul_flops(), "measured float32 matmul on this CPU"
