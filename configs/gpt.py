@@ -14,7 +14,14 @@ Variants:
   step, as nanoGPT's benchmark; layers unrolled (1.36x faster than lax.scan on an H200).
 - llama_160m: Llama-style (RoPE, RMSNorm, SwiGLU, grouped-query attention 12 heads / 4 kv heads,
   untied output head, no biases).
+- llama_1b, llama_7b, llama_70b: the shapes of Llama-3.2-1B (1.24B parameters: 16 layers,
+  d 2048, 32 / 8 heads, 128k vocabulary, tied), Llama-2-7B (6.74B) and Llama-2-70B (69.0B:
+  64 / 8 heads), seq 4096, global batch 256 sequences (1M tokens), scanned layers with full
+  rematerialisation. Sized for pods: `jaxlm plan configs/gpt.py:llama_7b --devices 64
+  --device v5p mesh.fsdp=64` says whether a mesh fits before one is booked.
 """
+
+import dataclasses
 
 from jaxlm.config import (
     CheckpointConfig,
@@ -28,7 +35,14 @@ from jaxlm.config import (
 
 
 def get_config(variant: str = "tiny") -> Config:
-    variants = {"tiny": tiny, "gpt2_124m": gpt2_124m, "llama_160m": llama_160m}
+    variants = {
+        "tiny": tiny,
+        "gpt2_124m": gpt2_124m,
+        "llama_160m": llama_160m,
+        "llama_1b": llama_1b,
+        "llama_7b": llama_7b,
+        "llama_70b": llama_70b,
+    }
     if variant not in variants:
         raise variant_error(__file__, variant, variants)
     return variants[variant]()
@@ -100,4 +114,60 @@ def llama_160m() -> Config:
         ),
         steps=100_000,
         batch_size=32,
+    )
+
+
+def _llama(**shape) -> Config:
+    """Llama-family shapes for pods: bfloat16 compute, scanned layers (an 80-layer model
+    compiles once), every layer rematerialised (activations of seq 4096 would not fit)."""
+    model = ModelConfig(
+        seq_len=4096,
+        norm="rmsnorm",
+        mlp="swiglu",
+        position="rope",
+        use_bias=False,
+        dtype="bfloat16",
+        scan_layers=True,
+        remat="full",
+        **shape,
+    )
+    cfg = _pretraining(model, steps=250_000, batch_size=256)
+    return dataclasses.replace(
+        cfg, optim=dataclasses.replace(cfg.optim, lr=3e-4, warmup_steps=2000, b2=0.95)
+    )
+
+
+def llama_1b() -> Config:  # Llama-3.2-1B
+    return _llama(
+        vocab_size=128256,
+        num_layers=16,
+        d_model=2048,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=8192,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+    )
+
+
+def llama_7b() -> Config:  # Llama-2-7B
+    return _llama(
+        vocab_size=32000,
+        num_layers=32,
+        d_model=4096,
+        num_heads=32,
+        mlp_dim=11008,
+        tie_embeddings=False,
+    )
+
+
+def llama_70b() -> Config:  # Llama-2-70B
+    return _llama(
+        vocab_size=32000,
+        num_layers=80,
+        d_model=8192,
+        num_heads=64,
+        num_kv_heads=8,
+        mlp_dim=28672,
+        tie_embeddings=False,
     )

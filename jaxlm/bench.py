@@ -19,7 +19,9 @@ SYNC_EVERY = 8
 log = logging.getLogger("jaxlm")
 
 
-def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
+def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = None) -> dict:
+    """Time full training steps on one synthetic batch; with profile, a jax.profiler trace of
+    3 more steps (after the timing, which it would disturb) is written there."""
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     s = build(cfg, mesh)
@@ -44,6 +46,12 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
                 jax.block_until_ready(metrics)
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - start) / steps
+        if profile:
+            with jax.profiler.trace(profile):
+                for _ in range(3):
+                    state, metrics = train_step(state, batch)
+                jax.block_until_ready(metrics)
+            log.info("profile of 3 steps in %s", profile)
     unit, per_example = s.objective.UNIT, s.objective.items_per_example(cfg)
     per_s = cfg.train.batch_size * per_example / step_s
     peak, source = peak_flops(cfg.train.peak_flops)

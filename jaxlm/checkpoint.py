@@ -179,6 +179,7 @@ RESUMABLE_KEYS = (
     "train.eval_steps",
     "train.peak_flops",
     "train.grad_accum",
+    "train.loss_chunk",
     "name",
 )
 

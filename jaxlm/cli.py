@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", help="checkpoints and metrics (default runs/<config>_<variant>)")
     t.add_argument("overrides", nargs="*", help="key.path=value")
     t.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
+    t.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of a few steps")
     t.add_argument(
         "--heartbeat-timeout",
         type=int,
@@ -58,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--workdir", default="runs/bench_data", help="--data: where text is prepared")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
+    b.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 steps")
+
+    pl = sub.add_parser(
+        "plan", help="compile the train step ahead of time: memory per device, FLOPs, fits?"
+    )
+    pl.add_argument("config")
+    pl.add_argument("--devices", type=int, required=True, help="chips / GPUs to compile for")
+    pl.add_argument(
+        "--device",
+        help="v4 | v5e | v5p | v6e (a TPU compile where libtpu is installed) | a100 | h100 | "
+        "h200: the memory to fit in",
+    )
+    pl.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=64 train.batch_size=256")
 
     e = sub.add_parser("eval", help="held-out metrics of a checkpoint, on this machine's devices")
     e.add_argument("workdir")
@@ -154,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
 
         cfg = config.load(args.config, args.overrides)
         workdir = args.workdir or str(_default_workdir(args.config))
-        result = train(cfg, workdir)
+        result = train(cfg, workdir, args.profile)
         print(json.dumps({k: round(v, 4) for k, v in result.items() if isinstance(v, float)}))
     elif args.command == "bench":
         from jaxlm.bench import bench, bench_data
@@ -163,7 +177,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.data:
             print(json.dumps(bench_data(cfg, args.steps, args.workdir)))
         else:
-            print(json.dumps(bench(cfg, args.steps)))
+            print(json.dumps(bench(cfg, args.steps, profile=args.profile)))
+    elif args.command == "plan":
+        from jaxlm import plan
+
+        if args.device not in plan.TPU_KINDS or not plan.libtpu_installed():
+            plan.use_fake_cpus(args.devices)  # before JAX touches a device
+        cfg = config.load(args.config, args.overrides)
+        print(json.dumps(plan.plan(cfg, args.devices, args.device)))
     elif args.command == "eval":
         from jaxlm.evaluate import evaluate_checkpoint
 

@@ -46,7 +46,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
     scan_layers: bool = True  # lax.scan compiles faster; unrolled runs faster on GPU
     remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
-    attention: str = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
+    attention: str = "auto"  # auto | cudnn: cuDNN where it takes the call (jaxlm.attention) | xla
 
     @property
     def kv_heads(self) -> int:
@@ -82,6 +82,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_steps: int = 8
     peak_flops: float = 0.0  # per device, for MFU; 0: look up the device (or measure a CPU)
+    # causal LM: the output projection and cross-entropy run over chunks of this many positions
+    # of each sequence, so [batch, seq, vocab] float32 logits never exist (0: all at once)
+    loss_chunk: int = 256
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm import attention
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
 
@@ -73,12 +74,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def attention_impl(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, n, k = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -95,7 +90,7 @@ class Attention(nnx.Module):
         self.bo = nnx.data(param(rngs, (d,), ("norm",), "zeros") if bias else None)
 
     def __call__(
-        self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, causal: bool
+        self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array, causal: bool
     ) -> jax.Array:
         cfg, dt = self.cfg, x.dtype
         q = jnp.einsum("BTD,DHK->BTHK", x, self.wq[...].astype(dt))
@@ -109,11 +104,7 @@ class Attention(nnx.Module):
             )
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        # Packed documents never see each other; padding (segment 0) only sees padding.
-        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # B 1 T S
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=causal, implementation=attention_impl(cfg.attention)
-        )
+        out = attention.attend(q, k, v, segment_ids, causal, cfg.attention)
         y = jnp.einsum("BTHK,HKD->BTD", out, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
@@ -194,7 +185,9 @@ class Transformer(nnx.Module):
         # Pre-norm stacks end with a norm; post-norm blocks already end with one.
         self.final_norm = nnx.data(Norm(cfg, rngs) if cfg.norm_position == "pre" else None)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, causal: bool):
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array, causal: bool
+    ):
         graphdef, layers = nnx.split(self.blocks)
 
         def layer(x, weights):
@@ -229,8 +222,11 @@ class Embed(nnx.Module):
     def __call__(
         self, ids: jax.Array, positions: jax.Array, types: jax.Array | None = None
     ) -> jax.Array:
-        # Gather from tables whose model dimension is whole, so the lookup is local.
-        x = jnp.take(constrain(self.tokens[...], None, None), ids, axis=0)
+        # Gather from tables whose model dimension is whole, so the lookup is local; the token
+        # table is gathered to every device in the compute dtype (half of float32's bytes in
+        # bfloat16), and only for the lookup: the stored table stays sharded.
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = jnp.take(constrain(self.tokens[...].astype(dtype), None, None), ids, axis=0)
         if self.positions is not None:
             x = x + jnp.take(constrain(self.positions[...], None, None), positions, axis=0)
         if self.types is not None:

@@ -31,7 +31,8 @@ UNIT = "tokens"  # what throughput is counted in: tokens_per_s
 
 
 class Model(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, loss_chunk: int = 0):
+        self.loss_chunk = loss_chunk  # positions per chunk of the loss (train.loss_chunk)
         self.embed = Embed(cfg, rngs)
         self.transformer = Transformer(cfg, rngs)
         shape, untied = (cfg.d_model, cfg.vocab_size), not cfg.tie_embeddings
@@ -40,15 +41,22 @@ class Model(nnx.Module):
         )
 
     def __call__(self, batch: dict) -> jax.Array:
+        """Logits [B, T, V] (for inspection and generation; the loss never forms them whole)."""
+        return self.logits(self.hidden(batch))
+
+    def hidden(self, batch: dict) -> jax.Array:
+        """The last layer's output, [B, T, D]."""
         x = self.embed(batch["inputs"], batch["positions"])
-        x = self.transformer(x, batch["segment_ids"], batch["positions"], causal=True)
+        return self.transformer(x, batch["segment_ids"], batch["positions"], causal=True)
+
+    def logits(self, x: jax.Array) -> jax.Array:
         if self.head is None:
             return self.embed.attend(x)
-        return jnp.einsum("BTD,DV->BTV", x, self.head[...].astype(x.dtype))
+        return jnp.einsum("...D,DV->...V", x, self.head[...].astype(x.dtype))
 
 
 def make_model(cfg: Config, rngs: nnx.Rngs) -> Model:
-    return Model(cfg.model, rngs)
+    return Model(cfg.model, rngs, cfg.train.loss_chunk)
 
 
 def check(cfg: Config) -> None:
@@ -103,19 +111,53 @@ def data_spec(cfg: Config, tokenizer) -> data.DataSpec:
     )
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-    """Weighted mean next-token cross-entropy, computed in float32; also returns the weight."""
+def _summed_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     logits = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return ((logz - picked) * weights).sum()
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+    """Weighted mean next-token cross-entropy, computed in float32; also returns the weight."""
     total = jnp.maximum(weights.sum(), 1.0)
-    return ((logz - picked) * weights).sum() / total, total
+    return _summed_cross_entropy(logits, targets, weights) / total, total
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array, logits_fn, targets: jax.Array, weights: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """cross_entropy(logits_fn(hidden), ...) without ever holding [B, T, V] logits: a scan
+    over chunks of `chunk` positions, each chunk's logits recomputed in the backward pass
+    (jax.checkpoint), so only [B, chunk, V] lives at a time. T is padded to a multiple of
+    chunk with zero-weight positions."""
+    b, t, d = hidden.shape
+    if not chunk or t <= chunk:
+        return cross_entropy(logits_fn(hidden), targets, weights)
+    pad = -t % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, weights = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets, weights))
+
+    def chunks(a: jax.Array) -> jax.Array:  # [B, T, ...] -> [T / chunk, B, chunk, ...]
+        return jnp.moveaxis(a.reshape(b, -1, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(summed, xs):
+        h, tg, w = xs
+        return summed + _summed_cross_entropy(logits_fn(h), tg, w), None
+
+    start = jnp.zeros((), jnp.float32)
+    summed, _ = jax.lax.scan(one, start, (chunks(hidden), chunks(targets), chunks(weights)))
+    total = jnp.maximum(weights.sum(), 1.0)
+    return summed / total, total
 
 
 def loss_fn(model: Model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     del rng  # no dropout
-    logits = model(batch)
-    loss, tokens = cross_entropy(logits, batch["targets"], batch["weights"])
+    loss, tokens = chunked_cross_entropy(
+        model.hidden(batch), model.logits, batch["targets"], batch["weights"], model.loss_chunk
+    )
     return loss, {"loss": loss, "tokens": tokens}
 
 

@@ -156,7 +156,6 @@ def make_eval_step(s: Setup):
     )
 
 
-# bf16 dense peak FLOP/s per device, from the vendors' data sheets.
 # Dense bf16 peak FLOP/s per chip from the data sheets, by the `device_kind` JAX reports. The
 # first pattern that matches wins, so variants come before the family: an H100 PCIe is not an
 # SXM, an L40S is not an L4, and a v5p reports itself as "TPU v5" (a v5e as "TPU v5 lite").

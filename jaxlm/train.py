@@ -8,6 +8,7 @@ single process, Ctrl-C saves a checkpoint at a step all processes agree on and e
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -33,6 +34,45 @@ from jaxlm.step import OBJECTIVES, Setup, build, make_eval_step, make_train_step
 log = logging.getLogger("jaxlm")
 
 SYNC_EVERY = 8  # steps; CPU collectives deadlock when too many steps are queued unsynced
+PREFETCH = 2  # batches put on the devices ahead of the step that needs them
+PROFILE_STEPS = (3, 6)  # --profile traces steps [start + 3, start + 6): compiled and warm
+
+
+def on_devices(batches, mesh, ahead: int = PREFETCH):
+    """Global device batches, each transferred `ahead` steps before it is needed: the copy
+    runs while the previous steps compute, so the loop never waits on the host."""
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(sharding.to_global(batch, mesh))
+        if len(queue) > ahead:
+            yield queue.popleft()
+    yield from queue
+
+
+class Profile:
+    """--profile DIR: a jax.profiler trace of a few steps (TensorBoard's profile plugin and
+    Perfetto open it)."""
+
+    def __init__(self, directory: str | os.PathLike | None, start: int):
+        self.directory = None if directory is None else os.fspath(directory)
+        self.first = start + PROFILE_STEPS[0]
+        self.last, self.running = start + PROFILE_STEPS[1], False
+
+    def before(self, step: int) -> None:
+        if self.directory and step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.running = True
+
+    def after(self, step: int, metrics) -> None:
+        if self.running and (step + 1 == self.last):
+            jax.block_until_ready(metrics)
+            self.stop()
+            log.info("profile of steps %d..%d in %s", self.first + 1, self.last, self.directory)
+
+    def stop(self) -> None:
+        if self.running:
+            jax.profiler.stop_trace()
+            self.running = False
 
 
 class MetricsWriter:
@@ -144,8 +184,11 @@ def restore_or_init(s: Setup, ckpt: Checkpointer, cfg: Config) -> tuple[dict, in
     return s.init(), 0, None
 
 
-def train(cfg: Config, workdir: str | os.PathLike) -> dict:
-    """Train (or resume) to cfg.train.steps; returns the last logged metrics."""
+def train(
+    cfg: Config, workdir: str | os.PathLike, profile: str | os.PathLike | None = None
+) -> dict:
+    """Train (or resume) to cfg.train.steps; returns the last logged metrics. With profile,
+    a jax.profiler trace of a few steps is written there."""
     workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -160,7 +203,7 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
         state, start, tokenizer = restore_or_init(s, ckpt, cfg)
         tokenizer = tokenizer or fresh_tokenizer(cfg, objective)
         dataset = objective.load_data(cfg, tokenizer, workdir)
-        batches = dataset.train_batches(start)
+        batches = on_devices(dataset.train_batches(start), mesh)
         eval_batches = dataset.eval_batches()
         train_step, eval_step = make_train_step(s), make_eval_step(s)
         flops_per_item = objective.flops_per_item(cfg)
@@ -188,12 +231,15 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
         )
         writer.write(start, {**baselines, "peak_flops": peak, "peak_flops_source": peak_source})
 
-        preemption = Preemption()
+        preemption, profiler = Preemption(), Profile(profile, start)
+        sync_every = SYNC_EVERY if jax.devices()[0].platform == "cpu" else 0
         last: dict = {}
         timer, timed_steps = time.perf_counter(), 0
         try:
             for step in range(start, cfg.train.steps):
-                state, metrics = train_step(state, sharding.to_global(next(batches), mesh))
+                profiler.before(step)
+                state, metrics = train_step(state, next(batches))
+                profiler.after(step, metrics)
                 done, timed_steps = step + 1, timed_steps + 1
                 final = done == cfg.train.steps
                 if done % cfg.train.log_every == 0 or final or done == start + 1:
@@ -217,7 +263,7 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
                     writer.write(done, metrics)
                     last |= metrics
                     timer, timed_steps = time.perf_counter(), 0
-                elif done % SYNC_EVERY == 0:
+                elif sync_every and done % sync_every == 0:
                     jax.block_until_ready(metrics)
                 if done % cfg.train.eval_every == 0 or final:
                     ev = evaluate(eval_step, state["params"], eval_batches, mesh)
@@ -240,6 +286,7 @@ def train(cfg: Config, workdir: str | os.PathLike) -> dict:
                     break
             ckpt.wait()
         finally:
+            profiler.stop()
             preemption.close()
             ckpt.close()
             writer.close()

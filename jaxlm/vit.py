@@ -60,7 +60,6 @@ class ImageTower(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)
         x = x + self.positions[...].astype(self.dtype)
         t = x.shape[1]
-        segments = jnp.ones((b, t), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        x = self.transformer(x, segments, positions, causal=False)
+        x = self.transformer(x, None, positions, causal=False)  # every patch sees every other
         return x[:, 0] if self.cls is not None else x.mean(axis=1)

@@ -98,3 +98,38 @@ def test_clip_vit_b16_has_clip_parameter_count():
     n = build(cfg, sharding.make_mesh(cfg.mesh)).num_params()
     # OpenAI's CLIP ViT-B/16 has 149.6M parameters (86.2M image tower, 63.2M text tower).
     assert 149_000_000 < n < 150_200_000, n
+
+
+@pytest.mark.parametrize("chunk", [16, 13, 64])
+def test_chunked_cross_entropy_equals_the_plain_one(chunk):
+    """Value and gradients (to the hidden states and the projection), with a padded last
+    chunk (40 positions in chunks of 16 or 13) and with one chunk."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    hidden = jax.random.normal(keys[0], (3, 40, 16))
+    table = jax.random.normal(keys[1], (50, 16))
+    targets = jax.random.randint(keys[2], (3, 40), 0, 50)
+    weights = (jax.random.uniform(keys[3], (3, 40)) > 0.2).astype(jnp.float32)
+
+    def plain(h, w):
+        return lm.cross_entropy(jnp.einsum("BTD,VD->BTV", h, w), targets, weights)[0]
+
+    def chunked(h, w):
+        logits = lambda x: jnp.einsum("...D,VD->...V", x, w)  # noqa: E731
+        return lm.chunked_cross_entropy(h, logits, targets, weights, chunk)[0]
+
+    want, want_grads = jax.value_and_grad(plain, argnums=(0, 1))(hidden, table)
+    got, got_grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, table)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("variant", "low", "high"),
+    [("llama_1b", 1.230e9, 1.240e9), ("llama_7b", 6.73e9, 6.75e9), ("llama_70b", 68.9e9, 69.1e9)],
+)
+def test_llama_shapes(variant, low, high):
+    """Llama-3.2-1B 1,235.8M; Llama-2-7B 6,738.4M; Llama-2-70B 68,976.6M (as published)."""
+    cfg = config.load(str(ROOT / f"configs/gpt.py:{variant}"), ["mesh.fsdp=8"])
+    n = build(cfg, sharding.make_mesh(cfg.mesh)).num_params()
+    assert low < n < high, n

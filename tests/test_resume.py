@@ -6,6 +6,7 @@ import logging
 import pytest
 from conftest import ROOT, load_tiny, losses, run_python, tiny_overrides
 
+from jaxlm import train as train_lib
 from jaxlm.config import ConfigError
 from jaxlm.train import train
 
@@ -39,7 +40,7 @@ from jaxlm import config, sharding, train
 to_global, calls = sharding.to_global, []
 def to_global_then_signal(batch, mesh):
     calls.append(1)
-    if len(calls) == {at}:  # while that step runs, as a preemption notice would arrive
+    if len(calls) == {at}:  # as a preemption notice would arrive, mid-run
         os.kill(os.getpid(), signal.{signal})
     return to_global(batch, mesh)
 train.sharding.to_global = to_global_then_signal
@@ -65,12 +66,14 @@ def test_signals_save_a_checkpoint_and_the_rerun_resumes_exactly(tmp_path):
         assert proc.returncode == 0 and "returned normally" in proc.stdout, proc.stderr[-3000:]
         return proc.stderr
 
-    err = launch("SIGTERM", 5)  # preemption
+    # Batch k is placed on the devices PREFETCH (2) steps ahead: during step k - 2 of a run.
+    assert train_lib.PREFETCH == 2
+    err = launch("SIGTERM", 7)  # preemption during step 5
     assert f"preempted at step 5: checkpoint saved in {run}/checkpoints/5" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["5"]
     assert sorted(losses(run)) == [1, 2, 3, 4, 5]
 
-    err = launch("SIGINT", 3)  # Ctrl-C while step 8 runs
+    err = launch("SIGINT", 5)  # Ctrl-C during the resumed run's third step, step 8
     assert f"resumed from {run}/checkpoints/5" in err
     assert f"preempted at step 8: checkpoint saved in {run}/checkpoints/8" in err
 

@@ -1,6 +1,7 @@
 """Training: sharding does not change the math; a killed run resumes exactly."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -43,13 +44,16 @@ def test_same_losses_on_every_mesh(tmp_path, objective):
         )
 
 
-def test_metrics_lines_carry_the_promised_fields(tmp_path):
-    train(load_tiny(**{"train.eval_every": 2}), tmp_path)
+def test_metrics_lines_carry_the_promised_fields(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(load_tiny(**{"train.eval_every": 2, "train.steps": 6}), tmp_path, tmp_path / "prof")
+    assert f"profile of steps 4..6 in {tmp_path / 'prof'}" in caplog.text
+    assert list((tmp_path / "prof").rglob("*.xplane.pb"))  # what TensorBoard / Perfetto read
     records = read_metrics(tmp_path)
     assert "eval_unigram_loss" in records[0] and "peak_flops_source" in records[0]
     steps = [r for r in records if "loss" in r]
     assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"} <= set(steps[-1])
-    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 6]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 

@@ -1,0 +1,117 @@
+"""Which attention kernel for which backend, dtype, head size, lengths and masking.
+
+One function, `choose`, decides, and says why; `attend` runs the choice. The rules are JAX's
+own (jax/_src/cudnn/fused_attention_stablehlo.py, `check_layout` and
+`check_is_flash_attention`, the same in JAX 0.10.2 and 0.11.2): cuDNN's fused attention takes
+float16 / bfloat16 only, head sizes that are multiples of 8 up to 128 (256 from Hopper on),
+and, when training with a bias (which is what a mask becomes), even lengths. jaxlm never hands
+cuDNN what it refuses:
+
+- rows without a mask (a ViT's patches) or with causal masking alone go to cuDNN bare;
+- packed documents need their mask (a bias for cuDNN): an odd length is padded by one
+  position of its own segment (which nothing else sees) and the pad cut off again;
+- anything else falls back to XLA's attention, with the reason logged once.
+
+On TPU the XLA path is used for now: Pallas splash attention (what MaxText runs) is not wired
+in yet, so TPU attention materialises [B, H, T, S] scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger("jaxlm")
+CUDNN_DTYPES = ("float16", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    implementation: str  # "cudnn" | "xla": jax.nn.dot_product_attention's implementation
+    reason: str
+    pad: int = 0  # positions appended to T and S (to an even length for cuDNN's bias rule)
+
+
+def choose(
+    setting: str,
+    backend: str,
+    dtype: str,
+    head_size: int,
+    length: int,
+    masked: bool,
+    training: bool = True,
+    hopper: bool = False,
+) -> Choice:
+    """The implementation for q, k, v of `length` positions and `head_size`, in `dtype`.
+    masked: a mask (packed documents or padding) goes with the call; hopper: compute
+    capability >= 9.0 (larger head sizes)."""
+    if setting == "xla":
+        return Choice("xla", "model.attention=xla")
+    if backend != "gpu":
+        if setting == "cudnn":
+            return Choice("xla", f"model.attention=cudnn, but the backend is {backend}")
+        return Choice("xla", f"{backend}: XLA attention (no fused kernel wired in here)")
+    if dtype not in CUDNN_DTYPES:
+        return Choice("xla", f"cuDNN takes float16 / bfloat16 only, not {dtype}")
+    limit = 256 if hopper else 128
+    if head_size > limit or head_size % 8:
+        return Choice(
+            "xla", f"cuDNN takes head sizes that are multiples of 8 up to {limit}: {head_size}"
+        )
+    if masked and training and length % 2:
+        return Choice("cudnn", f"cuDNN with a mask; odd length {length} padded to even", pad=1)
+    return Choice("cudnn", "cuDNN fused attention" + (" with a mask" if masked else ""))
+
+
+@functools.cache
+def _hopper() -> bool:
+    devices = jax.devices()
+    if devices[0].platform != "gpu":
+        return False
+    capability = getattr(devices[0], "compute_capability", "0.0")
+    return tuple(int(x) for x in str(capability).split(".")) >= (9, 0)
+
+
+@functools.cache
+def _logged(choice: Choice, what: str) -> None:
+    log.info("attention for %s: %s (%s)", what, choice.implementation, choice.reason)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None,
+    causal: bool,
+    setting: str = "auto",
+) -> jax.Array:
+    """Attention of q [B, T, H, K] over k, v [B, S, N, K] (N divides H). segment_ids [B, T]:
+    packed documents never see each other and padding (segment 0) only sees padding; None:
+    every position sees every other (causal aside)."""
+    b, t, h, size = q.shape
+    choice = choose(
+        setting,
+        jax.default_backend(),
+        jnp.dtype(q.dtype).name,
+        size,
+        t,
+        segment_ids is not None,
+        hopper=_hopper(),
+    )
+    _logged(choice, f"{h} heads x {size}, length {t}, {q.dtype}")
+    if choice.pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, choice.pad), (0, 0), (0, 0))) for x in (q, k, v))
+        # the pad is a segment of its own: no real position sees it, and it sees only itself
+        pad_id = jnp.max(segment_ids) + 1
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, choice.pad)), constant_values=pad_id)
+    mask = None
+    if segment_ids is not None:
+        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # B 1 T S
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal, implementation=choice.implementation
+    )
+    return out[:, :t] if choice.pad else out

@@ -1,0 +1,170 @@
+"""`jaxlm plan CONFIG --devices N [--device KIND]`: will this config fit, before a pod is booked?
+
+The train step is compiled ahead of time, exactly as `jaxlm train` would jit it (same
+shardings, donation, loss), for N devices, and XLA's own memory and cost analyses are read:
+
+- KIND a TPU kind with libtpu installed: compiled for that TPU topology (no TPU needed);
+- otherwise on N fake CPU devices. The CPU compiler fuses less than a TPU's or a GPU's, so
+  its temporaries are an upper bound; KIND then only sets the memory to fit in.
+
+Per device: `state_bytes_per_device` (parameters + optimizer state, from the shardings),
+`temp_bytes_per_device` (XLA's temporaries), `peak_bytes_per_device` (XLA's own peak where the
+backend reports one; on CPU, which does not, arguments + outputs - donated + temporaries: all
+live at once, an upper bound).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+GIB = 1 << 30
+# Memory of one chip / GPU, bytes. A100 and H100 as their 80 GB parts.
+DEVICE_MEMORY = {
+    "v4": 32 * GIB,
+    "v5e": 16 * GIB,
+    "v5p": 95 * GIB,
+    "v6e": 32 * GIB,
+    "a100": 80 * GIB,
+    "h100": 80 * GIB,
+    "h200": 141 * 10**9,
+}
+TPU_KINDS = ("v4", "v5e", "v5p", "v6e")
+
+
+def use_fake_cpus(devices: int) -> None:
+    """Ask for `devices` fake CPU devices: must run before JAX touches a device."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def libtpu_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def plan(cfg, devices: int, kind: str | None = None) -> dict:
+    """Compile cfg's train step for `devices` devices (the current backend's, or a TPU
+    topology when kind is a TPU kind and libtpu is there) and report its memory and FLOPs."""
+    import jax
+
+    from jaxlm.config import ConfigError
+
+    if kind is not None and kind not in DEVICE_MEMORY:
+        raise ConfigError(f"--device {kind!r}: expected one of {', '.join(DEVICE_MEMORY)}")
+    targets = _tpu_devices(kind, devices) if kind in TPU_KINDS else None
+    compiled_for = f"{kind} x {devices} (TPU compile)" if targets else None
+    if targets is None:
+        targets = jax.devices()
+        if len(targets) != devices:
+            raise ConfigError(
+                f"--devices {devices}: this process has {len(targets)} devices (run `jaxlm "
+                "plan`, which makes N fake CPU devices, rather than calling plan() after JAX "
+                "started)"
+            )
+        compiled_for = f"{targets[0].platform} x {devices}"
+        if targets[0].platform == "cpu":
+            compiled_for += " (fake CPU devices: temporaries are an upper bound)"
+    s, compiled = compile_train_step(cfg, targets)
+    memory = compiled.memory_analysis()
+    state = sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(s.abstract)
+    )
+    temp = int(memory.temp_size_in_bytes)
+    reported_peak = int(getattr(memory, "peak_memory_in_bytes", 0) or 0)
+    if targets[0].platform == "cpu" or not reported_peak:
+        peak = int(
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+            + temp
+        )
+        peak_source = "arguments + outputs - donated + temporaries"
+    else:
+        peak, peak_source = reported_peak, "XLA's peak_memory_in_bytes"
+    items = cfg.train.batch_size * s.objective.items_per_example(cfg)
+    limit = DEVICE_MEMORY.get(kind) if kind else None
+    return {
+        "config": cfg.name,
+        "params": s.num_params(),
+        "devices": devices,
+        "mesh": dict(s.mesh.shape),
+        "compiled_for": compiled_for,
+        "state_bytes_per_device": state,
+        "temp_bytes_per_device": temp,
+        "peak_bytes_per_device": peak,
+        "peak_source": peak_source,
+        "flops_per_step": items * s.objective.flops_per_item(cfg),
+        "flops_source": "6N + attention per item x items per step (the MFU count)",
+        "compiled_flops_per_device": _compiled_flops(compiled),
+        "device_memory_bytes": limit,
+        "fits": None if limit is None else peak <= limit,
+    }
+
+
+def compile_train_step(cfg, devices: list):
+    """(Setup, compiled train step) for cfg on these devices, as `jaxlm train` jits it, from
+    abstract arrays only: nothing is allocated."""
+    import jax
+
+    from jaxlm import sharding
+    from jaxlm.step import build, make_train_step
+
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
+    s = build(cfg, mesh)
+    batch = s.objective.synthetic_batch(cfg, cfg.train.batch_size, np.random.default_rng(0))
+    in_batch = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("batch", None)))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_batch) for k, v in batch.items()}
+    with jax.set_mesh(mesh):
+        return s, make_train_step(s).lower(s.abstract, batch).compile()
+
+
+def _compiled_flops(compiled) -> float | None:
+    """XLA's cost analysis of the per-device program (None where the backend has none)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return None if flops is None else float(flops)
+
+
+def _tpu_devices(kind: str, devices: int) -> list | None:
+    """The devices of a `kind` TPU topology with `devices` chips, compiled for without a
+    TPU (libtpu from PyPI: `pip install 'jax[tpu]'`); None where libtpu is missing."""
+    if not libtpu_installed():
+        return None
+    from jax.experimental import topologies
+
+    from jaxlm.config import ConfigError
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="tpu", topology_name=f"{kind}:{_tpu_shape(kind, devices)}"
+        )
+    except Exception as e:
+        raise ConfigError(
+            f"--device {kind} --devices {devices}: no such TPU topology ({e})"
+        ) from None
+    return list(topology.devices)
+
+
+def _tpu_shape(kind: str, chips: int) -> str:
+    """A slice shape of `chips` chips: 2-D for v5e / v6e, 3-D (4 chips per host) for v4 / v5p."""
+    if kind in ("v5e", "v6e"):
+        x = 2 ** math.ceil(math.log2(chips) / 2)
+        return f"{x}x{chips // x}" if chips > 1 else "1x1"
+    dims = [1, 1, 1]
+    for i in range(int(math.log2(chips))):
+        dims[i % 3] *= 2
+    return "x".join(map(str, sorted(dims)))

@@ -1,0 +1,61 @@
+"""The attention chooser against JAX's own cuDNN checks, and the padding it may add."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import attention
+
+CASES = list(
+    itertools.product(
+        ["gpu", "tpu", "cpu"],  # backend
+        ["float32", "bfloat16"],
+        [128, 77],  # even and odd lengths (77: CLIP's text)
+        [True, False],  # packed documents (a mask) or not
+        [64, 128, 256],  # head sizes
+        [False, True],  # Hopper or later
+    )
+)
+
+
+def test_cudnn_is_only_chosen_where_jax_accepts_the_call(monkeypatch):
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    chosen = 0
+    for backend, dtype, length, masked, head, hopper in CASES:
+        choice = attention.choose("auto", backend, dtype, head, length, masked, True, hopper)
+        if choice.implementation != "cudnn":
+            assert choice.reason
+            continue
+        chosen += 1
+        assert backend == "gpu", choice
+        monkeypatch.setattr(cudnn, "check_compute_capability", lambda c, h=hopper: h)
+        monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda c: False)
+        t = length + choice.pad
+        q = jax.ShapeDtypeStruct((2, t, 4, head), jnp.dtype(dtype))
+        bias = jax.ShapeDtypeStruct((2, 1, t, t), jnp.dtype(dtype)) if masked else None
+        layout = cudnn.AttentionLayout.BTNH
+        cudnn.check_layout(q, q, q, bias, None, None, None, None, None, None, layout)
+        cudnn.check_is_flash_attention(q, q, q, layout.value, 91000, masked, True)
+    # cuDNN is taken wherever it can be: bfloat16 on a GPU with a head size it supports
+    # 2 lengths x masked or not x (64 and 128 on both generations, 256 on Hopper only)
+    assert chosen == 2 * 2 * 5, chosen
+    assert attention.choose("auto", "gpu", "bfloat16", 64, 77, True).pad == 1
+    assert attention.choose("auto", "gpu", "bfloat16", 64, 77, False).pad == 0
+    assert attention.choose("cudnn", "gpu", "float32", 64, 128, True).implementation == "xla"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_to_an_even_length_changes_nothing(monkeypatch, causal):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (2, 7, 4, 8)) for key in keys)
+    segments = jnp.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 0, 0]])
+    want = attention.attend(q, k, v, segments, causal, "xla")
+    padded = attention.Choice("xla", "padded as cuDNN would be", pad=1)
+    monkeypatch.setattr(attention, "choose", lambda *a, **k: padded)
+    got = attention.attend(q, k, v, segments, causal, "auto")
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
