@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 
@@ -71,12 +72,39 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
         compiled_for = f"{targets[0].platform} x {devices}"
         if targets[0].platform == "cpu":
             compiled_for += " (fake CPU devices: temporaries are an upper bound)"
-    s, compiled = compile_train_step(cfg, targets)
-    memory = compiled.memory_analysis()
+    s = setup(cfg, targets)
     state = sum(
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
         for x in jax.tree.leaves(s.abstract)
     )
+    items = cfg.train.batch_size * s.objective.items_per_example(cfg)
+    limit = DEVICE_MEMORY.get(kind) if kind else None
+    result = {
+        "config": cfg.name,
+        "params": s.num_params(),
+        "devices": devices,
+        "mesh": dict(s.mesh.shape),
+        "compiled_for": compiled_for,
+        "state_bytes_per_device": state,
+        "flops_per_step": items * s.objective.flops_per_item(cfg),
+        "flops_source": "6N + attention per item x items per step (the MFU count)",
+        "device_memory_bytes": limit,
+    }
+    try:
+        compiled = compile_step(s)
+    except Exception as e:  # a TPU compile refuses what does not fit in its HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        needed = re.search(r"temporaries \(([\d.]+)G\)", str(e))
+        temp = round(float(needed.group(1)) * GIB) if needed else None
+        return result | {
+            "temp_bytes_per_device": temp,
+            "peak_bytes_per_device": None if temp is None else temp + state,
+            "peak_source": "the compiler's out-of-memory message: temporaries + state",
+            "fits": False,
+            "compile_error": str(e).splitlines()[0][:300],
+        }
+    memory = compiled.memory_analysis()
     temp = int(memory.temp_size_in_bytes)
     reported_peak = int(getattr(memory, "peak_memory_in_bytes", 0) or 0)
     if targets[0].platform == "cpu" or not reported_peak:
@@ -89,22 +117,11 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
         peak_source = "arguments + outputs - donated + temporaries"
     else:
         peak, peak_source = reported_peak, "XLA's peak_memory_in_bytes"
-    items = cfg.train.batch_size * s.objective.items_per_example(cfg)
-    limit = DEVICE_MEMORY.get(kind) if kind else None
-    return {
-        "config": cfg.name,
-        "params": s.num_params(),
-        "devices": devices,
-        "mesh": dict(s.mesh.shape),
-        "compiled_for": compiled_for,
-        "state_bytes_per_device": state,
+    return result | {
         "temp_bytes_per_device": temp,
         "peak_bytes_per_device": peak,
         "peak_source": peak_source,
-        "flops_per_step": items * s.objective.flops_per_item(cfg),
-        "flops_source": "6N + attention per item x items per step (the MFU count)",
         "compiled_flops_per_device": _compiled_flops(compiled),
-        "device_memory_bytes": limit,
         "fits": None if limit is None else peak <= limit,
     }
 
@@ -112,14 +129,26 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
 def compile_train_step(cfg, devices: list):
     """(Setup, compiled train step) for cfg on these devices, as `jaxlm train` jits it, from
     abstract arrays only: nothing is allocated."""
-    import jax
+    s = setup(cfg, devices)
+    return s, compile_step(s)
 
+
+def setup(cfg, devices: list):
     from jaxlm import sharding
-    from jaxlm.step import build, make_train_step
+    from jaxlm.step import build
 
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
-    s = build(cfg, mesh)
+    return build(cfg, mesh)
+
+
+def compile_step(s):
+    import jax
+
+    from jaxlm import sharding
+    from jaxlm.step import make_train_step
+
+    cfg, mesh = s.cfg, s.mesh
     batch = s.objective.synthetic_batch(cfg, cfg.train.batch_size, np.random.default_rng(0))
     in_batch = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("batch", None)))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_batch) for k, v in batch.items()}
@@ -167,4 +196,4 @@ def _tpu_shape(kind: str, chips: int) -> str:
     dims = [1, 1, 1]
     for i in range(int(math.log2(chips))):
         dims[i % 3] *= 2
-    return "x".join(map(str, sorted(dims)))
+    return "x".join(map(str, dims))  # largest first: 2x2x1 hosts tile it
