@@ -22,6 +22,7 @@ Variants:
 """
 
 import dataclasses
+import functools
 
 from jaxlm.config import (
     CheckpointConfig,
@@ -39,9 +40,7 @@ def get_config(variant: str = "tiny") -> Config:
         "tiny": tiny,
         "gpt2_124m": gpt2_124m,
         "llama_160m": llama_160m,
-        "llama_1b": llama_1b,
-        "llama_7b": llama_7b,
-        "llama_70b": llama_70b,
+        **{name: functools.partial(_llama, **shape) for name, shape in LLAMA.items()},
     }
     if variant not in variants:
         raise variant_error(__file__, variant, variants)
@@ -137,37 +136,12 @@ def _llama(**shape) -> Config:
     )
 
 
-def llama_1b() -> Config:  # Llama-3.2-1B
-    return _llama(
-        vocab_size=128256,
-        num_layers=16,
-        d_model=2048,
-        num_heads=32,
-        num_kv_heads=8,
-        mlp_dim=8192,
-        rope_theta=500000.0,
-        tie_embeddings=True,
-    )
-
-
-def llama_7b() -> Config:  # Llama-2-7B
-    return _llama(
-        vocab_size=32000,
-        num_layers=32,
-        d_model=4096,
-        num_heads=32,
-        mlp_dim=11008,
-        tie_embeddings=False,
-    )
-
-
-def llama_70b() -> Config:  # Llama-2-70B
-    return _llama(
-        vocab_size=32000,
-        num_layers=80,
-        d_model=8192,
-        num_heads=64,
-        num_kv_heads=8,
-        mlp_dim=28672,
-        tie_embeddings=False,
-    )
+# Published shapes: Llama-3.2-1B, Llama-2-7B, Llama-2-70B.
+LLAMA = {
+    "llama_1b": dict(vocab_size=128256, num_layers=16, d_model=2048, num_heads=32,
+                     num_kv_heads=8, mlp_dim=8192, rope_theta=500000.0, tie_embeddings=True),
+    "llama_7b": dict(vocab_size=32000, num_layers=32, d_model=4096, num_heads=32,
+                     mlp_dim=11008, tie_embeddings=False),
+    "llama_70b": dict(vocab_size=32000, num_layers=80, d_model=8192, num_heads=64,
+                      num_kv_heads=8, mlp_dim=28672, tie_embeddings=False),
+}  # fmt: skip
