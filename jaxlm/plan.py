@@ -153,7 +153,7 @@ def compile_step(s):
     in_batch = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("batch", None)))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_batch) for k, v in batch.items()}
     with jax.set_mesh(mesh):
-        return s, make_train_step(s).lower(s.abstract, batch).compile()
+        return make_train_step(s).lower(s.abstract, batch).compile()
 
 
 def _compiled_flops(compiled) -> float | None:
