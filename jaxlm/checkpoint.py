@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jaxlm import config as config_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import CheckpointConfig, Config, ConfigError
+from jaxlm.inputs import is_remote
 
 log = logging.getLogger("jaxlm")
 
@@ -138,7 +139,7 @@ class Checkpointer:
 def _move_tree(src: epath.Path, dst: epath.Path) -> None:
     """Move a directory. Object stores (gs://) have no directories and no rename: each object
     is copied, and the originals are deleted only once every copy exists."""
-    if "://" not in str(src):
+    if not is_remote(str(src)):
         dst.parent.mkdir(parents=True, exist_ok=True)
         src.rename(dst)
         return

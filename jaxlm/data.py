@@ -170,6 +170,7 @@ class Shards:
                     )
         self.paths = [str(p) for p, _, _ in shards]
         self.ends = np.cumsum([n for _, n, _ in shards])
+        self.starts = self.ends - [n for _, n, _ in shards]
         self.row_length = row_length
         self._readers: list = [None] * len(shards)
         self._lock = threading.Lock()
@@ -182,10 +183,9 @@ class Shards:
         rows = np.asarray(rows, np.int64)
         width = 6 * self.row_length  # int32 tokens, then uint16 segment ids
         shard = np.searchsorted(self.ends, rows, side="right")
-        first = np.concatenate([[0], self.ends[:-1]])
         records: list[bytes] = []
         for r, k in zip(rows, shard, strict=True):
-            position = int(r - first[k])
+            position = int(r - self.starts[k])
             try:
                 (record,) = self._reader(k).read(position, position + 1)
             except Exception as e:

@@ -131,7 +131,7 @@ def chunked_cross_entropy(
     over chunks of `chunk` positions, each chunk's logits recomputed in the backward pass
     (jax.checkpoint), so only [B, chunk, V] lives at a time. T is padded to a multiple of
     chunk with zero-weight positions."""
-    b, t, d = hidden.shape
+    b, t = hidden.shape[:2]
     if not chunk or t <= chunk:
         return cross_entropy(logits_fn(hidden), targets, weights)
     pad = -t % chunk
