@@ -7,10 +7,14 @@ float16 / bfloat16 only, head sizes that are multiples of 8 up to 128 (256 from 
 and, when training with a bias (which is what a mask becomes), even lengths. jaxlm never hands
 cuDNN what it refuses:
 
-- rows without a mask (a ViT's patches) or with causal masking alone go to cuDNN bare;
+- rows without a mask (a ViT's patches), with causal masking alone (a causal LM with
+  `model.document_mask=false`) or with one right-padded sequence each (CLIP captions: lengths)
+  go to cuDNN without a bias: is_causal and sequence lengths are cuDNN's own mask types;
 - packed documents need their mask (a bias for cuDNN): an odd length is padded by one
   position of its own segment (which nothing else sees) and the pad cut off again;
-- anything else falls back to XLA's attention, with the reason logged once.
+- anything else falls back to XLA's attention, with the reason logged once; and should cuDNN
+  still refuse a call while it is traced (a rule this module does not know), the call falls
+  back to XLA and says so.
 
 On TPU the XLA path is used for now: Pallas splash attention (what MaxText runs) is not wired
 in yet, so TPU attention materialises [B, H, T, S] scores.
@@ -27,6 +31,21 @@ import jax.numpy as jnp
 
 log = logging.getLogger("jaxlm")
 CUDNN_DTYPES = ("float16", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Who may see whom, causality aside. segment_ids [B, T]: packed documents, each seeing
+    only itself (segment 0, padding, sees only padding); lengths [B]: one sequence per row,
+    right-padded, of that many positions; neither: every position sees every other. Only
+    segment_ids costs a dense [B, 1, T, S] mask (a bias for cuDNN)."""
+
+    segment_ids: jax.Array | None = None
+    lengths: jax.Array | None = None
+
+    def __post_init__(self) -> None:
+        if self.segment_ids is not None and self.lengths is not None:
+            raise ValueError("Mask takes segment_ids or lengths, not both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,14 +104,13 @@ def attend(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    segment_ids: jax.Array | None,
+    mask: Mask,
     causal: bool,
     setting: str = "auto",
 ) -> jax.Array:
-    """Attention of q [B, T, H, K] over k, v [B, S, N, K] (N divides H). segment_ids [B, T]:
-    packed documents never see each other and padding (segment 0) only sees padding; None:
-    every position sees every other (causal aside)."""
+    """Attention of q [B, T, H, K] over k, v [B, S, N, K] (N divides H), masked by `mask`."""
     b, t, h, size = q.shape
+    segment_ids = mask.segment_ids
     choice = choose(
         setting,
         jax.default_backend(),
@@ -102,16 +120,32 @@ def attend(
         segment_ids is not None,
         hopper=_hopper(),
     )
-    _logged(choice, f"{h} heads x {size}, length {t}, {q.dtype}")
+    what = f"{h} heads x {size}, length {t}, {q.dtype}"
+    _logged(choice, what)
     if choice.pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, choice.pad), (0, 0), (0, 0))) for x in (q, k, v))
         # the pad is a segment of its own: no real position sees it, and it sees only itself
         pad_id = jnp.max(segment_ids) + 1
         segment_ids = jnp.pad(segment_ids, ((0, 0), (0, choice.pad)), constant_values=pad_id)
-    mask = None
+    dense = None
     if segment_ids is not None:
-        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # B 1 T S
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=causal, implementation=choice.implementation
+        dense = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # B 1 T S
+    lengths = None if mask.lengths is None else mask.lengths.astype(jnp.int32)
+    call = functools.partial(
+        jax.nn.dot_product_attention,
+        q,
+        k,
+        v,
+        mask=dense,
+        is_causal=causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
     )
+    try:
+        out = call(implementation=choice.implementation)
+    except (NotImplementedError, ValueError, RuntimeError) as refusal:  # JAX's cuDNN checks
+        if choice.implementation != "cudnn":
+            raise
+        _logged(Choice("xla", f"cuDNN refused the call: {refusal}"), what)
+        out = call(implementation="xla")
     return out[:, :t] if choice.pad else out

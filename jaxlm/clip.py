@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import data, images, sharding
 from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.attention import Mask
 from jaxlm.config import Config, ConfigError
 from jaxlm.layers import Embed, Transformer, param, stack_flops_per_token
 from jaxlm.vit import ImageTower, tower_config
@@ -51,7 +52,7 @@ class Model(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.text_embed(tokens, positions)
         causal = self.text_pool == "last"
-        h = self.text(x, segments, positions, causal=causal)
+        h = self.text(x, Mask(lengths=segments.sum(-1)), positions, causal=causal)  # right-padded
         if causal:  # the [eos] token, last of the caption, has seen all of it
             last = jnp.maximum(segments.sum(-1) - 1, 0)
             pooled = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]

@@ -47,6 +47,9 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan compiles faster; unrolled runs faster on GPU
     remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
     attention: str = "auto"  # auto | cudnn: cuDNN where it takes the call (jaxlm.attention) | xla
+    # packed documents see only themselves (a dense mask); false (causal LM only): each row
+    # is one causal sequence, as GPT-2 and nanoGPT train, and cuDNN runs without a bias
+    document_mask: bool = True
 
     @property
     def kv_heads(self) -> int:
@@ -291,6 +294,11 @@ def validate(cfg: Config) -> None:
         )
     if m.position == "rope" and m.head_size % 2:
         raise ConfigError(f"rope needs an even head size, got {m.head_size}")
+    if not m.document_mask and cfg.objective != "lm":
+        raise ConfigError(
+            f"model.document_mask=false is for the causal LM only: a {cfg.objective} model "
+            "would see across padding and documents"
+        )
     mlm = cfg.mlm
     if not 0 < mlm.mask_rate < 1:
         raise ConfigError(f"mlm.mask_rate must be in (0, 1), got {mlm.mask_rate}")

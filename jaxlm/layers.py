@@ -90,7 +90,7 @@ class Attention(nnx.Module):
         self.bo = nnx.data(param(rngs, (d,), ("norm",), "zeros") if bias else None)
 
     def __call__(
-        self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array, causal: bool
+        self, x: jax.Array, mask: attention.Mask, positions: jax.Array, causal: bool
     ) -> jax.Array:
         cfg, dt = self.cfg, x.dtype
         q = jnp.einsum("BTD,DHK->BTHK", x, self.wq[...].astype(dt))
@@ -104,7 +104,7 @@ class Attention(nnx.Module):
             )
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        out = attention.attend(q, k, v, segment_ids, causal, cfg.attention)
+        out = attention.attend(q, k, v, mask, causal, cfg.attention)
         y = jnp.einsum("BTHK,HKD->BTD", out, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
@@ -151,12 +151,12 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x, segment_ids, positions, causal: bool):
+    def __call__(self, x, mask: attention.Mask, positions, causal: bool):
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x), segment_ids, positions, causal)
+            x = x + self.attn(self.attn_norm(x), mask, positions, causal)
             x = x + self.mlp(self.mlp_norm(x))
         else:
-            x = self.attn_norm(x + self.attn(x, segment_ids, positions, causal))
+            x = self.attn_norm(x + self.attn(x, mask, positions, causal))
             x = self.mlp_norm(x + self.mlp(x))
         return constrain(x, "batch", "seq", "act_embed")
 
@@ -185,13 +185,11 @@ class Transformer(nnx.Module):
         # Pre-norm stacks end with a norm; post-norm blocks already end with one.
         self.final_norm = nnx.data(Norm(cfg, rngs) if cfg.norm_position == "pre" else None)
 
-    def __call__(
-        self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array, causal: bool
-    ):
+    def __call__(self, x: jax.Array, mask: attention.Mask, positions: jax.Array, causal: bool):
         graphdef, layers = nnx.split(self.blocks)
 
         def layer(x, weights):
-            return nnx.merge(graphdef, weights)(x, segment_ids, positions, causal), None
+            return nnx.merge(graphdef, weights)(x, mask, positions, causal), None
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])

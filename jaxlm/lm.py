@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxlm import data
 from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.attention import Mask
 from jaxlm.config import Config, ModelConfig
 from jaxlm.layers import Embed, Transformer, param, stack_flops_per_token
 
@@ -33,6 +34,7 @@ UNIT = "tokens"  # what throughput is counted in: tokens_per_s
 class Model(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, loss_chunk: int = 0):
         self.loss_chunk = loss_chunk  # positions per chunk of the loss (train.loss_chunk)
+        self.document_mask = cfg.document_mask
         self.embed = Embed(cfg, rngs)
         self.transformer = Transformer(cfg, rngs)
         shape, untied = (cfg.d_model, cfg.vocab_size), not cfg.tie_embeddings
@@ -47,7 +49,13 @@ class Model(nnx.Module):
     def hidden(self, batch: dict) -> jax.Array:
         """The last layer's output, [B, T, D]."""
         x = self.embed(batch["inputs"], batch["positions"])
-        return self.transformer(x, batch["segment_ids"], batch["positions"], causal=True)
+        mask = self.attention_mask(batch["segment_ids"])
+        return self.transformer(x, mask, batch["positions"], causal=True)
+
+    def attention_mask(self, segment_ids: jax.Array) -> Mask:
+        """Packed documents see only themselves; without model.document_mask a row is one
+        causal sequence (as GPT-2 and nanoGPT train), which cuDNN runs without a bias."""
+        return Mask(segment_ids=segment_ids) if self.document_mask else Mask()
 
     def logits(self, x: jax.Array) -> jax.Array:
         if self.head is None:

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import data
+from jaxlm.attention import Mask
 from jaxlm.config import Config, ConfigError, MlmConfig, ModelConfig
 from jaxlm.layers import Embed, Norm, Transformer, param, stack_flops_per_token
 from jaxlm.lm import (  # noqa: F401 (the same hooks as the causal LM)
@@ -42,7 +43,8 @@ class Model(nnx.Module):
     def __call__(self, batch: dict) -> jax.Array:
         """The encoder's output, [B, T, D] (Hugging Face's `last_hidden_state`)."""
         x = self.embed(batch["inputs"], batch["positions"], batch.get("types"))
-        return self.transformer(x, batch["segment_ids"], batch["positions"], causal=False)
+        mask = Mask(segment_ids=batch["segment_ids"])
+        return self.transformer(x, mask, batch["positions"], causal=False)
 
     def predict(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
         """Logits [B, P, V] at the given positions [B, P] only."""

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.attention import Mask
 from jaxlm.config import Config, ModelConfig
 from jaxlm.layers import Transformer, param
 
@@ -61,5 +62,5 @@ class ImageTower(nnx.Module):
         x = x + self.positions[...].astype(self.dtype)
         t = x.shape[1]
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        x = self.transformer(x, None, positions, causal=False)  # every patch sees every other
+        x = self.transformer(x, Mask(), positions, causal=False)  # every patch sees every other
         return x[:, 0] if self.cls is not None else x.mean(axis=1)

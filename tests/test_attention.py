@@ -53,9 +53,54 @@ def test_padding_to_an_even_length_changes_nothing(monkeypatch, causal):
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (2, 7, 4, 8)) for key in keys)
     segments = jnp.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 0, 0]])
-    want = attention.attend(q, k, v, segments, causal, "xla")
+    mask = attention.Mask(segment_ids=segments)
+    want = attention.attend(q, k, v, mask, causal, "xla")
     padded = attention.Choice("xla", "padded as cuDNN would be", pad=1)
     monkeypatch.setattr(attention, "choose", lambda *a, **k: padded)
-    got = attention.attend(q, k, v, segments, causal, "auto")
+    got = attention.attend(q, k, v, mask, causal, "auto")
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_lengths_mask_right_padding_like_segment_ids(causal):
+    """CLIP captions pass lengths (cuDNN's own padding mask, no bias): the same outputs at
+    every real position, and gradients, as the dense mask of segment ids 1...1 0...0."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    q, k, v = (jax.random.normal(key, (2, 6, 4, 8)) for key in keys)
+    lengths = jnp.array([6, 4])
+    segments = (jnp.arange(6)[None] < lengths[:, None]).astype(jnp.int32)
+    real = np.asarray(segments, bool)
+
+    def run(mask):
+        _, grads = jax.value_and_grad(
+            lambda q, k, v: (
+                attention.attend(q, k, v, mask, causal) * segments[..., None, None]
+            ).sum(),
+            argnums=(0, 1, 2),
+        )(q, k, v)
+        return attention.attend(q, k, v, mask, causal), grads
+
+    got, got_grads = run(attention.Mask(lengths=lengths))
+    want, want_grads = run(attention.Mask(segment_ids=segments))
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g[real], w[real], rtol=1e-5, atol=1e-6)
+        assert np.all(np.isfinite(g))
+    if not causal:  # (causally, no real position could see the padding anyway)
+        unmasked = attention.attend(q, k, v, attention.Mask(), causal)
+        assert not np.allclose(got[1, :4], unmasked[1, :4])  # the padding really was masked
+
+
+def test_a_refused_cudnn_call_falls_back_to_xla(monkeypatch, caplog):
+    """Where JAX's cuDNN path refuses while tracing (here: no cuDNN at all, on CPU), the call
+    runs on XLA instead and the log says why."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    q, k, v = (jax.random.normal(key, (2, 8, 4, 64), jnp.bfloat16) for key in keys)
+    want = attention.attend(q, k, v, attention.Mask(), True, "xla")
+    cudnn = attention.Choice("cudnn", "as if on a GPU")
+    monkeypatch.setattr(attention, "choose", lambda *a, **k: cudnn)
+    with caplog.at_level("INFO", logger="jaxlm"):
+        got = attention.attend(q, k, v, attention.Mask(), True, "auto")
+    assert "xla (cuDNN refused the call: cuDNN is not detected" in caplog.text
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -12,6 +12,7 @@ from conftest import load_tiny
 from flax import nnx
 
 from jaxlm import data, mlm, sharding, tokenizer
+from jaxlm.attention import Mask
 from jaxlm.config import ConfigError, MeshConfig
 from jaxlm.lm import cross_entropy
 from jaxlm.train import train
@@ -141,7 +142,7 @@ def test_a_later_token_changes_an_earlier_output_but_not_across_documents():
         @jax.jit
         def grads(position):
             def out(x):
-                h = model.transformer(x, seg, batch["positions"], causal=False)
+                h = model.transformer(x, Mask(segment_ids=seg), batch["positions"], causal=False)
                 return h[0, position].sum()
 
             x = model.embed(batch["inputs"], batch["positions"])

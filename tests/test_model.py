@@ -40,7 +40,7 @@ def _logit_grads(model, cfg, segment_ids):
     @jax.jit
     def grads(position):
         def logits_at(x):
-            h = model.transformer(x, segment_ids, positions, causal=True)
+            h = model.transformer(x, model.attention_mask(segment_ids), positions, causal=True)
             return model.embed.attend(h)[0, position].sum()
 
         return jnp.abs(jax.grad(logits_at)(model.embed(ids, positions))[0]).sum(-1)
@@ -69,6 +69,18 @@ def test_no_logit_depends_on_a_later_token_or_another_document(variant):
             earlier_same_doc = own & (np.arange(32) <= position)
             assert np.all(g[~earlier_same_doc] == 0.0), (position, g)
             assert np.all(g[earlier_same_doc] > 0.0), (position, g)
+
+
+def test_without_the_document_mask_a_row_is_one_causal_sequence():
+    model, cfg = _model(**{"model.document_mask": False})
+    seg = jnp.asarray([[1] * 12 + [2] * 12 + [3] * 8])
+    with jax.set_mesh(sharding.make_mesh(MeshConfig(data=8))):
+        grads = _logit_grads(model, cfg, seg)
+        for position in (5, 20, 31):
+            g = np.asarray(grads(position))
+            earlier = np.arange(32) <= position
+            assert np.all(g[~earlier] == 0.0), (position, g)
+            assert np.all(g[earlier] > 0.0), (position, g)  # earlier documents too
 
 
 def test_scan_and_unrolled_layers_agree():
