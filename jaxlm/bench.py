@@ -13,9 +13,8 @@ import numpy as np
 
 from jaxlm import sharding
 from jaxlm.config import Config
-from jaxlm.step import build, make_train_step, peak_flops
+from jaxlm.step import build, make_train_step, peak_flops, sync_every
 
-SYNC_EVERY = 8
 log = logging.getLogger("jaxlm")
 
 
@@ -31,7 +30,7 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
         local = cfg.train.batch_size // jax.process_count()
         rng = np.random.default_rng(cfg.train.seed)
         batch = sharding.to_global(s.objective.synthetic_batch(cfg, local, rng), mesh)
-        train_step = make_train_step(s)
+        train_step, every = make_train_step(s), sync_every()
         start = time.perf_counter()
         state, metrics = train_step(state, batch)
         jax.block_until_ready(metrics)
@@ -42,7 +41,7 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
         start = time.perf_counter()
         for i in range(steps):
             state, metrics = train_step(state, batch)
-            if (i + 1) % SYNC_EVERY == 0:
+            if every and (i + 1) % every == 0:
                 jax.block_until_ready(metrics)
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - start) / steps

@@ -181,6 +181,12 @@ def device_peak_flops(kind: str) -> tuple[float, str] | None:
     return None
 
 
+def sync_every() -> int:
+    """Steps between forced syncs: 8 on CPU, whose collectives deadlock when too many steps
+    are queued unsynced; 0 (only where the loop logs) on accelerators, which must not wait."""
+    return 8 if jax.devices()[0].platform == "cpu" else 0
+
+
 def peak_flops(override: float = 0.0) -> tuple[float, str]:
     """Total peak FLOP/s of all devices, and where the figure came from."""
     devices = jax.devices()

@@ -29,11 +29,18 @@ from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.checkpoint import Checkpointer, check_resume, workdir_path
 from jaxlm.config import Config, ConfigError
 from jaxlm.evaluate import evaluate
-from jaxlm.step import OBJECTIVES, Setup, build, make_eval_step, make_train_step, peak_flops
+from jaxlm.step import (
+    OBJECTIVES,
+    Setup,
+    build,
+    make_eval_step,
+    make_train_step,
+    peak_flops,
+    sync_every,
+)
 
 log = logging.getLogger("jaxlm")
 
-SYNC_EVERY = 8  # steps; CPU collectives deadlock when too many steps are queued unsynced
 PREFETCH = 2  # batches put on the devices ahead of the step that needs them
 PROFILE_STEPS = (3, 6)  # --profile traces steps [start + 3, start + 6): compiled and warm
 
@@ -232,7 +239,7 @@ def train(
         writer.write(start, {**baselines, "peak_flops": peak, "peak_flops_source": peak_source})
 
         preemption, profiler = Preemption(), Profile(profile, start)
-        sync_every = SYNC_EVERY if jax.devices()[0].platform == "cpu" else 0
+        every = sync_every()
         last: dict = {}
         timer, timed_steps = time.perf_counter(), 0
         try:
@@ -263,7 +270,7 @@ def train(
                     writer.write(done, metrics)
                     last |= metrics
                     timer, timed_steps = time.perf_counter(), 0
-                elif sync_every and done % sync_every == 0:
+                elif every and done % every == 0:
                     jax.block_until_ready(metrics)
                 if done % cfg.train.eval_every == 0 or final:
                     ev = evaluate(eval_step, state["params"], eval_batches, mesh)
