@@ -3,15 +3,17 @@
 One function, `choose`, decides, and says why; `attend` runs the choice. The rules are JAX's
 own (jax/_src/cudnn/fused_attention_stablehlo.py, `check_layout` and
 `check_is_flash_attention`, the same in JAX 0.10.2 and 0.11.2): cuDNN's fused attention takes
-float16 / bfloat16 only, head sizes that are multiples of 8 up to 128 (256 from Hopper on),
-and, when training with a bias (which is what a mask becomes), even lengths. jaxlm never hands
-cuDNN what it refuses:
+float16 / bfloat16 only and head sizes that are multiples of 8 up to 128 (256 from Hopper on).
+Its backward pass takes even lengths only: JAX's check names the bias, but on an H200 (JAX
+0.11.2, 2026-11-30) a ViT's 197 patches without any mask and CLIP's 77 caption tokens with
+sequence lengths were refused too. jaxlm never hands cuDNN what it refuses:
 
 - rows without a mask (a ViT's patches), with causal masking alone (a causal LM with
   `model.document_mask=false`) or with one right-padded sequence each (CLIP captions: lengths)
   go to cuDNN without a bias: is_causal and sequence lengths are cuDNN's own mask types;
-- packed documents need their mask (a bias for cuDNN): an odd length is padded by one
-  position of its own segment (which nothing else sees) and the pad cut off again;
+- packed documents need their mask (a bias for cuDNN);
+- an odd length is padded by one position, hidden by the lengths (or by a segment of its
+  own where there are segment ids), and the pad cut off again;
 - anything else falls back to XLA's attention, with the reason logged once; and should cuDNN
   still refuse a call while it is traced (a rule this module does not know), the call falls
   back to XLA and says so.
@@ -81,9 +83,10 @@ def choose(
         return Choice(
             "xla", f"cuDNN takes head sizes that are multiples of 8 up to {limit}: {head_size}"
         )
-    if masked and training and length % 2:
-        return Choice("cudnn", f"cuDNN with a mask; odd length {length} padded to even", pad=1)
-    return Choice("cudnn", "cuDNN fused attention" + (" with a mask" if masked else ""))
+    kind = "cuDNN fused attention" + (" with a mask" if masked else "")
+    if training and length % 2:
+        return Choice("cudnn", f"{kind}; odd length {length} padded to even", pad=1)
+    return Choice("cudnn", kind)
 
 
 @functools.cache
@@ -122,15 +125,17 @@ def attend(
     )
     what = f"{h} heads x {size}, length {t}, {q.dtype}"
     _logged(choice, what)
+    lengths = None if mask.lengths is None else mask.lengths.astype(jnp.int32)
     if choice.pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, choice.pad), (0, 0), (0, 0))) for x in (q, k, v))
-        # the pad is a segment of its own: no real position sees it, and it sees only itself
-        pad_id = jnp.max(segment_ids) + 1
-        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, choice.pad)), constant_values=pad_id)
+        if segment_ids is not None:  # the pad is a segment of its own, seeing only itself
+            pad_id = jnp.max(segment_ids) + 1
+            segment_ids = jnp.pad(segment_ids, ((0, 0), (0, choice.pad)), constant_values=pad_id)
+        elif lengths is None:  # the lengths hide the pad (cuDNN's own mask, no bias)
+            lengths = jnp.full((b,), t, jnp.int32)
     dense = None
     if segment_ids is not None:
         dense = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # B 1 T S
-    lengths = None if mask.lengths is None else mask.lengths.astype(jnp.int32)
     call = functools.partial(
         jax.nn.dot_product_attention,
         q,
