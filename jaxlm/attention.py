@@ -18,8 +18,10 @@ sequence lengths were refused too. jaxlm never hands cuDNN what it refuses:
   still refuse a call while it is traced (a rule this module does not know), the call falls
   back to XLA and says so.
 
-On TPU the XLA path is used for now: Pallas splash attention (what MaxText runs) is not wired
-in yet, so TPU attention materialises [B, H, T, S] scores.
+On TPU, `auto` runs Pallas splash attention (jaxlm/splash.py, the kernel MaxText runs) with
+segment ids, under shard_map; `model.attention=splash` elsewhere runs it in Pallas interpret
+mode (slow: for tests). The platform is that of the mesh in context, so a step compiled here
+for a TPU topology (`jaxlm plan --device v5p`) gets the TPU's kernel.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import logging
 
 import jax
 import jax.numpy as jnp
+
+from jaxlm import splash
 
 log = logging.getLogger("jaxlm")
 CUDNN_DTYPES = ("float16", "bfloat16")
@@ -52,7 +56,7 @@ class Mask:
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    implementation: str  # "cudnn" | "xla": jax.nn.dot_product_attention's implementation
+    implementation: str  # "cudnn" | "xla" (jax.nn.dot_product_attention's) | "splash"
     reason: str
     pad: int = 0  # positions appended to T and S (to an even length for cuDNN's bias rule)
 
@@ -72,6 +76,14 @@ def choose(
     capability >= 9.0 (larger head sizes)."""
     if setting == "xla":
         return Choice("xla", "model.attention=xla")
+    if backend == "tpu" and setting in ("auto", "splash"):
+        return Choice("splash", "Pallas splash attention" + (" with segment ids" if masked else ""))
+    if setting == "splash":
+        if backend == "cpu":
+            return Choice("splash", "model.attention=splash on a CPU: Pallas interpret mode (slow)")
+        return Choice(
+            "xla", f"model.attention=splash is a TPU kernel, and the backend is {backend}"
+        )
     if backend != "gpu":
         if setting == "cudnn":
             return Choice("xla", f"model.attention=cudnn, but the backend is {backend}")
@@ -89,12 +101,19 @@ def choose(
     return Choice("cudnn", kind)
 
 
+def _platform() -> str:
+    """The platform of the mesh in context (a TPU topology's when compiling for one ahead of
+    time), else this process's."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return jax.devices()[0].platform if device is None else device.platform
+
+
 @functools.cache
 def _hopper() -> bool:
-    devices = jax.devices()
-    if devices[0].platform != "gpu":
+    device = jax.devices()[0]
+    if device.platform != "gpu":
         return False
-    capability = getattr(devices[0], "compute_capability", "0.0")
+    capability = getattr(device, "compute_capability", "0.0")
     return tuple(int(x) for x in str(capability).split(".")) >= (9, 0)
 
 
@@ -113,18 +132,22 @@ def attend(
 ) -> jax.Array:
     """Attention of q [B, T, H, K] over k, v [B, S, N, K] (N divides H), masked by `mask`."""
     b, t, h, size = q.shape
-    segment_ids = mask.segment_ids
+    segment_ids, platform = mask.segment_ids, _platform()
     choice = choose(
         setting,
-        jax.default_backend(),
+        platform,
         jnp.dtype(q.dtype).name,
         size,
         t,
         segment_ids is not None,
-        hopper=_hopper(),
+        hopper=platform == "gpu" and _hopper(),
     )
     what = f"{h} heads x {size}, length {t}, {q.dtype}"
     _logged(choice, what)
+    if choice.implementation == "splash":
+        if mask.lengths is not None:  # right padding as segment 0, which sees only itself
+            segment_ids = (jnp.arange(t)[None] < mask.lengths[:, None]).astype(jnp.int32)
+        return splash.attend(q, k, v, segment_ids, causal, interpret=platform != "tpu")
     lengths = None if mask.lengths is None else mask.lengths.astype(jnp.int32)
     if choice.pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, choice.pad), (0, 0), (0, 0))) for x in (q, k, v))

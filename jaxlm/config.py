@@ -46,7 +46,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
     scan_layers: bool = True  # lax.scan compiles faster; unrolled runs faster on GPU
     remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
-    attention: str = "auto"  # auto | cudnn: cuDNN where it takes the call (jaxlm.attention) | xla
+    attention: str = "auto"  # auto (jaxlm.attention chooses) | cudnn | splash (TPU) | xla
     # packed documents see only themselves (a dense mask); false (causal LM only): each row
     # is one causal sequence, as GPT-2 and nanoGPT train, and cuDNN runs without a bias
     document_mask: bool = True
@@ -182,7 +182,7 @@ CHOICES = {
     "model.position": ("learned", "rope"),
     "model.dtype": ("bfloat16", "float32"),
     "model.remat": ("none", "full", "dots"),
-    "model.attention": ("auto", "xla", "cudnn"),
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
 }
 
 

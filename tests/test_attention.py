@@ -27,6 +27,7 @@ def test_cudnn_is_only_chosen_where_jax_accepts_the_call(monkeypatch):
     chosen = 0
     for backend, dtype, length, masked, head, hopper in CASES:
         choice = attention.choose("auto", backend, dtype, head, length, masked, True, hopper)
+        assert (choice.implementation == "splash") == (backend == "tpu"), choice
         if choice.implementation != "cudnn":
             assert choice.reason
             continue
