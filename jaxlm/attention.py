@@ -177,3 +177,18 @@ def attend(
         _logged(Choice("xla", f"cuDNN refused the call: {refusal}"), what)
         out = call(implementation="xla")
     return out[:, :t] if choice.pad else out
+
+
+def cached(
+    q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, positions: jax.Array
+) -> tuple[jax.Array, dict]:
+    """Decoding with a KV cache: k, v [B, T, N, K] are written into cache["k"], cache["v"]
+    [B, S, N, K] at positions [B, T], and q attends to every cached position at or before its
+    own. Whatever a row's cache holds beyond its position (a shorter prompt's padding) is
+    never seen, and is overwritten before it would be."""
+    rows = jnp.arange(q.shape[0])[:, None]
+    cache = {"k": cache["k"].at[rows, positions].set(k), "v": cache["v"].at[rows, positions].set(v)}
+    slots = jnp.arange(cache["k"].shape[1])
+    visible = slots[None, None, None, :] <= positions[:, None, :, None]  # B 1 T S
+    out = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=visible)
+    return out, cache

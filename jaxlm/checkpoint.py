@@ -83,8 +83,19 @@ class Checkpointer:
         )
         return config_lib.from_dict(meta["config"]), tokenizer_lib.from_dict(meta["tokenizer"])
 
-    def restore(self, step: int, abstract_state: Any) -> Any:
-        """The state, onto abstract_state's shardings."""
+    def restore(self, step: int, abstract_state: Any, params_only: bool = False) -> Any:
+        """The state, onto abstract_state's shardings; with params_only, the parameters alone
+        (the optimizer state, twice their size, is never read: it stays Orbax's PLACEHOLDER)."""
+        if params_only:
+            target = {
+                k: v if k == "params" else jax.tree.map(lambda _: ocp.PLACEHOLDER, v)
+                for k, v in abstract_state.items()
+            }
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+            args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+            # the manager's handler for "state" takes whole trees; read the item directly
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+                return reader.restore(self.root / str(step) / "state", args=args)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         return self.manager.restore(step, args=args)["state"]
 

@@ -79,6 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 mesh.data=1")
     e.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
 
+    g = sub.add_parser("generate", help="sample from a causal LM checkpoint (KV cache)")
+    g.add_argument("workdir")
+    g.add_argument("--step", type=int, help="default: the newest checkpoint")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help="a text file, one prompt per line")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    g.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="one JSON line per prompt")
+    g.add_argument("overrides", nargs="*", help="e.g. mesh.tensor=2")
+
     i = sub.add_parser("import", help="import foreign weights as a jaxlm checkpoint")
     isub = i.add_subparsers(dest="import_format", required=True)
     ib = isub.add_parser("hf-bert", help="a Hugging Face BERT directory -> mlm checkpoint")
@@ -120,6 +133,23 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--eval-fraction", type=float, default=0.01, help="documents held out")
     dp.add_argument("--text-field", default="text", help="jsonl field / parquet column / tfds key")
     return p
+
+
+def _generate(args: argparse.Namespace) -> None:
+    """Completions to stdout (or JSON lines); the rate goes to the log, on stderr."""
+    from jaxlm.evaluate import load
+    from jaxlm.generate import Sampling, generate
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts-file {path}: no such file")
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    loaded = load(args.workdir, args.step, args.overrides, params_only=True)
+    for r in generate(loaded, prompts, args.max_new_tokens, sampling, args.seed):
+        print(json.dumps(r) if args.json else r["prompt"] + r["completion"], flush=True)
 
 
 def _default_workdir(spec: str) -> Path:
@@ -189,6 +219,8 @@ def _run(args: argparse.Namespace) -> int:
         from jaxlm.evaluate import evaluate_checkpoint
 
         print(json.dumps(evaluate_checkpoint(args.workdir, args.step, args.overrides)))
+    elif args.command == "generate":
+        _generate(args)
     elif args.command == "import":
         from jaxlm.hf import import_bert
 

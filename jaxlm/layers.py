@@ -90,8 +90,15 @@ class Attention(nnx.Module):
         self.bo = nnx.data(param(rngs, (d,), ("norm",), "zeros") if bias else None)
 
     def __call__(
-        self, x: jax.Array, mask: attention.Mask, positions: jax.Array, causal: bool
-    ) -> jax.Array:
+        self,
+        x: jax.Array,
+        mask: attention.Mask,
+        positions: jax.Array,
+        causal: bool,
+        cache: dict | None = None,
+    ) -> tuple[jax.Array, dict | None]:
+        """(output, cache): with a KV cache (decoding), this call's keys and values are
+        written into it at `positions` and attention runs over it."""
         cfg, dt = self.cfg, x.dtype
         q = jnp.einsum("BTD,DHK->BTHK", x, self.wq[...].astype(dt))
         k = jnp.einsum("BSD,DNK->BSNK", x, self.wk[...].astype(dt))
@@ -104,11 +111,14 @@ class Attention(nnx.Module):
             )
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        out = attention.attend(q, k, v, mask, causal, cfg.attention)
+        if cache is None:
+            out = attention.attend(q, k, v, mask, causal, cfg.attention)
+        else:
+            out, cache = attention.cached(q, k, v, cache, positions)
         y = jnp.einsum("BTHK,HKD->BTD", out, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
-        return y
+        return y, cache
 
 
 class Mlp(nnx.Module):
@@ -151,14 +161,16 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x, mask: attention.Mask, positions, causal: bool):
+    def __call__(self, x, mask: attention.Mask, positions, causal: bool, cache=None):
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x), mask, positions, causal)
+            a, cache = self.attn(self.attn_norm(x), mask, positions, causal, cache)
+            x = x + a
             x = x + self.mlp(self.mlp_norm(x))
         else:
-            x = self.attn_norm(x + self.attn(x, mask, positions, causal))
+            a, cache = self.attn(x, mask, positions, causal, cache)
+            x = self.attn_norm(x + a)
             x = self.mlp_norm(x + self.mlp(x))
-        return constrain(x, "batch", "seq", "act_embed")
+        return constrain(x, "batch", "seq", "act_embed"), cache
 
 
 REMAT_POLICIES = {
@@ -186,20 +198,42 @@ class Transformer(nnx.Module):
         self.final_norm = nnx.data(Norm(cfg, rngs) if cfg.norm_position == "pre" else None)
 
     def __call__(self, x: jax.Array, mask: attention.Mask, positions: jax.Array, causal: bool):
+        x, _ = self._run(x, mask, positions, causal, None)
+        return x
+
+    def decode(self, x: jax.Array, positions: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """Causal decoding of x at positions [B, T] with the KV cache of every layer
+        (`init_cache`): (output, updated cache)."""
+        return self._run(x, attention.Mask(), positions, True, cache)
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        """Keys and values of `length` positions for every layer, [L, B, S, N, K], laid out by
+        logical axes (kv heads over `tensor`, rows over the batch axes)."""
+        c = self.cfg
+        shape = (c.num_layers, batch, length, c.kv_heads, c.head_size)
+        zeros = jnp.zeros(shape, jnp.dtype(c.dtype))
+        zeros = constrain(zeros, LAYERS, "batch", None, "kv_heads", "kv")
+        return {"k": zeros, "v": zeros}
+
+    def _run(self, x, mask, positions, causal: bool, cache: dict | None):
         graphdef, layers = nnx.split(self.blocks)
 
-        def layer(x, weights):
-            return nnx.merge(graphdef, weights)(x, mask, positions, causal), None
+        def layer(x, weights_and_cache):
+            weights, cache = weights_and_cache
+            return nnx.merge(graphdef, weights)(x, mask, positions, causal, cache)
 
-        if self.cfg.remat != "none":
+        if self.cfg.remat != "none" and cache is None:
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])
         x = constrain(x, "batch", "seq", "act_embed")
         if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(layer, x, layers)
+            x, cache = jax.lax.scan(layer, x, (layers, cache))
         else:
+            caches = []
             for i in range(self.cfg.num_layers):
-                x, _ = layer(x, jax.tree.map(lambda w, i=i: w[i], layers))
-        return x if self.final_norm is None else self.final_norm(x)
+                x, c = layer(x, jax.tree.map(lambda w, i=i: w[i], (layers, cache)))
+                caches.append(c)
+            cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+        return (x if self.final_norm is None else self.final_norm(x)), cache
 
 
 class Embed(nnx.Module):

@@ -52,6 +52,11 @@ class Model(nnx.Module):
         mask = self.attention_mask(batch["segment_ids"])
         return self.transformer(x, mask, batch["positions"], causal=True)
 
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: dict) -> tuple:
+        """(last layer's output [B, T, D], cache): causal decoding with a KV cache (see
+        jaxlm.generate); logits of the positions that matter come from `logits`."""
+        return self.transformer.decode(self.embed(tokens, positions), positions, cache)
+
     def attention_mask(self, segment_ids: jax.Array) -> Mask:
         """Packed documents see only themselves; without model.document_mask a row is one
         causal sequence (as GPT-2 and nanoGPT train), which cuDNN runs without a bias."""

@@ -34,6 +34,8 @@ SPECIALS = ("\n", "[CLS]", "[SEP]", "[MASK]")
 class Tokenizer:
     """A sentencepiece model that pickles as its proto (for Grain worker processes)."""
 
+    add_bos = True  # jaxlm trains on [bos] tokens [eos]: a prompt starts with [bos] too
+
     def __init__(self, proto: bytes):
         self.proto = proto
         self._sp = spm.SentencePieceProcessor(model_proto=proto)
@@ -192,6 +194,8 @@ def _is_cjk(c: str) -> bool:
 class HFTokenizer:
     """A Hugging Face fast tokenizer (`tokenizer.json`); start/end tokens come from the
     `tokenizer_config.json` beside it, else from the usual special-token names."""
+
+    add_bos = True  # as jaxlm trains: [bos] tokens [eos]
 
     START_NAMES = ("<|begin_of_text|>", "<s>", "[CLS]", "<|endoftext|>", "<|im_start|>")
     END_NAMES = ("<|end_of_text|>", "</s>", "[SEP]", "<|endoftext|>", "<|im_end|>")
