@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON line per prompt")
     g.add_argument("overrides", nargs="*", help="e.g. mesh.tensor=2")
 
+    pt = sub.add_parser("plot", help="training curves of one or more runs -> a PNG")
+    pt.add_argument("workdirs", nargs="+", help="jaxlm train workdirs (their metrics.jsonl)")
+    pt.add_argument("--out", default="runs.png", help="the PNG to write")
+
     i = sub.add_parser("import", help="import foreign weights as a jaxlm checkpoint")
     isub = i.add_subparsers(dest="import_format", required=True)
     ib = isub.add_parser("hf-bert", help="a Hugging Face BERT directory -> mlm checkpoint")
@@ -221,6 +225,11 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(evaluate_checkpoint(args.workdir, args.step, args.overrides)))
     elif args.command == "generate":
         _generate(args)
+    elif args.command == "plot":
+        from jaxlm.plot import plot
+
+        drawn = plot(args.workdirs, args.out)
+        print(json.dumps({"out": str(args.out), "lines": sum(len(v) for v in drawn.values())}))
     elif args.command == "import":
         from jaxlm.hf import import_bert
 
