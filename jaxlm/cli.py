@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out metrics of a checkpoint, on this machine's devices")
     e.add_argument("workdir")
     e.add_argument("--step", type=int, help="default: the newest checkpoint")
+    e.add_argument(
+        "--data",
+        nargs="+",
+        help="text to evaluate instead of the held-out split: .txt .jsonl .parquet files, "
+        "globs, tfds:NAME[:DATA_DIR] (causal LM)",
+    )
+    e.add_argument("--batch-size", type=int, help="--data: rows per batch (default train's)")
     e.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 mesh.data=1")
     e.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
 
@@ -220,9 +227,14 @@ def _run(args: argparse.Namespace) -> int:
         cfg = config.load(args.config, args.overrides)
         print(json.dumps(plan.plan(cfg, args.devices, args.device)))
     elif args.command == "eval":
-        from jaxlm.evaluate import evaluate_checkpoint
+        from jaxlm.evaluate import evaluate_checkpoint, evaluate_text, load
 
-        print(json.dumps(evaluate_checkpoint(args.workdir, args.step, args.overrides)))
+        if args.data:
+            loaded = load(args.workdir, args.step, args.overrides, params_only=True)
+            for line in evaluate_text(loaded, args.data, args.batch_size):
+                print(json.dumps(line))
+        else:
+            print(json.dumps(evaluate_checkpoint(args.workdir, args.step, args.overrides)))
     elif args.command == "generate":
         _generate(args)
     elif args.command == "plot":

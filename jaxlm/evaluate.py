@@ -8,13 +8,15 @@ model = loaded.setup.model(loaded.params)  # an NNX module: logits = model(batch
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import sharding
+from jaxlm import data, sharding
 from jaxlm.checkpoint import Checkpointer, workdir_path
 from jaxlm.config import CheckpointConfig, Config, ConfigError, MeshConfig
 from jaxlm.step import Setup, build, make_eval_step
@@ -83,3 +85,92 @@ def evaluate_checkpoint(
         metrics |= objective.extra_eval(loaded.setup, loaded.params, dataset, loaded.tokenizer)
     baselines = objective.baselines(dataset, loaded.tokenizer, batches)
     return {"step": loaded.step, **metrics, **baselines}
+
+
+def text_rows(docs: list[np.ndarray], length: int, bos: int, eos: int) -> tuple[dict, int]:
+    """Token ids of documents -> packed rows {tokens, tokens_segment_ids, tokens_positions}
+    [R, length + 1], and the number of targets (each document's tokens and its [eos]).
+
+    Each document is [bos] tokens [eos], as in training. One that fits a row is never split,
+    so (with the document mask) it is scored exactly as on its own; a longer one is cut into
+    pieces of length + 1 tokens that overlap by one, so every target is scored once. Pieces
+    go into rows whole, first come first placed, each its own segment."""
+    pieces = []
+    for d in docs:
+        stream = np.concatenate([[bos], d, [eos]]).astype(np.int32)
+        pieces += [stream[i : i + length + 1] for i in range(0, len(stream) - 1, length)]
+    tokens, segments, used = [], [], length + 1
+    for piece in pieces:
+        if used + len(piece) > length + 1:
+            tokens.append(np.zeros(length + 1, np.int32))
+            segments.append(np.zeros(length + 1, np.int32))
+            used = 0
+        segment = segments[-1][used - 1] + 1 if used else 1
+        tokens[-1][used : used + len(piece)] = piece
+        segments[-1][used : used + len(piece)] = segment
+        used += len(piece)
+    rows = data.row_example(np.stack(tokens), np.stack(segments))
+    return rows, sum(len(d) + 1 for d in docs)
+
+
+def evaluate_text(loaded: Loaded, inputs: list[str], batch_size: int | None = None) -> list[dict]:
+    """Loss, perplexity, bits per byte and target tokens of a causal LM on each input (text
+    files, jsonl, parquet, tfds:NAME) and on all of them: one dict per input, then the total."""
+    from jaxlm import inputs as inputs_lib
+    from jaxlm import lm
+
+    cfg, s, tok = loaded.cfg, loaded.setup, loaded.tokenizer
+    if cfg.objective != "lm":
+        raise ConfigError(
+            f"eval --data takes causal LM checkpoints so far; this one is {cfg.objective!r}"
+        )
+    batch_size = batch_size or cfg.train.batch_size
+    sharding.check_batch(batch_size, 1, s.mesh)
+    eval_step = make_eval_step(s)
+    results, total = [], {"nats": 0.0, "tokens": 0, "bytes": 0}
+    for entry in inputs:
+        if data.is_prepared(entry):
+            raise ConfigError(f"--data {entry}: prepared directories are not evaluated yet")
+        texts = [
+            t
+            for unit in inputs_lib.plan_units([entry])
+            for t in inputs_lib.documents(unit, cfg.data.text_field)
+            if t
+        ]
+        if not texts:
+            raise ConfigError(f"--data {entry}: no documents")
+        rows, targets = text_rows(
+            tok.encode_batch(texts), cfg.model.seq_len, tok.bos_id, tok.eos_id
+        )
+        pad = -len(rows["tokens"]) % batch_size
+        rows = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in rows.items()}
+        example = lm.to_example(rows)
+        nats = counted = 0.0
+        with jax.set_mesh(s.mesh):
+            for start in range(0, len(example["inputs"]), batch_size):
+                batch = {k: v[start : start + batch_size] for k, v in example.items()}
+                metrics = eval_step(loaded.params, sharding.from_full(batch, s.mesh))
+                nats += float(metrics["loss"])
+                counted += float(metrics["tokens"])
+        assert counted == targets, (counted, targets)  # every target once, no pad counted
+        n_bytes = sum(len(t.encode()) for t in texts)
+        results.append(_text_metrics(entry, nats, targets, n_bytes))
+        total = {
+            "nats": total["nats"] + nats,
+            "tokens": total["tokens"] + targets,
+            "bytes": total["bytes"] + n_bytes,
+        }
+    results.append(_text_metrics("total", total["nats"], total["tokens"], total["bytes"]))
+    return results
+
+
+def _text_metrics(name: str, nats: float, tokens: int, n_bytes: int) -> dict:
+    loss = nats / tokens
+    return {
+        "data": name,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": nats / math.log(2) / n_bytes,
+        "tokens": tokens,
+        "bytes": n_bytes,
+    }

@@ -25,6 +25,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_CORPUS = ("jaxlm/corpus/othello.txt", "jaxlm/corpus/julius_caesar.txt")
 
@@ -122,3 +124,14 @@ def train_killed_after_save(
         config=str(ROOT / config), overrides=overrides, workdir=str(workdir), step=step
     )
     return run_python(code, devices=devices)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A workdir with a tiny causal LM trained for 2 steps (shared by the tests that only read
+    a checkpoint: generate, eval --data)."""
+    from jaxlm.train import train
+
+    workdir = tmp_path_factory.mktemp("tiny_lm")
+    train(load_tiny(**{"train.steps": 2}), workdir)
+    return workdir

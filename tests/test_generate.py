@@ -107,21 +107,19 @@ def test_sampling_rules():
     np.testing.assert_array_equal(tiny_p, greedy)
 
 
-def test_generate_command_on_a_trained_checkpoint(tmp_path, capsys):
+def test_generate_command_on_a_trained_checkpoint(tiny_lm, tmp_path, capsys):
     """`jaxlm generate` restores the parameters alone and prints one JSON line per prompt;
     greedy output is the same as through the Python API on a fully restored checkpoint."""
     from jaxlm import cli
     from jaxlm.evaluate import load
     from jaxlm.generate import generate
-    from jaxlm.train import train
 
-    train(load_tiny(**{"train.steps": 2}), tmp_path)
     (tmp_path / "prompts.txt").write_text("KING HENRY:\n\nTo be\n")
-    argv = ["generate", str(tmp_path), "--prompt", "ROMEO:", "--prompts-file"]
+    argv = ["generate", str(tiny_lm), "--prompt", "ROMEO:", "--prompts-file"]
     assert cli.main([*argv, str(tmp_path / "prompts.txt"), "--max-new-tokens", "6", "--json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in lines] == ["ROMEO:", "KING HENRY:", "To be"]
-    loaded = load(tmp_path)
+    loaded = load(tiny_lm)
     want = generate(loaded, ["ROMEO:", "KING HENRY:", "To be"], max_new_tokens=6)
     assert lines == want
     for r in lines:
@@ -134,7 +132,7 @@ def test_generate_command_on_a_trained_checkpoint(tmp_path, capsys):
     from jaxlm.checkpoint import Checkpointer
     from jaxlm.config import CheckpointConfig
 
-    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    ckpt = Checkpointer(tiny_lm, CheckpointConfig())
     with jax.set_mesh(loaded.setup.mesh):
         state = ckpt.restore(2, loaded.setup.abstract, params_only=True)
     ckpt.close()
@@ -143,5 +141,5 @@ def test_generate_command_on_a_trained_checkpoint(tmp_path, capsys):
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state["params"]))
 
     long_prompt = "word " * 200
-    assert cli.main(["generate", str(tmp_path), "--prompt", long_prompt]) != 0
+    assert cli.main(["generate", str(tiny_lm), "--prompt", long_prompt]) != 0
     assert "leaves no room in the model's context of" in capsys.readouterr().err

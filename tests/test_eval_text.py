@@ -1,0 +1,103 @@
+"""`jaxlm eval WORKDIR --data FILE`: loss, perplexity and bits per byte of any text."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from conftest import run_python
+
+from jaxlm import cli
+from jaxlm.evaluate import load, text_rows
+
+# One document per jsonl line; non-ASCII letters make bytes differ from characters (the
+# byte count is UTF-8's).
+DOCS = [
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "All:\nSpeak, speak.",
+    "Étienne: ça va, très bien.",
+]
+TEXT = "".join(json.dumps({"text": d}) + "\n" for d in DOCS)
+
+
+def _direct(workdir) -> tuple[float, int]:
+    """Summed next-token nats of each document on its own ([bos] tokens [eos]), computed
+    from the model's full logits, and the number of targets."""
+    loaded = load(workdir)
+    tok, model = loaded.tokenizer, loaded.setup.model(loaded.params)
+    nats, targets = 0.0, 0
+    with jax.set_mesh(loaded.setup.mesh):
+        for text in DOCS:
+            ids = np.concatenate([[tok.bos_id], tok.encode(text), [tok.eos_id]])[None]
+            assert ids.shape[1] <= loaded.cfg.model.seq_len + 1  # each fits one row
+            t = ids.shape[1] - 1
+            batch = {  # 8 copies: one row per device of the batch axes
+                "inputs": np.repeat(ids[:, :-1], 8, 0),
+                "positions": np.repeat(np.arange(t)[None], 8, 0),
+                "segment_ids": np.ones((8, t), np.int32),
+            }
+            logp = jax.nn.log_softmax(np.asarray(model(batch), np.float64), -1)
+            nats -= float(np.take_along_axis(logp[0], ids[0, 1:, None], -1).sum())
+            targets += t
+    return nats, targets
+
+
+def test_eval_data_equals_the_direct_sum_on_8_and_1_devices(tiny_lm, tmp_path, capsys):
+    path = tmp_path / "plays.jsonl"
+    path.write_text(TEXT)
+    n_bytes = sum(len(d.encode()) for d in DOCS)
+    assert n_bytes == len("".join(DOCS).encode()) and n_bytes > len("".join(DOCS))
+    nats, targets = _direct(tiny_lm)
+
+    def evaluate(batch_size: int) -> list[dict]:
+        argv = ["eval", str(tiny_lm), "--data", str(path), "--batch-size", str(batch_size)]
+        assert cli.main(argv) == 0
+        return [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+
+    one, total = evaluate(8)
+    assert one["data"] == str(path) and total["data"] == "total"
+    for key in ("loss", "bits_per_byte", "tokens"):  # any batch size: padding rows count nothing
+        assert evaluate(16)[0][key] == pytest.approx(one[key], rel=1e-6)
+    assert one["tokens"] == targets and one["bytes"] == n_bytes
+    assert one["loss"] == pytest.approx(nats / targets, rel=1e-5)
+    assert one["perplexity"] == pytest.approx(math.exp(nats / targets), rel=1e-5)
+    assert one["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+
+    code = f"""
+import json
+from jaxlm.evaluate import load, evaluate_text
+print(json.dumps(evaluate_text(load({str(tiny_lm)!r}, params_only=True), [{str(path)!r}], 1)))
+"""
+    proc = run_python(code, devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = json.loads(proc.stdout.splitlines()[-1])
+    assert single[0]["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_long_documents_are_cut_into_overlapping_pieces():
+    docs = [np.arange(3) + 10, np.arange(9) + 20, np.arange(2) + 40]
+    rows, targets = text_rows(docs, 4, bos=1, eos=2)
+    assert targets == 4 + 10 + 3
+    np.testing.assert_array_equal(
+        rows["tokens"],
+        [
+            [1, 10, 11, 12, 2],
+            [1, 20, 21, 22, 23],
+            [23, 24, 25, 26, 27],
+            [27, 28, 2, 0, 0],
+            [1, 40, 41, 2, 0],
+        ],
+    )
+    from jaxlm.lm import to_example
+
+    assert to_example(rows)["weights"].sum() == targets  # every target once
+
+
+def test_eval_data_names_an_empty_or_missing_input(tiny_lm, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert cli.main(["eval", str(tiny_lm), "--data", str(empty)]) == 2
+    assert "no documents" in capsys.readouterr().err
+    assert cli.main(["eval", str(tiny_lm), "--data", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
