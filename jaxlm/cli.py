@@ -1,4 +1,5 @@
-"""The `jaxlm` command: train, bench, eval, data prepare, import hf-bert, tokenizer train."""
+"""The `jaxlm` command: train, bench, plan, eval, generate, plot, data prepare, import hf-bert,
+tokenizer train."""
 
 from __future__ import annotations
 
