@@ -87,47 +87,53 @@ def evaluate_checkpoint(
     return {"step": loaded.step, **metrics, **baselines}
 
 
-def text_rows(docs: list[np.ndarray], length: int, bos: int, eos: int) -> tuple[dict, int]:
+def text_rows(docs: list[np.ndarray], width: int, bos: int, eos: int, overlap: bool) -> dict:
     """Token ids of documents -> packed rows {tokens, tokens_segment_ids, tokens_positions}
-    [R, length + 1], and the number of targets (each document's tokens and its [eos]).
+    [R, width], as training packs them: [bos] tokens [eos], a segment id per document.
 
-    Each document is [bos] tokens [eos], as in training. One that fits a row is never split,
-    so (with the document mask) it is scored exactly as on its own; a longer one is cut into
-    pieces of length + 1 tokens that overlap by one, so every target is scored once. Pieces
-    go into rows whole, first come first placed, each its own segment."""
+    A document that fits a row is never split, so (with the document mask) it is scored
+    exactly as on its own; a longer one is cut into pieces of `width` tokens, which overlap by
+    one where the targets are the next tokens (the causal LM), so every target is scored once.
+    Pieces go into rows whole, first come first placed."""
+    step = width - 1 if overlap else width
     pieces = []
     for d in docs:
         stream = np.concatenate([[bos], d, [eos]]).astype(np.int32)
-        pieces += [stream[i : i + length + 1] for i in range(0, len(stream) - 1, length)]
-    tokens, segments, used = [], [], length + 1
+        pieces += [stream[i : i + width] for i in range(0, len(stream) - overlap, step)]
+    tokens, segments, used = [], [], width
     for piece in pieces:
-        if used + len(piece) > length + 1:
-            tokens.append(np.zeros(length + 1, np.int32))
-            segments.append(np.zeros(length + 1, np.int32))
+        if used + len(piece) > width:
+            tokens.append(np.zeros(width, np.int32))
+            segments.append(np.zeros(width, np.int32))
             used = 0
         segment = segments[-1][used - 1] + 1 if used else 1
         tokens[-1][used : used + len(piece)] = piece
         segments[-1][used : used + len(piece)] = segment
         used += len(piece)
-    rows = data.row_example(np.stack(tokens), np.stack(segments))
-    return rows, sum(len(d) + 1 for d in docs)
+    return data.row_example(np.stack(tokens), np.stack(segments))
 
 
-def evaluate_text(loaded: Loaded, inputs: list[str], batch_size: int | None = None) -> list[dict]:
-    """Loss, perplexity, bits per byte and target tokens of a causal LM on each input (text
-    files, jsonl, parquet, tfds:NAME) and on all of them: one dict per input, then the total."""
+def evaluate_text(
+    loaded: Loaded, inputs: list[str], batch_size: int | None = None, seed: int = 0
+) -> list[dict]:
+    """The held-out metrics of a text checkpoint on each input (text files, jsonl, parquet,
+    tfds:NAME) and on all of them: one dict per input, then the total.
+
+    Causal LM: loss, perplexity and bits per byte over every next token ([eos] included).
+    Masked LM: loss, perplexity and accuracy over the tokens masked as in training, with
+    row-seeded masking (`seed`), so the figures repeat on any mesh and batch size."""
     from jaxlm import inputs as inputs_lib
-    from jaxlm import lm
 
     cfg, s, tok = loaded.cfg, loaded.setup, loaded.tokenizer
-    if cfg.objective != "lm":
+    if cfg.objective not in ("lm", "mlm"):
         raise ConfigError(
-            f"eval --data takes causal LM checkpoints so far; this one is {cfg.objective!r}"
+            f"eval --data takes text checkpoints (lm, mlm); this one is {cfg.objective!r}"
         )
+    spec = s.objective.data_spec(cfg, tok)
     batch_size = batch_size or cfg.train.batch_size
     sharding.check_batch(batch_size, 1, s.mesh)
     eval_step = make_eval_step(s)
-    results, total = [], {"nats": 0.0, "tokens": 0, "bytes": 0}
+    results, sums = [], []
     for entry in inputs:
         if data.is_prepared(entry):
             raise ConfigError(f"--data {entry}: prepared directories are not evaluated yet")
@@ -139,38 +145,35 @@ def evaluate_text(loaded: Loaded, inputs: list[str], batch_size: int | None = No
         ]
         if not texts:
             raise ConfigError(f"--data {entry}: no documents")
-        rows, targets = text_rows(
-            tok.encode_batch(texts), cfg.model.seq_len, tok.bos_id, tok.eos_id
-        )
+        docs = tok.encode_batch(texts)
+        causal = cfg.objective == "lm"
+        rows = text_rows(docs, spec.row_length, spec.start_id, spec.end_id, overlap=causal)
         pad = -len(rows["tokens"]) % batch_size
         rows = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in rows.items()}
-        example = lm.to_example(rows)
-        nats = counted = 0.0
+        if spec.random:
+            example = spec.transform(rows, data.row_rngs(seed, np.arange(len(rows["tokens"]))))
+        else:
+            example = spec.transform(rows)
+        summed: dict = {"bytes": sum(len(t.encode()) for t in texts)}
         with jax.set_mesh(s.mesh):
             for start in range(0, len(example["inputs"]), batch_size):
                 batch = {k: v[start : start + batch_size] for k, v in example.items()}
-                metrics = eval_step(loaded.params, sharding.from_full(batch, s.mesh))
-                nats += float(metrics["loss"])
-                counted += float(metrics["tokens"])
-        assert counted == targets, (counted, targets)  # every target once, no pad counted
-        n_bytes = sum(len(t.encode()) for t in texts)
-        results.append(_text_metrics(entry, nats, targets, n_bytes))
-        total = {
-            "nats": total["nats"] + nats,
-            "tokens": total["tokens"] + targets,
-            "bytes": total["bytes"] + n_bytes,
-        }
-    results.append(_text_metrics("total", total["nats"], total["tokens"], total["bytes"]))
+                for k, v in eval_step(loaded.params, sharding.from_full(batch, s.mesh)).items():
+                    summed[k] = summed.get(k, 0.0) + float(v)
+        if causal:  # every target once, no padding counted
+            assert summed["tokens"] == sum(len(d) + 1 for d in docs), summed
+        sums.append(summed)
+        results.append({"data": entry, **_text_metrics(summed, causal)})
+    total = {k: sum(x[k] for x in sums) for k in sums[0]}
+    results.append({"data": "total", **_text_metrics(total, cfg.objective == "lm")})
     return results
 
 
-def _text_metrics(name: str, nats: float, tokens: int, n_bytes: int) -> dict:
-    loss = nats / tokens
-    return {
-        "data": name,
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "bits_per_byte": nats / math.log(2) / n_bytes,
-        "tokens": tokens,
-        "bytes": n_bytes,
-    }
+def _text_metrics(summed: dict, causal: bool) -> dict:
+    """Token-weighted means from eval_step's sums; tokens are the scored targets."""
+    tokens = summed["tokens"]
+    out = {k: v / tokens for k, v in summed.items() if k not in ("tokens", "bytes")}
+    out["perplexity"] = math.exp(out["loss"])
+    if causal:
+        out["bits_per_byte"] = summed["loss"] / math.log(2) / summed["bytes"]
+    return out | {"tokens": int(tokens), "bytes": summed["bytes"]}

@@ -174,11 +174,6 @@ def convert(hf: dict, tensors: dict[str, np.ndarray], src: Path) -> dict[str, np
         f"{blocks}/mlp/bo": stacked("output.dense.bias"),
         **norm(f"{blocks}/mlp_norm", "output.LayerNorm", per_layer=True),
     }
-    if missing:
-        shown = ", ".join(missing[:8]) + (
-            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        )
-        raise ConfigError(f"{src}: missing BERT tensors {shown}")
     if "cls.predictions.transform.dense.weight" in tensors:
         out |= {
             "head_dense": get("cls.predictions.transform.dense.weight").T,

@@ -75,10 +75,11 @@ print(json.dumps(evaluate_text(load({str(tiny_lm)!r}, params_only=True), [{str(p
     assert single[0]["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
-def test_long_documents_are_cut_into_overlapping_pieces():
+def test_long_documents_are_cut_into_pieces_every_target_once():
+    from jaxlm.lm import to_example
+
     docs = [np.arange(3) + 10, np.arange(9) + 20, np.arange(2) + 40]
-    rows, targets = text_rows(docs, 4, bos=1, eos=2)
-    assert targets == 4 + 10 + 3
+    rows = text_rows(docs, 5, bos=1, eos=2, overlap=True)  # causal LM: rows of seq_len + 1
     np.testing.assert_array_equal(
         rows["tokens"],
         [
@@ -89,9 +90,41 @@ def test_long_documents_are_cut_into_overlapping_pieces():
             [1, 40, 41, 2, 0],
         ],
     )
-    from jaxlm.lm import to_example
+    assert to_example(rows)["weights"].sum() == 4 + 10 + 3  # each doc's tokens and [eos]
+    rows = text_rows(docs, 4, bos=1, eos=2, overlap=False)  # masked LM: every token once
+    np.testing.assert_array_equal(
+        rows["tokens"],
+        [
+            [1, 10, 11, 12],
+            [2, 0, 0, 0],
+            [1, 20, 21, 22],
+            [23, 24, 25, 26],
+            [27, 28, 2, 0],
+            [1, 40, 41, 2],
+        ],
+    )
 
-    assert to_example(rows)["weights"].sum() == targets  # every target once
+
+def test_masked_lm_eval_data_is_seeded_and_batch_independent(tmp_path, capsys):
+    from conftest import load_tiny
+
+    from jaxlm.train import train
+
+    train(load_tiny("bert", **{"train.steps": 2}), tmp_path / "bert")
+    path = tmp_path / "plays.jsonl"
+    path.write_text(TEXT * 4)
+
+    def evaluate(*extra: str) -> dict:
+        argv = ["eval", str(tmp_path / "bert"), "--data", str(path), *extra]
+        assert cli.main(argv) == 0
+        return json.loads(capsys.readouterr().out.splitlines()[0])
+
+    a, b = evaluate("--batch-size", "8"), evaluate("--batch-size", "16")
+    assert set(a) == {"data", "loss", "accuracy", "perplexity", "tokens", "bytes"}
+    assert 0 <= a["accuracy"] <= 1 and a["perplexity"] == pytest.approx(math.exp(a["loss"]))
+    assert a["tokens"] == b["tokens"] > 0  # the same masked positions in any batch
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert a["accuracy"] == pytest.approx(b["accuracy"], rel=1e-6)
 
 
 def test_eval_data_names_an_empty_or_missing_input(tiny_lm, tmp_path, capsys):
