@@ -52,9 +52,10 @@ class Model(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.text_embed(tokens, positions)
         causal = self.text_pool == "last"
-        h = self.text(x, Mask(lengths=segments.sum(-1)), positions, causal=causal)  # right-padded
+        lengths = segments.sum(-1)  # one right-padded caption per row
+        h = self.text(x, Mask(lengths=lengths), positions, causal=causal)
         if causal:  # the [eos] token, last of the caption, has seen all of it
-            last = jnp.maximum(segments.sum(-1) - 1, 0)
+            last = jnp.maximum(lengths - 1, 0)
             pooled = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
         else:
             w = segments[..., None].astype(h.dtype)

@@ -8,6 +8,7 @@ model = loaded.setup.model(loaded.params)  # an NNX module: logits = model(batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any
@@ -26,12 +27,19 @@ from jaxlm.tokenizer import Tokenizer
 def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
     """Token-weighted means of eval_step's metrics over host batches (each process passes
     its share of every global batch)."""
-    sums: dict = {}
-    for b in batches:
-        for k, v in eval_step(params, sharding.to_global(b, mesh)).items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+    sums = _summed(eval_step, params, batches, lambda b: sharding.to_global(b, mesh))
     tokens = max(sums.pop("tokens"), 1.0)
     return {f"eval_{k}": v / tokens for k, v in sums.items()}
+
+
+def _summed(eval_step, params, batches, place) -> dict:
+    """eval_step's metrics (sums over tokens, and `tokens`) added up over batches, each put
+    on the devices by place(batch)."""
+    sums: dict = {}
+    for b in batches:
+        for k, v in eval_step(params, place(b)).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return sums
 
 
 @dataclasses.dataclass
@@ -132,7 +140,7 @@ def evaluate_text(
     spec = s.objective.data_spec(cfg, tok)
     batch_size = batch_size or cfg.train.batch_size
     sharding.check_batch(batch_size, 1, s.mesh)
-    eval_step = make_eval_step(s)
+    eval_step, causal = make_eval_step(s), cfg.objective == "lm"
     results, sums = [], []
     for entry in inputs:
         if data.is_prepared(entry):
@@ -146,7 +154,6 @@ def evaluate_text(
         if not texts:
             raise ConfigError(f"--data {entry}: no documents")
         docs = tok.encode_batch(texts)
-        causal = cfg.objective == "lm"
         rows = text_rows(docs, spec.row_length, spec.start_id, spec.end_id, overlap=causal)
         pad = -len(rows["tokens"]) % batch_size
         rows = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in rows.items()}
@@ -154,18 +161,20 @@ def evaluate_text(
             example = spec.transform(rows, data.row_rngs(seed, np.arange(len(rows["tokens"]))))
         else:
             example = spec.transform(rows)
-        summed: dict = {"bytes": sum(len(t.encode()) for t in texts)}
+        batches = (
+            {k: v[start : start + batch_size] for k, v in example.items()}
+            for start in range(0, len(example["inputs"]), batch_size)
+        )
         with jax.set_mesh(s.mesh):
-            for start in range(0, len(example["inputs"]), batch_size):
-                batch = {k: v[start : start + batch_size] for k, v in example.items()}
-                for k, v in eval_step(loaded.params, sharding.from_full(batch, s.mesh)).items():
-                    summed[k] = summed.get(k, 0.0) + float(v)
+            place = functools.partial(sharding.from_full, mesh=s.mesh)
+            summed = _summed(eval_step, loaded.params, batches, place)
+        summed["bytes"] = sum(len(t.encode()) for t in texts)
         if causal:  # every target once, no padding counted
             assert summed["tokens"] == sum(len(d) + 1 for d in docs), summed
         sums.append(summed)
         results.append({"data": entry, **_text_metrics(summed, causal)})
     total = {k: sum(x[k] for x in sums) for k in sums[0]}
-    results.append({"data": "total", **_text_metrics(total, cfg.objective == "lm")})
+    results.append({"data": "total", **_text_metrics(total, causal)})
     return results
 
 

@@ -54,9 +54,9 @@ def sample(logits: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if s.top_p < 1:
         ordered = jnp.sort(logits, -1)[:, ::-1]
-        mass = jnp.cumsum(jax.nn.softmax(ordered, -1), -1)
+        probs = jax.nn.softmax(ordered, -1)
         # the smallest logit still inside the nucleus (the first one always is)
-        keep = jnp.sum(mass - jax.nn.softmax(ordered, -1) < s.top_p, -1, keepdims=True)
+        keep = jnp.sum(jnp.cumsum(probs, -1) - probs < s.top_p, -1, keepdims=True)
         cutoff = jnp.take_along_axis(ordered, keep - 1, -1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(rng, logits).astype(jnp.int32)
