@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import data, sharding
+from jaxlm import data, sharding, shards
 from jaxlm.checkpoint import Checkpointer, workdir_path
 from jaxlm.config import CheckpointConfig, Config, ConfigError, MeshConfig
 from jaxlm.step import Setup, build, make_eval_step
@@ -118,7 +118,7 @@ def text_rows(docs: list[np.ndarray], width: int, bos: int, eos: int, overlap: b
         tokens[-1][used : used + len(piece)] = piece
         segments[-1][used : used + len(piece)] = segment
         used += len(piece)
-    return data.row_example(np.stack(tokens), np.stack(segments))
+    return shards.row_example(np.stack(tokens), np.stack(segments))
 
 
 def evaluate_text(
