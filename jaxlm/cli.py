@@ -1,5 +1,5 @@
-"""The `jaxlm` command: train, bench, plan, eval, generate, plot, data prepare, import hf-bert,
-tokenizer train."""
+"""The `jaxlm` command: train, bench, plan, eval, generate, plot, data prepare, import hf,
+export hf, tokenizer train."""
 
 from __future__ import annotations
 
@@ -106,10 +106,23 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("import", help="import foreign weights as a jaxlm checkpoint")
     isub = i.add_subparsers(dest="import_format", required=True)
-    ib = isub.add_parser("hf-bert", help="a Hugging Face BERT directory -> mlm checkpoint")
-    ib.add_argument("src", help="directory with config.json, model.safetensors, vocab.txt")
+    ib = isub.add_parser(
+        "hf",
+        aliases=["hf-bert"],
+        help="a Hugging Face BERT, GPT-2 or Llama directory -> a step-0 checkpoint",
+    )
+    ib.add_argument(
+        "src", help="directory with config.json, safetensors, tokenizer.json (BERT: vocab.txt)"
+    )
     ib.add_argument("--out", required=True, help="workdir to write the step-0 checkpoint to")
     ib.add_argument("overrides", nargs="*", help="e.g. mesh.data=2 mesh.fsdp=4")
+
+    x = sub.add_parser("export", help="export a checkpoint for another framework")
+    xsub = x.add_subparsers(dest="export_format", required=True)
+    xh = xsub.add_parser("hf", help="a BERT, GPT-2 or Llama checkpoint -> a Hugging Face directory")
+    xh.add_argument("workdir")
+    xh.add_argument("--out", required=True, help="directory to write")
+    xh.add_argument("--step", type=int, default=None, help="default: the newest")
 
     k = sub.add_parser("tokenizer", help="tokenizer tools")
     ksub = k.add_subparsers(dest="tokenizer_command", required=True)
@@ -244,9 +257,13 @@ def _run(args: argparse.Namespace) -> int:
         drawn = plot(args.workdirs, args.out)
         print(json.dumps({"out": str(args.out), "lines": sum(len(v) for v in drawn.values())}))
     elif args.command == "import":
-        from jaxlm.hf import import_bert
+        from jaxlm.hf import import_hf
 
-        print(json.dumps(import_bert(args.src, args.out, args.overrides)))
+        print(json.dumps(import_hf(args.src, args.out, args.overrides)))
+    elif args.command == "export":
+        from jaxlm.hf import export_hf
+
+        print(json.dumps(export_hf(args.workdir, args.out, args.step)))
     elif args.command == "tokenizer":
         from jaxlm import data, tokenizer
 

@@ -17,6 +17,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
@@ -58,6 +59,9 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    def piece(self, i: int) -> str:
+        return self._sp.id_to_piece(i)
+
     def piece_id(self, piece: str) -> int | None:
         """The id of a piece, or None where the vocabulary lacks it."""
         i = self._sp.piece_to_id(piece)
@@ -95,6 +99,53 @@ class Tokenizer:
 
     def to_dict(self) -> dict:
         return {"sentencepiece": base64.b64encode(self.proto).decode()}
+
+    def hf_json(self) -> str:
+        """This model as a Hugging Face `tokenizer.json` giving the same ids: sentencepiece's
+        pieces and scores (merges recovered from them for BPE), its dummy-prefix `\u2581`, the
+        user-defined pieces matched whole (after normalising, as sentencepiece matches them),
+        and [bos] prepended as jaxlm does."""
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
+        from tokenizers import Tokenizer as FastTokenizer
+
+        proto = pb.ModelProto.FromString(self.proto)
+        kinds = pb.ModelProto.SentencePiece
+        pieces = [(p.piece, p.score) for p in proto.pieces]
+        unk = next(i for i, p in enumerate(proto.pieces) if p.type == kinds.UNKNOWN)
+        if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
+            # Hugging Face's unigram differs from sentencepiece's on rare words and unknown
+            # characters (8 of 5,620 Shakespeare texts): no tokenizer that almost matches.
+            raise ConfigError(
+                "only a BPE sentencepiece model converts to a tokenizer.json that gives the "
+                "same ids; this one is unigram"
+            )
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        model = models.BPE(vocab, _bpe_merges(pieces), unk_token=pieces[unk][0], fuse_unk=True)
+        fast = FastTokenizer(model)
+        user = [p.piece for p in proto.pieces if p.type == kinds.USER_DEFINED]
+        rules = [normalizers.Replace(" ", "\u2581")]
+        if proto.normalizer_spec.add_dummy_prefix:
+            # One U+2581 before the text. A user-defined piece is normalised like the text
+            # before it is matched, so the prefix must spare it ("\n" stays "\n"); left
+            # unmatched: a text that starts with one, where sentencepiece puts a lone U+2581.
+            spared = "|".join(re.escape(piece) for piece in user)
+            start = Regex(rf"\A(?!{spared})" if spared else r"\A")
+            rules.insert(0, normalizers.Replace(start, "\u2581"))
+        fast.normalizer = normalizers.Sequence(rules)
+        fast.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        special = (kinds.CONTROL, kinds.UNKNOWN)
+        fast.add_special_tokens(
+            [AddedToken(p.piece, normalized=False) for p in proto.pieces if p.type in special]
+        )
+        fast.add_tokens([AddedToken(piece, normalized=True, special=False) for piece in user])
+        bos = self._sp.id_to_piece(self.bos_id)
+        fast.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)]
+        )
+        return fast.to_str()
 
 
 class WordPiece:
@@ -179,6 +230,20 @@ class WordPiece:
         return {"wordpiece": self.vocab, "lowercase": self.lowercase}
 
 
+def _bpe_merges(pieces: list[tuple[str, float]]) -> list[tuple[str, str]]:
+    """Sentencepiece BPE keeps pieces, not merges: it joins the adjacent pair whose joined
+    piece scores highest. Every split of a piece into two known pieces is a merge, ranked by
+    the joined piece's score."""
+    ids = {piece: i for i, (piece, _) in enumerate(pieces)}
+    ranked = []
+    for piece, score in pieces:
+        for j in range(1, len(piece)):
+            left, right = piece[:j], piece[j:]
+            if left in ids and right in ids:
+                ranked.append((-score, ids[left], ids[right], left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
+
+
 def _is_punctuation(c: str) -> bool:
     o = ord(c)
     if 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126:
@@ -193,17 +258,22 @@ def _is_cjk(c: str) -> bool:
 
 class HFTokenizer:
     """A Hugging Face fast tokenizer (`tokenizer.json`); start/end tokens come from the
-    `tokenizer_config.json` beside it, else from the usual special-token names."""
-
-    add_bos = True  # as jaxlm trains: [bos] tokens [eos]
+    `tokenizer_config.json` beside it, else from the usual special-token names. add_bos: a
+    prompt starts with [bos] (as jaxlm trains; an imported model says for itself)."""
 
     START_NAMES = ("<|begin_of_text|>", "<s>", "[CLS]", "<|endoftext|>", "<|im_start|>")
     END_NAMES = ("<|end_of_text|>", "</s>", "[SEP]", "<|endoftext|>", "<|im_end|>")
 
-    def __init__(self, tokenizer_json: str, bos: str | None = None, eos: str | None = None):
+    def __init__(
+        self,
+        tokenizer_json: str,
+        bos: str | None = None,
+        eos: str | None = None,
+        add_bos: bool = True,
+    ):
         from tokenizers import Tokenizer as FastTokenizer
 
-        self.json = tokenizer_json
+        self.json, self.add_bos = tokenizer_json, add_bos
         self._tok = FastTokenizer.from_str(tokenizer_json)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.bos = bos or next((n for n in self.START_NAMES if n in vocab), None)
@@ -225,6 +295,9 @@ class HFTokenizer:
     @property
     def eos_id(self) -> int:
         return self._tok.token_to_id(self.eos)
+
+    def piece(self, i: int) -> str:
+        return self._tok.id_to_token(i)
 
     def piece_id(self, piece: str) -> int | None:
         return self._tok.token_to_id(piece)
@@ -251,15 +324,53 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def to_dict(self) -> dict:
-        return {"hf_tokenizer": self.json, "bos": self.bos, "eos": self.eos}
+        return {
+            "hf_tokenizer": self.json,
+            "bos": self.bos,
+            "eos": self.eos,
+            "add_bos": self.add_bos,
+        }
+
+    def hf_json(self) -> str:
+        """tokenizer.json whose post-processor prepends [bos] where add_bos says so."""
+        if not self.add_bos:
+            return self.json
+        from tokenizers import Tokenizer as FastTokenizer
+        from tokenizers import processors
+
+        fast = FastTokenizer.from_str(self.json)
+        fast.post_processor = processors.TemplateProcessing(
+            single=f"{self.bos} $A",
+            pair=f"{self.bos} $A {self.bos} $B",
+            special_tokens=[(self.bos, self.bos_id)],
+        )
+        return fast.to_str()
 
 
 def from_dict(d: dict) -> Tokenizer | WordPiece | HFTokenizer:
     if "sentencepiece" in d:
         return Tokenizer(base64.b64decode(d["sentencepiece"]))
     if "hf_tokenizer" in d:
-        return HFTokenizer(d["hf_tokenizer"], d["bos"], d["eos"])
+        return HFTokenizer(d["hf_tokenizer"], d["bos"], d["eos"], d.get("add_bos", True))
     return WordPiece(d["wordpiece"], d.get("lowercase", True))
+
+
+def hf_files(tokenizer) -> dict[str, str]:
+    """The files a Hugging Face directory holds for this tokenizer (name -> text), which
+    `AutoTokenizer` loads to give jaxlm's ids: tokenizer.json, or BERT's vocab.txt."""
+    if isinstance(tokenizer, WordPiece):
+        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": tokenizer.lowercase}
+        files = {"vocab.txt": "\n".join(tokenizer.vocab) + "\n"}
+    else:
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tokenizer.piece(tokenizer.bos_id),
+            "eos_token": tokenizer.piece(tokenizer.eos_id),
+            "add_bos_token": tokenizer.add_bos,
+        }
+        files = {"tokenizer.json": tokenizer.hf_json()}
+    files["tokenizer_config.json"] = json.dumps(config, indent=2)
+    return files
 
 
 def fingerprint(tokenizer) -> str:

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from jaxlm import cli
 from jaxlm.config import ConfigError
 from jaxlm.evaluate import load
-from jaxlm.hf import import_bert
+from jaxlm.hf import import_hf as import_bert
 
 GOLDEN = np.load(ROOT / "tests/golden/minilm.npz")
 
