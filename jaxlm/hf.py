@@ -282,7 +282,7 @@ def llama_config(hf: dict, file: Path) -> ModelConfig:
 
 
 def bert_hf(m: ModelConfig) -> dict:
-    act = {"gelu": "gelu", "gelu_tanh": "gelu_new"}.get(m.mlp, m.mlp)
+    act = "gelu" if m.mlp == "gelu" else "gelu_new"  # swiglu: reported as differing
     return {
         "architectures": ["BertForMaskedLM"],
         "vocab_size": m.vocab_size,
@@ -300,7 +300,7 @@ def bert_hf(m: ModelConfig) -> dict:
 
 
 def gpt2_hf(m: ModelConfig) -> dict:
-    act = {"gelu": "gelu", "gelu_tanh": "gelu_new"}.get(m.mlp, m.mlp)
+    act = "gelu" if m.mlp == "gelu" else "gelu_new"  # swiglu: reported as differing
     return {
         "architectures": ["GPT2LMHeadModel"],
         "vocab_size": m.vocab_size,

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from jaxlm import cli
 from jaxlm.config import ConfigError
 from jaxlm.evaluate import load
-from jaxlm.hf import import_hf as import_bert
+from jaxlm.hf import import_hf
 
 GOLDEN = np.load(ROOT / "tests/golden/minilm.npz")
 
@@ -32,7 +32,7 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="module")
 def imported(minilm_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("minilm")
-    import_bert(minilm_dir, workdir, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    import_hf(minilm_dir, workdir, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     return workdir
 
 
@@ -67,11 +67,13 @@ def test_wordpiece_gives_the_hugging_face_ids(imported):
 
 def test_other_architecture_fails_naming_it(tmp_path, capsys):
     (tmp_path / "config.json").write_text(
-        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+        json.dumps({"model_type": "roberta", "architectures": ["RobertaForMaskedLM"]})
     )
+    # hf-bert: the old name of `import hf`, kept as an alias
     assert cli.main(["import", "hf-bert", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "model_type is 'gpt2'" in err and "GPT2LMHeadModel" in err and "Traceback" not in err
+    assert "model_type is 'roberta'" in err and "RobertaForMaskedLM" in err
+    assert "['bert', 'gpt2', 'llama']" in err and "Traceback" not in err
 
 
 def test_missing_tensors_are_named(minilm_dir, tmp_path):
@@ -83,7 +85,7 @@ def test_missing_tensors_are_named(minilm_dir, tmp_path):
     save_file(tensors, str(src / "model.safetensors"))
     with pytest.raises(
         ConfigError,
-        match=r"missing BERT tensors embeddings.LayerNorm.weight, "
-        r"encoder.layer.3.attention.self.key.weight",
+        match=r"missing tensors bert.embeddings.LayerNorm.weight, "
+        r"bert.encoder.layer.3.attention.self.key.weight",
     ):
-        import_bert(src, tmp_path / "out")
+        import_hf(src, tmp_path / "out")
