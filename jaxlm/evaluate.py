@@ -125,12 +125,12 @@ def evaluate_text(
     loaded: Loaded, inputs: list[str], batch_size: int | None = None, seed: int = 0
 ) -> list[dict]:
     """The held-out metrics of a text checkpoint on each input (text files, jsonl, parquet,
-    tfds:NAME) and on all of them: one dict per input, then the total.
+    tfds:NAME, prepared directories) and on all of them: one dict per input, then the total.
+    A prepared directory is scored as prepared: its rows as packed, both splits.
 
     Causal LM: loss, perplexity and bits per byte over every next token ([eos] included).
     Masked LM: loss, perplexity and accuracy over the tokens masked as in training, with
     row-seeded masking (`seed`), so the figures repeat on any mesh and batch size."""
-    from jaxlm import inputs as inputs_lib
 
     cfg, s, tok = loaded.cfg, loaded.setup, loaded.tokenizer
     if cfg.objective not in ("lm", "mlm"):
@@ -144,38 +144,78 @@ def evaluate_text(
     results, sums = [], []
     for entry in inputs:
         if data.is_prepared(entry):
-            raise ConfigError(f"--data {entry}: prepared directories are not evaluated yet")
-        texts = [
-            t
-            for unit in inputs_lib.plan_units([entry])
-            for t in inputs_lib.documents(unit, cfg.data.text_field)
-            if t
-        ]
-        if not texts:
-            raise ConfigError(f"--data {entry}: no documents")
-        docs = tok.encode_batch(texts)
-        rows = text_rows(docs, spec.row_length, spec.start_id, spec.end_id, overlap=causal)
-        pad = -len(rows["tokens"]) % batch_size
-        rows = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in rows.items()}
-        if spec.random:
-            example = spec.transform(rows, data.row_rngs(seed, np.arange(len(rows["tokens"]))))
+            rows, summed = _prepared_rows(entry, tok, spec, cfg.model.seq_len, batch_size)
         else:
-            example = spec.transform(rows)
-        batches = (
-            {k: v[start : start + batch_size] for k, v in example.items()}
-            for start in range(0, len(example["inputs"]), batch_size)
-        )
+            rows, summed = _text_rows(entry, cfg, tok, spec, causal, batch_size)
+
+        def batches(rows=rows):
+            for r in rows:  # seeded by global row index: the same masks for any batch size
+                if spec.random:
+                    yield spec.transform(r, data.row_rngs(seed, r.pop("index")))
+                else:
+                    r.pop("index")
+                    yield spec.transform(r)
+
         with jax.set_mesh(s.mesh):
             place = functools.partial(sharding.from_full, mesh=s.mesh)
-            summed = _summed(eval_step, loaded.params, batches, place)
-        summed["bytes"] = sum(len(t.encode()) for t in texts)
-        if causal:  # every target once, no padding counted
-            assert summed["tokens"] == sum(len(d) + 1 for d in docs), summed
+            summed |= _summed(eval_step, loaded.params, batches(), place)
+        targets = summed.pop("targets", None)
+        if causal and targets is not None:  # text: every target once, no padding counted
+            assert summed["tokens"] == targets, summed
         sums.append(summed)
         results.append({"data": entry, **_text_metrics(summed, causal)})
     total = {k: sum(x[k] for x in sums) for k in sums[0]}
     results.append({"data": "total", **_text_metrics(total, causal)})
     return results
+
+
+def _text_rows(entry: str, cfg: Config, tok, spec, causal: bool, batch_size: int):
+    """(batches of packed rows with their global `index`, {bytes, targets: how many next
+    tokens the documents have}) of a text input."""
+    from jaxlm import inputs as inputs_lib
+
+    texts = [
+        t
+        for unit in inputs_lib.plan_units([entry])
+        for t in inputs_lib.documents(unit, cfg.data.text_field)
+        if t
+    ]
+    if not texts:
+        raise ConfigError(f"--data {entry}: no documents")
+    docs = tok.encode_batch(texts)
+    rows = text_rows(docs, spec.row_length, spec.start_id, spec.end_id, overlap=causal)
+    pad = -len(rows["tokens"]) % batch_size
+    rows = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in rows.items()}
+    rows["index"] = np.arange(len(rows["tokens"]))
+    batches = [
+        {k: v[start : start + batch_size] for k, v in rows.items()}
+        for start in range(0, len(rows["index"]), batch_size)
+    ]
+    targets = float(sum(len(d) + 1 for d in docs))
+    return batches, {"bytes": sum(len(t.encode()) for t in texts), "targets": targets}
+
+
+def _prepared_rows(entry: str, tok, spec, seq_len: int, batch_size: int):
+    """(batches of rows with their global `index`, {bytes}) of a prepared directory's
+    shards, train and eval splits, read batch by batch (a corpus of any size): the rows as
+    prepared, their start / end tokens mapped to the objective's as training does."""
+    prepared = shards.Prepared(entry)
+    prepared.check(tok, seq_len + 1)
+    table = shards.Shards(
+        prepared.shards("train") + prepared.shards("eval"), prepared.row_length, entry
+    )
+    remap = {prepared.manifest["start_id"]: spec.start_id, prepared.manifest["end_id"]: spec.end_id}
+    remap = data.Remap({a: b for a, b in remap.items() if a != b}, spec.row_length)
+
+    def rows():
+        for start in range(0, len(table), batch_size):
+            index = np.arange(start, start + batch_size)
+            tokens, segments = table.read(np.minimum(index, len(table) - 1))
+            segments[index >= len(table)] = 0  # the last batch's padding scores nothing
+            tokens[index >= len(table)] = 0
+            yield remap(shards.row_example(tokens, segments)) | {"index": index}
+
+    return rows(), {"bytes": prepared.manifest["bytes"]}
 
 
 def _text_metrics(summed: dict, causal: bool) -> dict:

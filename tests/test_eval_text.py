@@ -134,3 +134,40 @@ def test_eval_data_names_an_empty_or_missing_input(tiny_lm, tmp_path, capsys):
     assert "no documents" in capsys.readouterr().err
     assert cli.main(["eval", str(tiny_lm), "--data", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_eval_data_takes_a_prepared_directory(tiny_lm, tmp_path, capsys):
+    """Rows as prepared (documents end to end, both splits), each target scored once: equal to
+    the direct sum over those rows, whatever the batch size."""
+    from jaxlm.lm import to_example
+    from jaxlm.shards import Prepared, Shards, row_example
+
+    path = tmp_path / "plays.jsonl"
+    path.write_text(TEXT * 3)
+    loaded = load(tiny_lm)
+    seq_len = str(loaded.cfg.model.seq_len)
+    prep = tmp_path / "prepared"
+    argv = ["data", "prepare", str(path), "--tokenizer", str(tiny_lm), "--out", str(prep)]
+    assert cli.main([*argv, "--seq-len", seq_len, "--eval-fraction", "0.3"]) == 0
+    capsys.readouterr()
+
+    def evaluate(batch_size: int) -> dict:
+        argv = ["eval", str(tiny_lm), "--data", str(prep), "--batch-size", str(batch_size)]
+        assert cli.main(argv) == 0
+        return json.loads(capsys.readouterr().out.splitlines()[0])
+
+    got = evaluate(8)
+    prepared = Prepared(str(prep))
+    assert prepared.shards("eval") and prepared.shards("train")  # both splits are read
+    table = Shards(prepared.shards("train") + prepared.shards("eval"), prepared.row_length, "x")
+    example = to_example(row_example(*table.read(np.arange(len(table)))))
+    pad = -len(table) % 8
+    example = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in example.items()}
+    with jax.set_mesh(loaded.setup.mesh):
+        logits = np.asarray(loaded.setup.model(loaded.params)(example), np.float64)
+    logp = np.take_along_axis(jax.nn.log_softmax(logits, -1), example["targets"][..., None], -1)
+    nats = -float((logp[..., 0] * example["weights"]).sum())
+    assert got["tokens"] == example["weights"].sum() > 0
+    assert got["loss"] == pytest.approx(nats / got["tokens"], rel=1e-5)
+    assert got["bytes"] == 3 * sum(len(d.encode()) for d in DOCS)
+    assert evaluate(16)["loss"] == pytest.approx(got["loss"], rel=1e-6)
