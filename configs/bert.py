@@ -2,7 +2,7 @@
 
     jaxlm train configs/bert.py:tiny                # this 2-core CPU: ~4 min, see README
     jaxlm bench configs/bert.py:bert_base           # one GPU: tokens/s and MFU
-    jaxlm import hf-bert path/to/bert-dir --out runs/bert_imported
+    jaxlm import hf path/to/bert-dir --out runs/bert_imported
 
 Variants:
 - tiny: 4 layers, d 128, BERT's architecture (post-LayerNorm, exact GELU, learned positions and

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -22,6 +24,8 @@ from jaxlm.checkpoint import Checkpointer, workdir_path
 from jaxlm.config import CheckpointConfig, Config, ConfigError, MeshConfig
 from jaxlm.step import Setup, build, make_eval_step
 from jaxlm.tokenizer import Tokenizer
+
+log = logging.getLogger("jaxlm")
 
 
 def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
@@ -143,6 +147,7 @@ def evaluate_text(
     eval_step, causal = make_eval_step(s), cfg.objective == "lm"
     results, sums = [], []
     for entry in inputs:
+        start = time.perf_counter()
         if data.is_prepared(entry):
             rows, summed = _prepared_rows(entry, tok, spec, cfg.model.seq_len, batch_size)
         else:
@@ -164,6 +169,9 @@ def evaluate_text(
             assert summed["tokens"] == targets, summed
         sums.append(summed)
         results.append({"data": entry, **_text_metrics(summed, causal)})
+        seconds = time.perf_counter() - start
+        rate = summed["tokens"] / seconds
+        log.info("%s: %d tokens in %.1f s, %.0f tokens/s", entry, summed["tokens"], seconds, rate)
     total = {k: sum(x[k] for x in sums) for k in sums[0]}
     results.append({"data": "total", **_text_metrics(total, causal)})
     return results

