@@ -80,8 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--data",
         nargs="+",
-        help="text to evaluate instead of the held-out split: .txt .jsonl .parquet files, "
-        "globs, tfds:NAME[:DATA_DIR] (causal LM)",
+        help="what to evaluate instead of the held-out split: text checkpoints: .txt .jsonl "
+        ".parquet files, globs, prepared directories, tfds:NAME[:DATA_DIR]; contrastive "
+        "checkpoints: labelled image sources (digits, tar:GLOB, tfds:NAME[:DATA_DIR]), zero-shot",
+    )
+    e.add_argument(
+        "--classes",
+        help="contrastive --data: class names, comma-separated or a file with one per line "
+        "(default: the source's)",
     )
     e.add_argument("--batch-size", type=int, help="--data: rows per batch (default train's)")
     e.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 mesh.data=1")
@@ -177,6 +183,18 @@ def _generate(args: argparse.Namespace) -> None:
         print(json.dumps(r) if args.json else r["prompt"] + r["completion"], flush=True)
 
 
+def _classes(given: str | None) -> list[str] | None:
+    """--classes: a file with one name per line, or names separated by commas."""
+    if not given:
+        return None
+    path = Path(given)
+    names = path.read_text().splitlines() if path.is_file() else given.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ConfigError(f"--classes {given!r}: no class names")
+    return names
+
+
 def _default_workdir(spec: str) -> Path:
     path, _, variant = spec.partition(":")
     return Path("runs") / f"{Path(path).stem}_{variant or 'default'}"
@@ -241,11 +259,18 @@ def _run(args: argparse.Namespace) -> int:
         cfg = config.load(args.config, args.overrides)
         print(json.dumps(plan.plan(cfg, args.devices, args.device)))
     elif args.command == "eval":
-        from jaxlm.evaluate import evaluate_checkpoint, evaluate_text, load
+        from jaxlm.evaluate import evaluate_checkpoint, evaluate_images, evaluate_text, load
 
         if args.data:
             loaded = load(args.workdir, args.step, args.overrides, params_only=True)
-            for line in evaluate_text(loaded, args.data, args.batch_size):
+            if loaded.cfg.objective == "clip":
+                classes = _classes(args.classes)
+                lines = evaluate_images(loaded, args.data, classes, args.batch_size)
+            elif args.classes:
+                raise ConfigError("--classes is for contrastive checkpoints (zero-shot)")
+            else:
+                lines = evaluate_text(loaded, args.data, args.batch_size)
+            for line in lines:
                 print(json.dumps(line))
         else:
             print(json.dumps(evaluate_checkpoint(args.workdir, args.step, args.overrides)))

@@ -2,6 +2,7 @@
 image-text sources that are damaged or empty."""
 
 import io
+import json
 import logging
 import tarfile
 
@@ -161,3 +162,38 @@ def test_tfds_source_trains_and_evaluates_zero_shot(tmp_path):
     assert np.isfinite(result["loss"])
     assert 0.0 <= result["eval_zeroshot_top1"] <= 1.0  # class names came from the ClassLabel
     assert "eval_i2t_recall_at_1" in result
+
+
+def test_eval_data_gives_zero_shot_on_a_labelled_source(tmp_path, capsys):
+    """`jaxlm eval --data SOURCE` on a contrastive checkpoint: on its own source's held-out
+    images it equals what training measured; a tfds source brings its own class names."""
+    from tfds_digits import JaxlmTinyDigits
+
+    from jaxlm import cli
+    from jaxlm.images import DIGIT_WORDS
+
+    workdir = tmp_path / "run"
+    overrides = {"train.steps": 4, "train.eval_every": 4, "clip.eval_images": 0}
+    result = train(load_tiny("clip", **overrides), workdir)
+
+    def evaluate(*argv: str) -> dict:
+        assert cli.main(["eval", str(workdir), *argv]) == 0
+        return json.loads(capsys.readouterr().out.splitlines()[0])
+
+    own = evaluate("--data", "digits")
+    assert own["zeroshot_top1"] == pytest.approx(result["eval_zeroshot_top1"], abs=1e-6)
+    assert own["zeroshot_top5"] == pytest.approx(result["eval_zeroshot_top5"], abs=1e-6)
+    assert own["classes"] == 10 and own["images"] > 300  # all of the 20% held out
+    named = tmp_path / "classes.txt"
+    named.write_text("\n".join(DIGIT_WORDS) + "\n")
+    assert evaluate("--data", "digits", "--classes", str(named)) == own
+
+    builder = JaxlmTinyDigits(data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare(file_format="array_record")
+    capsys.readouterr()  # tfds's own messages
+    tfds = evaluate("--data", f"tfds:jaxlm_tiny_digits:{tmp_path / 'tfds'}", "--batch-size", "8")
+    assert tfds["images"] == 60  # its test split
+    assert tfds["classes"] == 10 and 0 <= tfds["zeroshot_top1"] <= tfds["zeroshot_top5"] <= 1
+
+    assert cli.main(["eval", str(workdir), "--data", "digits", "--classes", "a,b"]) == 2
+    assert "labels go up to 9, but 2 class names were given (a, b)" in capsys.readouterr().err
