@@ -202,3 +202,24 @@ def test_export_without_a_counterpart_names_the_fields(tiny_lm, tmp_path, capsys
     # the tiny model of the README's first command is a GPT-2
     assert cli.main(["export", "hf", str(tiny_lm), "--out", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)["model_type"] == "gpt2"
+
+
+def test_sharded_safetensors_import_like_one_file(gpt2, tmp_path):
+    """model.safetensors.index.json and its shards (how large checkpoints ship)."""
+    src = tmp_path / "sharded"
+    shutil.copytree(GPT2_DIR, src)
+    tensors = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for k, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-0000{k + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, str(src / shard))
+        weight_map |= {n: shard for n in part}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    import_hf(src, tmp_path / "workdir")
+    ours, theirs = (
+        jax.tree.leaves(load(tmp_path / "workdir").params),
+        jax.tree.leaves(load(gpt2).params),
+    )
+    assert len(ours) == 20 and all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
