@@ -38,7 +38,9 @@ class ModelConfig:
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT: 2
     embed_norm: bool = False  # a norm right after the embeddings (BERT)
     position: str = "learned"  # learned | rope
-    max_positions: int = 0  # rows of the learned position table; 0: seq_len (BERT: 512)
+    # rows of the learned position table; 0: seq_len (BERT: 512). RoPE: the context a
+    # Hugging Face source states (max_position_embeddings), kept for its export
+    max_positions: int = 0
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     use_bias: bool = True

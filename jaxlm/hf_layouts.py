@@ -244,6 +244,7 @@ def llama_config(hf: dict, file: Path) -> ModelConfig:
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         seq_len=min(LLAMA_CONTEXT, hf.get("max_position_embeddings", LLAMA_CONTEXT)),
+        max_positions=hf.get("max_position_embeddings", 0),  # kept for export only
         num_layers=hf["num_hidden_layers"],
         d_model=d,
         num_heads=h,
@@ -301,7 +302,7 @@ def llama_hf(m: ModelConfig) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": m.vocab_size,
-        "max_position_embeddings": m.seq_len,
+        "max_position_embeddings": m.position_rows,
         "num_hidden_layers": m.num_layers,
         "hidden_size": m.d_model,
         "num_attention_heads": m.num_heads,

@@ -91,6 +91,7 @@ def test_smollm2_exports_back_to_its_source(smollm2, tmp_path):
     assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
     config = json.loads((tmp_path / "out/config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 3
+    assert config["max_position_embeddings"] == 8192  # the source's, though seq_len is 2048
 
 
 @pytest.fixture(scope="module")
