@@ -265,9 +265,14 @@ def _batched(fn, arrays: dict, setup, batch: int) -> np.ndarray:
 
 
 def extra_eval(setup, params, dataset: ClipData, tokenizer) -> dict:
+    return held_out_metrics(setup, params, dataset.held_out, tokenizer)
+
+
+def held_out_metrics(setup, params, held_out: HeldOut, tokenizer) -> dict:
     """Zero-shot top-1/top-5 over the class names (prompt embeddings averaged over templates)
-    and image<->text recall@1/5 over the held-out pairs (every process runs the same)."""
-    cfg, g, held_out = setup.cfg, setup.graphdef, dataset.held_out
+    and image<->text recall@1/5 over the held-out pairs (every process runs the same); also
+    `jaxlm eval --data` on any labelled image source."""
+    cfg, g = setup.cfg, setup.graphdef
     prep = Prepare(cfg, tokenizer, training=False)
     rows = [prep(r, np.random.default_rng(0)) for r in held_out]
     rows = [r for r in rows if r is not None]

@@ -105,6 +105,15 @@ class Remap:
     def __init__(self, table: dict[int, int], length: int):
         self.table, self.length = table, length
 
+    @classmethod
+    def to_spec(cls, sources: list[Prepared], spec: DataSpec) -> Remap:
+        """From the start / end tokens the prepared sources were made with to the spec's."""
+        starts = {p.manifest["start_id"] for p in sources}
+        ends = {p.manifest["end_id"] for p in sources}
+        table = {a: spec.start_id for a in starts if a != spec.start_id}
+        table |= {a: spec.end_id for a in ends if a != spec.end_id}
+        return cls(table, spec.row_length)
+
     def __call__(self, rows: dict) -> dict:
         rows = {k: v[..., : self.length] for k, v in rows.items()}
         if self.table:
@@ -135,11 +144,7 @@ class TextData:
         for s in self.sources:  # rows of seq_len + 1; an objective needing seq_len cuts one
             s.check(tokenizer, cfg.model.seq_len + 1)
         self.weights = self._weights()
-        starts = {s.manifest["start_id"] for s in self.sources}
-        ends = {s.manifest["end_id"] for s in self.sources}
-        table = {a: spec.start_id for a in starts if a != spec.start_id}
-        table |= {a: spec.end_id for a in ends if a != spec.end_id}
-        self.remap = Remap(table, spec.row_length)
+        self.remap = Remap.to_spec(self.sources, spec)
         self._shards: dict[str, list[Shards]] = {}
 
     def _resolve(self, entry: str, k: int, tokenizer, workdir) -> Prepared:

@@ -155,11 +155,9 @@ def evaluate_text(
 
         def batches(rows=rows):
             for r in rows:  # seeded by global row index: the same masks for any batch size
-                if spec.random:
-                    yield spec.transform(r, data.row_rngs(seed, r.pop("index")))
-                else:
-                    r.pop("index")
-                    yield spec.transform(r)
+                index = r.pop("index")
+                rngs = (data.row_rngs(seed, index),) if spec.random else ()
+                yield spec.transform(r, *rngs)
 
         with jax.set_mesh(s.mesh):
             place = functools.partial(sharding.from_full, mesh=s.mesh)
@@ -212,8 +210,7 @@ def _prepared_rows(entry: str, tok, spec, seq_len: int, batch_size: int):
     table = shards.Shards(
         prepared.shards("train") + prepared.shards("eval"), prepared.row_length, entry
     )
-    remap = {prepared.manifest["start_id"]: spec.start_id, prepared.manifest["end_id"]: spec.end_id}
-    remap = data.Remap({a: b for a, b in remap.items() if a != b}, spec.row_length)
+    remap = data.Remap.to_spec([prepared], spec)
 
     def rows():
         for start in range(0, len(table), batch_size):
@@ -236,8 +233,6 @@ def evaluate_images(
     (`digits`, `tar:GLOB`, `tfds:NAME[:DATA_DIR]`), over its held-out images (a tfds test or
     validation split; otherwise the seeded split training makes), with the class names of
     `classes` or of the source; image<->text recall too where the records carry captions."""
-    from types import SimpleNamespace
-
     from jaxlm import clip, images
 
     cfg, s = loaded.cfg, loaded.setup
@@ -266,9 +261,9 @@ def evaluate_images(
             )
         start = time.perf_counter()
         templates = source.templates or ("a photo of a {word}.",)
-        dataset = SimpleNamespace(held_out=clip.HeldOut(records, names, templates))
+        held_out = clip.HeldOut(records, names, templates)
         with jax.set_mesh(s.mesh):
-            metrics = clip.extra_eval(s, loaded.params, dataset, loaded.tokenizer)
+            metrics = clip.held_out_metrics(s, loaded.params, held_out, loaded.tokenizer)
         log.info("%s: %d images in %.1f s", entry, len(records), time.perf_counter() - start)
         metrics = {k.removeprefix("eval_"): v for k, v in metrics.items()}
         results.append({"data": entry, **metrics, "images": len(records), "classes": len(names)})

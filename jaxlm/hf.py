@@ -161,10 +161,7 @@ def read_tokenizer(src: Path, arch: Architecture, model: ModelConfig):
         if "add_bos_token" in settings:
             tok.add_bos = bool(settings["add_bos_token"])
         else:
-            from tokenizers import Tokenizer as FastTokenizer
-
-            ids = FastTokenizer.from_str(tok.json).encode("a", add_special_tokens=True).ids
-            tok.add_bos = ids[0] == tok.bos_id
+            tok.add_bos = tok.post_processor_adds_bos()
     if tok.vocab_size > model.vocab_size:
         raise ConfigError(
             f"{src}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "

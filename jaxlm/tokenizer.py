@@ -106,7 +106,7 @@ class Tokenizer:
         user-defined pieces matched whole (after normalising, as sentencepiece matches them),
         and [bos] prepended as jaxlm does."""
         from sentencepiece import sentencepiece_model_pb2 as pb
-        from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
+        from tokenizers import AddedToken, Regex, decoders, models, normalizers
         from tokenizers import Tokenizer as FastTokenizer
 
         proto = pb.ModelProto.FromString(self.proto)
@@ -141,11 +141,17 @@ class Tokenizer:
             [AddedToken(p.piece, normalized=False) for p in proto.pieces if p.type in special]
         )
         fast.add_tokens([AddedToken(piece, normalized=True, special=False) for piece in user])
-        bos = self._sp.id_to_piece(self.bos_id)
-        fast.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)]
-        )
+        fast.post_processor = _bos_first(self.piece(self.bos_id), self.bos_id)
         return fast.to_str()
+
+
+def _bos_first(bos: str, bos_id: int):
+    """A tokenizer.json post-processor that starts every text with [bos], as jaxlm does."""
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
 
 
 def _bpe_merges(pieces: list[tuple[str, float]]) -> list[tuple[str, str]]:
@@ -237,19 +243,19 @@ class HFTokenizer:
             "add_bos": self.add_bos,
         }
 
+    def post_processor_adds_bos(self) -> bool:
+        """Whether tokenizer.json's own post-processor starts a text with [bos] (Llama's does,
+        GPT-2's and SmolLM2's do not)."""
+        return self._tok.encode("a", add_special_tokens=True).ids[0] == self.bos_id
+
     def hf_json(self) -> str:
         """tokenizer.json whose post-processor prepends [bos] where add_bos says so."""
         if not self.add_bos:
             return self.json
         from tokenizers import Tokenizer as FastTokenizer
-        from tokenizers import processors
 
         fast = FastTokenizer.from_str(self.json)
-        fast.post_processor = processors.TemplateProcessing(
-            single=f"{self.bos} $A",
-            pair=f"{self.bos} $A {self.bos} $B",
-            special_tokens=[(self.bos, self.bos_id)],
-        )
+        fast.post_processor = _bos_first(self.bos, self.bos_id)
         return fast.to_str()
 
 
