@@ -11,6 +11,7 @@ any mesh, any number of processes, one CPU device too. WORKDIR may be local or a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -28,23 +29,50 @@ from jaxlm.inputs import is_remote
 
 log = logging.getLogger("jaxlm")
 
-# Errors of the storage itself, not of a checkpoint's contents: they fail the run.
-STORAGE_ERRORS = (PermissionError, ConnectionError, TimeoutError)
-STORAGE_MARKERS = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED")
+# Evidence that a step's own files are damaged (missing, truncated, unparsable): the only
+# reason to set a step aside. Anything else (out of memory after a mesh change, an I/O error
+# of a network filesystem, a tree that no longer matches) fails the run with its error.
+DAMAGE_ERRORS = (FileNotFoundError, json.JSONDecodeError, EOFError, UnicodeDecodeError)
+DAMAGE_MARKERS = (
+    "DATA_LOSS",
+    "NOT_FOUND",
+    "No such file",
+    "OUT_OF_RANGE",
+    "Unexpected end",
+    "nexpected EOF",
+    "runcated",
+    "orrupt",
+    "Error decoding",
+    "Error parsing",
+    "not valid JSON",
+)
 
 
-class StorageError(RuntimeError):
-    """The checkpoint storage could not be read: never a reason to set a checkpoint aside."""
+class RestoreError(RuntimeError):
+    """A checkpoint could not be restored for a reason other than damage to its files: the
+    run stops with it, and nothing is moved."""
+
+
+class NoReadableCheckpoint(ConfigError):
+    """Checkpoints exist and none restores: the run never starts over on top of them."""
+
+
+def damage(error: BaseException) -> bool:
+    """Whether an exception from restoring a step shows that the step's files are damaged."""
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        if len(chain) > 8:
+            break
+    return any(
+        isinstance(e, DAMAGE_ERRORS) or any(m in str(e) for m in DAMAGE_MARKERS) for e in chain
+    )
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     """A local workdir made absolute; a URL (gs://...) kept as it is."""
     text = os.fspath(workdir)
     return epath.Path(text if "://" in text else os.path.abspath(text))
-
-
-def _is_storage_error(e: Exception) -> bool:
-    return isinstance(e, STORAGE_ERRORS) or any(m in str(e) for m in STORAGE_MARKERS)
 
 
 class Checkpointer:
@@ -101,31 +129,35 @@ class Checkpointer:
 
     def agreed(self, step: int, action) -> tuple[Any, Exception | None]:
         """Run action() on every process and agree on the outcome: (result, None) where all
-        succeeded; (None, error) where any process found the step unreadable. A storage error
-        on any process fails every process."""
+        succeeded; (None, error) where a process found the step's files damaged. Any other
+        error on any process (a config refused by the resume check too) fails every process
+        with a RestoreError, and nothing is moved."""
         result, error, code = None, None, 0
         try:
             result = action()
         except Exception as e:
-            error, code = e, 2 if _is_storage_error(e) else 1
+            error, code = e, 1 if damage(e) else 2
         codes = [code]
         if jax.process_count() > 1:
             codes = list(multihost_utils.process_allgather(np.int32(code)))
         if max(codes) == 2:
-            raise StorageError(
-                f"checkpoint storage {self.root} failed at step {step}"
+            if isinstance(error, ConfigError):
+                raise error
+            raise RestoreError(
+                f"could not restore checkpoint {self.root}/{step}"
                 + (f": {type(error).__name__}: {error}" if error else " on another process")
+                + ". Its files look intact, so it was not set aside; fix the cause and rerun"
             ) from error
         if max(codes) == 1:
-            return None, error or RuntimeError("unreadable on another process")
+            return None, error or RuntimeError("damaged, as read by another process")
         return result, None
 
     def set_aside(self, step: int, error: Exception) -> None:
-        """An unreadable step is moved out of the manager's way (never deleted): the run goes
-        on from an older step, and the bad one stays for a post-mortem."""
+        """A damaged step, newer than the one the run resumed from, is moved out of the
+        manager's way (never deleted): it stays for a post-mortem."""
         target = self.quarantine / str(step)
         log.warning(
-            "checkpoint step %d in %s is unreadable (%s: %.200s); moved to %s, trying an older one",
+            "checkpoint step %d in %s is damaged (%s: %.200s); moved to %s",
             step,
             self.root,
             type(error).__name__,
@@ -140,11 +172,40 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"jaxlm_set_aside_{step}")
         self.manager.reload()
 
+    def set_aside_steps(self) -> list[str]:
+        """What earlier runs moved to checkpoints_unreadable/."""
+        if not self.quarantine.exists():
+            return []
+        return sorted(p.name for p in self.quarantine.iterdir())
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def parse_source(spec: str) -> tuple[str, int | None]:
+    """`WORKDIR[:STEP]` (gs:// URLs too) -> (workdir, step or None for the newest)."""
+    head, _, tail = spec.rpartition(":")
+    return (head, int(tail)) if head and tail.isdigit() else (spec, None)
+
+
+def stored(spec: str, what: str) -> tuple[Checkpointer, int, Config, Any]:
+    """(checkpointer, step, config, tokenizer) of checkpoint `WORKDIR[:STEP]`; `what` names
+    the option in errors."""
+    workdir, step = parse_source(spec)
+    ckpt = Checkpointer(workdir, CheckpointConfig(async_save=False))
+    steps = ckpt.steps()
+    if not steps:
+        ckpt.close()
+        raise ConfigError(f"{what} {spec}: no checkpoint in {ckpt.root}")
+    step = steps[0] if step is None else step
+    if step not in steps:
+        ckpt.close()
+        raise ConfigError(f"{what} {spec}: no step {step} in {ckpt.root}; steps: {sorted(steps)}")
+    cfg, tokenizer = ckpt.restore_meta(step)
+    return ckpt, step, cfg, tokenizer
 
 
 def _move_tree(src: epath.Path, dst: epath.Path) -> None:
@@ -172,6 +233,13 @@ def check_resume(saved: Config, cfg: Config, where: str) -> None:
     refused = [k for k in changed if k not in allowed]
     for k in allowed:
         log.info("resume: %s changed from %r to %r", k, old.get(k), new.get(k))
+    if "train.steps" in allowed:
+        log.info(
+            "resume: the learning-rate schedule now ends at step %d (it was made for %d): "
+            "from here on the rates follow the new schedule",
+            new["train.steps"],
+            old["train.steps"],
+        )
     if refused:
         details = "; ".join(
             f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in refused
@@ -185,6 +253,10 @@ def check_resume(saved: Config, cfg: Config, where: str) -> None:
 
 RESUMABLE_PREFIXES = ("mesh.", "optim.", "checkpoint.")
 RESUMABLE_KEYS = (
+    # how a step runs, not what it computes: e.g. resume on fewer chips with more remat
+    "model.remat",
+    "model.scan_layers",
+    "model.attention",
     "train.steps",
     "train.log_every",
     "train.eval_every",

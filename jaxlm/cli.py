@@ -41,7 +41,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train or resume: jaxlm train configs/gpt.py:tiny")
-    t.add_argument("config", help="CONFIG_FILE[:VARIANT]")
+    t.add_argument(
+        "config",
+        nargs="?",
+        help="CONFIG_FILE[:VARIANT], or a workdir (its newest checkpoint's config); "
+        "default with --init-from: the source's config",
+    )
+    t.add_argument(
+        "--init-from",
+        metavar="WORKDIR[:STEP]",
+        help="start a new run from this checkpoint's parameters (continued pretraining): "
+        "a fresh optimizer at step 0, this run's data and schedule",
+    )
     t.add_argument("--workdir", help="checkpoints and metrics (default runs/<config>_<variant>)")
     t.add_argument("overrides", nargs="*", help="key.path=value")
     t.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
@@ -195,6 +206,32 @@ def _classes(given: str | None) -> list[str] | None:
     return names
 
 
+def _train_config(args: argparse.Namespace):
+    """(config, workdir) of `jaxlm train`: CONFIG is a config file, or a workdir whose newest
+    checkpoint's config is the base (the --init-from source's by default); overrides on top.
+    A run from --init-from needs a --workdir of its own."""
+    from jaxlm import config
+    from jaxlm.checkpoint import parse_source, stored, workdir_path
+
+    if args.config and "=" in args.config:  # an override, CONFIG left out
+        args.overrides, args.config = [args.config, *args.overrides], None
+    spec = args.config or (args.init_from and parse_source(args.init_from)[0])
+    if not spec:
+        raise ConfigError("train: give a CONFIG (configs/gpt.py:tiny) or --init-from WORKDIR")
+    if args.init_from and not args.workdir:
+        raise ConfigError("--init-from needs a --workdir for the new run")
+    source = args.init_from and workdir_path(parse_source(args.init_from)[0])
+    if source and workdir_path(args.workdir) == source:
+        raise ConfigError(f"--workdir {args.workdir} is the --init-from source: use a new one")
+    if ".py" in spec or not (Path(spec).is_dir() or "://" in spec):
+        cfg = config.load(spec, args.overrides)
+    else:
+        ckpt, _, cfg, _ = stored(spec, "train")
+        ckpt.close()
+        cfg = config.override(cfg, list(args.overrides))
+    return cfg, args.workdir or str(_default_workdir(spec))
+
+
 def _default_workdir(spec: str) -> Path:
     path, _, variant = spec.partition(":")
     return Path("runs") / f"{Path(path).stem}_{variant or 'default'}"
@@ -239,9 +276,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from jaxlm.train import train
 
-        cfg = config.load(args.config, args.overrides)
-        workdir = args.workdir or str(_default_workdir(args.config))
-        result = train(cfg, workdir, args.profile)
+        cfg, workdir = _train_config(args)
+        result = train(cfg, workdir, args.profile, args.init_from)
         print(json.dumps({k: round(v, 4) for k, v in result.items() if isinstance(v, float)}))
     elif args.command == "bench":
         from jaxlm.bench import bench, bench_data

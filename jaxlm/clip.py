@@ -108,7 +108,8 @@ def check(cfg: Config) -> None:
 
 
 def default_tokenizer(cfg: Config):
-    return tokenizer_lib.train(ClipData.texts(images.load_source(cfg)), cfg.model.vocab_size)
+    texts = ClipData.texts(images.load_source(cfg))
+    return tokenizer_lib.train(texts, cfg.model.vocab_size, sample_lines=cfg.data.tokenizer_sample)
 
 
 def load_data(cfg: Config, tokenizer, workdir) -> ClipData:
@@ -165,9 +166,13 @@ class ClipData:
         )
         return iter(ds.to_iter_dataset(data.read_options()))
 
-    def eval_batches(self) -> list[dict]:
+    def eval_sets(self) -> list[data.EvalSet]:
+        """This process's share of the first train.eval_steps held-out global batches."""
+        if not self.cfg.train.eval_steps:
+            return []
         ds = data.global_batches(self.examples(False), self.cfg.train.batch_size, 0)
-        return [ds[i] for i in range(self.cfg.train.eval_steps)]
+        batches = [ds[i] for i in range(self.cfg.train.eval_steps)]
+        return [data.EvalSet("held_out", 1.0, batches)]
 
 
 class Readable:
@@ -237,8 +242,8 @@ def _where(record) -> str:
 
 def baselines(dataset: ClipData, tokenizer, eval_batches: list[dict]) -> dict:
     """Chance: top-1 of a random guess over the classes, recall@1 of a random ranking."""
-    n = sum(len(b["text"]) for b in eval_batches)
-    return {"eval_batch_chance_accuracy": 1.0 / max(n / len(eval_batches), 1.0)}
+    del eval_batches  # each process holds its share; chance is over the global batch
+    return {"eval_batch_chance_accuracy": 1.0 / dataset.cfg.train.batch_size}
 
 
 @partial(jax.jit, static_argnums=0)
@@ -274,8 +279,11 @@ def held_out_metrics(setup, params, held_out: HeldOut, tokenizer) -> dict:
     `jaxlm eval --data` on any labelled image source."""
     cfg, g = setup.cfg, setup.graphdef
     prep = Prepare(cfg, tokenizer, training=False)
-    rows = [prep(r, np.random.default_rng(0)) for r in held_out]
-    rows = [r for r in rows if r is not None]
+    # An image that does not decode drops its whole pair: its caption and label go with it.
+    kept = [(r, p) for r in held_out if (p := prep(r, np.random.default_rng(0))) is not None]
+    if not kept:
+        raise ConfigError("the held-out split has no readable image")
+    records, rows = [r for r, _ in kept], [p for _, p in kept]
     batch = cfg.train.batch_size
     img = _batched(
         lambda images, **_: _embed_images(g, params, images),
@@ -292,16 +300,16 @@ def held_out_metrics(setup, params, held_out: HeldOut, tokenizer) -> dict:
         )
 
     metrics = {}
-    txt = embed_texts([_caption_of(r) for r in held_out if _caption_of(r) is not None][: len(img)])
-    if len(txt) == len(img):
-        sim = img @ txt.T
+    captions = [_caption_of(r) for r in records]
+    if all(c is not None for c in captions):
+        sim = img @ embed_texts(captions).T
         for name, s in (("i2t", sim), ("t2i", sim.T)):
             rank = (s > np.diag(s)[:, None]).sum(1)  # how many beat the true partner
             metrics |= {
                 f"eval_{name}_recall_at_1": float((rank < 1).mean()),
                 f"eval_{name}_recall_at_5": float((rank < 5).mean()),
             }
-    labels = np.asarray([r["label"] if isinstance(r, dict) else -1 for r in held_out])[: len(img)]
+    labels = np.asarray([r["label"] if isinstance(r, dict) else -1 for r in records])
     if held_out.class_names and (labels >= 0).all():
         prompts = [
             t.format(word=name, digit=c)

@@ -73,6 +73,8 @@ class DataConfig:
     files: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()  # mixture weights, one per files entry; () = by tokens
     tokenizer: str = ""  # .model / tokenizer.json; "" = a prepared entry's, or train one
+    # lines sentencepiece samples (shuffled) when jaxlm trains the tokenizer (process 0 only)
+    tokenizer_sample: int = 2_000_000
     eval_fraction: float = 0.02  # text files: documents held out for evaluation
     text_field: str = "text"  # text files: the field of a .jsonl line / parquet column
 
@@ -323,6 +325,11 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in (0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.tokenizer_sample < 1:
+        raise ConfigError(
+            f"data.tokenizer_sample must be a positive number of lines, got "
+            f"{cfg.data.tokenizer_sample}"
+        )
 
 
 def _get(cfg: Config, key: str) -> Any:

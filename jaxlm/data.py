@@ -2,8 +2,9 @@
 
 Every `data.files` entry is either a prepared directory (`jaxlm data prepare`, known by its
 `manifest.json`) or text files (paths or globs, `.txt` / `.jsonl[.gz|.zst]` / `.parquet`),
-which are prepared once into `WORKDIR/prepared/<k>` at the first start and reused on every
-resume. Reading is the same for both:
+which are prepared once into `WORKDIR/prepared/<key>` at the first start (the key: a hash of
+the files, their sizes and times, the tokenizer and the preparation settings) and reused on
+every resume. Reading is the same for both:
 
 - each entry's training rows, permuted by a seeded shuffle that changes every epoch, repeated;
 - entries mixed by `data.weights` (default: proportional to their tokens) with Grain's `mix`;
@@ -67,12 +68,19 @@ def is_prepared(entry: str) -> bool:
     )
 
 
-def raw_files(entry: str, text_field: str = "text") -> list[str]:
-    """The files of a text entry, each checked to hold some text (reading up to its first
-    document only)."""
+def entry_files(entry: str) -> list[str]:
+    """The files of a text entry (a glob, a path or a URL), each checked to exist: a listing
+    and a stat, nothing read."""
     files = inputs.expand(entry)
     if not files or not all(epath.Path(f).is_file() for f in files):
         raise ConfigError(f"data.files: {entry!r} matches no file (nor a prepared directory)")
+    return files
+
+
+def raw_files(entry: str, text_field: str = "text") -> list[str]:
+    """The files of a text entry, each checked to hold some text (reading up to its first
+    document only)."""
+    files = entry_files(entry)
     for f in files:
         docs = (d for u in inputs.plan_units([f]) for d in inputs.documents(u, text_field))
         if not any(d.strip() for d in docs):
@@ -124,6 +132,36 @@ class Remap:
         return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """Held-out batches (this process's share of each global batch) of one data.files entry,
+    named by its directory or file, and its weight in the mixture's eval metrics."""
+
+    name: str
+    weight: float
+    batches: list[dict]
+
+
+def entry_name(entry: str) -> str:
+    """What a data.files entry is called in metrics (`eval_loss/<name>`): a prepared
+    directory's name, a text file's stem, a glob's directory."""
+    path = epath.Path(entry.rstrip("/"))
+    if any(c in entry for c in "*?["):
+        return path.parent.name
+    return path.name if is_prepared(entry) else path.name.split(".")[0]
+
+
+def global_sum(values: list[float]) -> np.ndarray:
+    """Sums over every process of per-process values (each process holds its share of the
+    held-out batches)."""
+    out = np.asarray(values, np.float64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        out = np.asarray(multihost_utils.process_allgather(out), np.float64).sum(0)
+    return out
+
+
 def row_rngs(seed: int, indices: np.ndarray) -> list[np.random.Generator]:
     """One random stream per row, keyed by the row's global example index: the streams Grain's
     `random_map(..., seed=seed)` hands out (Philox keyed by the seed, counter [0, 0, 0, index])."""
@@ -134,7 +172,7 @@ def row_rngs(seed: int, indices: np.ndarray) -> list[np.random.Generator]:
 
 
 class TextData:
-    """Batches of one text objective: `train_batches(step)`, `eval_batches()`, `counts()`."""
+    """Batches of one text objective: `train_batches(step)`, `eval_sets()`, `counts()`."""
 
     def __init__(self, cfg: Config, spec: DataSpec, tokenizer, workdir: str | epath.Path):
         self.cfg, self.spec = cfg, spec
@@ -148,27 +186,36 @@ class TextData:
         self._shards: dict[str, list[Shards]] = {}
 
     def _resolve(self, entry: str, k: int, tokenizer, workdir) -> Prepared:
-        """A prepared entry as it is; text files prepared once, into WORKDIR/prepared/<k> by
-        process 0, or, for a cloud workdir (whose shards array_record would have to read
-        over the network), into a local cache on every host."""
+        """A prepared entry as it is; text files prepared once into a directory named by
+        what the preparation depends on (the files, their sizes and modification times, the
+        tokenizer, seq_len, eval_fraction, text_field and the seed), so a restart with other
+        files or settings never reads rows prepared from the old ones. Local workdirs:
+        WORKDIR/prepared/<key>, by process 0; a cloud workdir (whose shards array_record
+        would read over the network): a local cache on every host. Reusing one reads the
+        manifest only, never the corpus."""
         if is_prepared(entry):
             return Prepared(entry)
-        files = raw_files(entry, self.cfg.data.text_field)
+        files = entry_files(entry)
+        stats = [epath.Path(f).stat() for f in files]
         settings = {
-            "files": [(f, epath.Path(f).stat().length) for f in files],
+            "files": [[f, st.length, st.mtime] for f, st in zip(files, stats, strict=True)],
             "tokenizer": tokenizer_lib.fingerprint(tokenizer),
             "seq_len": self.cfg.model.seq_len,
-            "data": dataclasses.asdict(self.cfg.data),
+            "eval_fraction": self.cfg.data.eval_fraction,
+            "text_field": self.cfg.data.text_field,
             "seed": self.cfg.train.seed,
         }
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         local = not inputs.is_remote(str(workdir))
         if local:
-            out = epath.Path(workdir) / "prepared" / str(k)
+            out = epath.Path(workdir) / "prepared" / key
         else:
-            key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
             out = CACHE / key / f"process_{jax.process_index()}"
         if (jax.process_index() == 0 or not local) and not (out / prepare_lib.MANIFEST).exists():
+            raw_files(entry, self.cfg.data.text_field)  # each file holds some text
             log.info("preparing %d text files of %r into %s (once)", len(files), entry, out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "settings.json").write_text(json.dumps(settings, indent=1))
             prepare_lib.prepare(
                 files,
                 tokenizer,
@@ -195,6 +242,9 @@ class TextData:
                 f"data.weights={','.join(map(str, given))}: expected {len(self.sources)} "
                 "non-negative weights, one per data.files entry, not all zero"
             )
+        for entry, w in zip(entries(self.cfg.data), given, strict=True):
+            if w == 0:
+                log.info("data.weights: %s has weight 0: not trained on (still evaluated)", entry)
         return [w / sum(given) for w in given]
 
     def counts(self) -> np.ndarray:
@@ -208,39 +258,41 @@ class TextData:
         mixed = sum(c / max(c.sum(), 1.0) * w for c, w in zip(counts, self.weights, strict=True))
         return mixed * total
 
-    def rows(self, split: str = "train"):
+    def rows(self, split: str = "train", entry: int = 0):
         """The endless, seeded order of examples as a Grain MapDataset of (shards, row):
         example i reads row `row` of `self.shards(split)[shards]`."""
         import grain
 
         if split == "train":
+            mixed = [(k, w) for k, w in enumerate(self.weights) if w > 0]
             parts = [
-                grain.MapDataset.range(len(shards))
+                grain.MapDataset.range(len(self.shards("train")[k]))
                 .shuffle(seed=self.cfg.train.seed + k)
                 .repeat(None)
                 .map(functools.partial(_tagged, k))
-                for k, shards in enumerate(self.shards("train"))
+                for k, _ in mixed
             ]
-            return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, self.weights)
-        # every entry's held-out rows in order: the same ones at every evaluation
+            if len(parts) == 1:
+                return parts[0]
+            return grain.MapDataset.mix(parts, [w for _, w in mixed])
+        # entry k's held-out rows in order: the same ones at every evaluation
         return (
-            grain.MapDataset.range(len(self.shards("eval")[0]))
+            grain.MapDataset.range(len(self.shards("eval")[entry]))
             .repeat(None)
-            .map(functools.partial(_tagged, 0))
+            .map(functools.partial(_tagged, entry))
         )
 
-    def shards(self, split: str) -> list[Shards]:
-        """Training: one Shards per entry; held out: all entries' held-out rows in one."""
+    def shards(self, split: str) -> list[Shards | None]:
+        """One Shards per entry (None where an entry has no rows of the split: held-out rows
+        of a directory prepared with --eval-fraction 0)."""
         if split not in self._shards:
             length = self.cfg.model.seq_len + 1
-            if split == "train":
-                self._shards[split] = [
-                    Shards(s.shards("train"), length, f"{s.manifest_path} train")
-                    for s in self.sources
-                ]
-            else:
-                held_out = [shard for s in self.sources for shard in s.shards("eval")]
-                self._shards[split] = [Shards(held_out, length, "data.files held-out split")]
+            self._shards[split] = [
+                Shards(s.shards(split), length, f"{s.manifest_path} {split}")
+                if s.shards(split) or split == "train"
+                else None
+                for s in self.sources
+            ]
         return self._shards[split]
 
     def batches(
@@ -249,12 +301,14 @@ class TextData:
         start_step: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
+        entry: int = 0,
     ):
-        """This process's share of the global batches from start_step on (a MapDataset)."""
+        """This process's share of the global batches from start_step on (a MapDataset): of
+        the training mixture, or of entry `entry`'s held-out rows."""
         seed = self.cfg.train.seed + (0 if split == "train" else 1)
         collate = functools.partial(self._collate, self.shards(split), seed)
         return global_batches(
-            self.rows(split),
+            self.rows(split, entry),
             self.cfg.train.batch_size,
             start_step,
             process_index,
@@ -284,9 +338,31 @@ class TextData:
         ds = self.batches("train", start_step, process_index, process_count)
         return iter(ds.to_iter_dataset(read_options()))
 
-    def eval_batches(self) -> list[dict]:
-        ds = self.batches("eval", 0, 0, 1)
-        return [ds[i] for i in range(self.cfg.train.eval_steps)]
+    def eval_sets(self) -> list[EvalSet]:
+        """Each entry's first train.eval_steps held-out global batches (this process's share),
+        weighted as the mixture is. Entries without held-out rows are left out (logged); none
+        at all is an error naming the directories, unless train.eval_steps=0."""
+        steps = self.cfg.train.eval_steps
+        if not steps:
+            return []
+        held = [k for k, shards in enumerate(self.shards("eval")) if shards is not None]
+        for k in sorted(set(range(len(self.sources))) - set(held)):
+            log.info("%s has no held-out rows: not evaluated", self.sources[k].path)
+        if not held:
+            raise ConfigError(
+                f"train.eval_steps={steps}, but {', '.join(str(s.path) for s in self.sources)} "
+                "hold no held-out rows (prepared with --eval-fraction 0): prepare with "
+                "--eval-fraction above 0, or set train.eval_steps=0"
+            )
+        names = [entry_name(e) for e in entries(self.cfg.data)]
+        names = [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]
+        total = sum(self.weights[k] for k in held)
+        sets = []
+        for k in held:
+            ds = self.batches("eval", 0, entry=k)
+            weight = self.weights[k] / total if total else 1 / len(held)
+            sets.append(EvalSet(names[k], weight, [ds[i] for i in range(steps)]))
+        return sets
 
 
 def _tagged(k: int, row: int) -> tuple[int, int]:

@@ -28,12 +28,31 @@ from jaxlm.tokenizer import Tokenizer
 log = logging.getLogger("jaxlm")
 
 
-def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
-    """Token-weighted means of eval_step's metrics over host batches (each process passes
-    its share of every global batch)."""
-    sums = _summed(eval_step, params, batches, lambda b: sharding.to_global(b, mesh))
-    tokens = max(sums.pop("tokens"), 1.0)
-    return {f"eval_{k}": v / tokens for k, v in sums.items()}
+def evaluate(eval_step, params, sets: list[data.EvalSet], mesh) -> dict:
+    """Token-weighted means of eval_step's metrics over each set's host batches (each process
+    passes its share of every global batch); for a mixture, see `combined`."""
+    per_set = []
+    for s in sets:
+        sums = _summed(eval_step, params, s.batches, lambda b: sharding.to_global(b, mesh))
+        tokens = max(sums.pop("tokens"), 1.0)
+        per_set.append({f"eval_{k}": v / tokens for k, v in sums.items()})
+    return combined(sets, per_set)
+
+
+def combined(sets: list[data.EvalSet], per_set: list[dict]) -> dict:
+    """One set's metrics as they are; a mixture's as `<metric>/<entry>` for each entry and
+    `<metric>` weighted as the mixture is (what a mixture user watches)."""
+    if len(sets) <= 1:
+        return per_set[0] if per_set else {}
+    out = {k: sum(s.weight * m[k] for s, m in zip(sets, per_set, strict=True)) for k in per_set[0]}
+    for s, m in zip(sets, per_set, strict=True):
+        out |= {f"{k}/{s.name}": v for k, v in m.items()}
+    return out
+
+
+def baselines(objective, dataset, tokenizer, sets: list[data.EvalSet]) -> dict:
+    """The objective's baselines on each held-out set, combined as the eval metrics are."""
+    return combined(sets, [objective.baselines(dataset, tokenizer, s.batches) for s in sets])
 
 
 def _summed(eval_step, params, batches, place) -> dict:
@@ -91,12 +110,13 @@ def evaluate_checkpoint(
     cfg, mesh, objective = loaded.cfg, loaded.setup.mesh, loaded.setup.objective
     sharding.check_batch(cfg.train.batch_size, 1, mesh)
     dataset = objective.load_data(cfg, loaded.tokenizer, workdir_path(workdir))
-    batches = dataset.eval_batches()
+    sets = dataset.eval_sets()
+    if not sets:
+        raise ConfigError("train.eval_steps=0: nothing to evaluate (set train.eval_steps=N)")
     with jax.set_mesh(mesh):
-        metrics = evaluate(make_eval_step(loaded.setup), loaded.params, batches, mesh)
+        metrics = evaluate(make_eval_step(loaded.setup), loaded.params, sets, mesh)
         metrics |= objective.extra_eval(loaded.setup, loaded.params, dataset, loaded.tokenizer)
-    baselines = objective.baselines(dataset, loaded.tokenizer, batches)
-    return {"step": loaded.step, **metrics, **baselines}
+    return {"step": loaded.step, **metrics, **baselines(objective, dataset, loaded.tokenizer, sets)}
 
 
 def text_rows(docs: list[np.ndarray], width: int, bos: int, eos: int, overlap: bool) -> dict:
@@ -163,7 +183,9 @@ def evaluate_text(
             place = functools.partial(sharding.from_full, mesh=s.mesh)
             summed |= _summed(eval_step, loaded.params, batches(), place)
         targets = summed.pop("targets", None)
-        if causal and targets is not None:  # text: every target once, no padding counted
+        if causal and targets is not None and cfg.model.document_mask:
+            # text: every target once, no padding counted (without the document mask, a
+            # document's [bos] is a target too)
             assert summed["tokens"] == targets, summed
         sums.append(summed)
         results.append({"data": entry, **_text_metrics(summed, causal)})

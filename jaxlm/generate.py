@@ -72,10 +72,12 @@ def decode_ids(
     sampling: Sampling,
     rng: jax.Array,
     keep_logits: bool = False,
+    vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """(tokens [B, max_new], count [B], logits [B, max_new, V] where keep_logits) for
     right-padded prompts [B, P] of `lengths` tokens. A row stops after writing [eos] (not
-    counted in `count`) or at its cache's end; what follows is eos_id."""
+    counted in `count`) or at its cache's end; what follows is eos_id. Only ids below
+    vocab_size (the tokenizer's) are sampled: a model's vocabulary may be padded beyond it."""
     b, p = prompts.shape
     cache = model.transformer.init_cache(b, cache_length)
     rows = jnp.arange(b)
@@ -89,11 +91,13 @@ def decode_ids(
     all_logits = jnp.zeros((b, *kept), jnp.float32)
     count = jnp.zeros(b, jnp.int32)
     done = jnp.zeros(b, bool)
+    ids = jnp.arange(first_logits.shape[-1])
 
     def body(state):
         step, logits, position, cache, out, all_logits, count, done, rng = state
         rng, key = jax.random.split(rng)
-        token = jnp.where(done, eos_id, sample(logits, key, sampling))
+        known = logits if vocab_size is None else jnp.where(ids < vocab_size, logits, -jnp.inf)
+        token = jnp.where(done, eos_id, sample(known, key, sampling))
         out = out.at[:, step].set(token)
         if keep_logits:
             all_logits = all_logits.at[:, step].set(logits)
@@ -158,7 +162,17 @@ def generate(
     @jax.jit
     def run(params, prompts, lengths, rng):
         model = s.model(params)
-        return decode_ids(model, prompts, lengths, max_new_tokens, cache_length, eos, sampling, rng)
+        return decode_ids(
+            model,
+            prompts,
+            lengths,
+            max_new_tokens,
+            cache_length,
+            eos,
+            sampling,
+            rng,
+            vocab_size=tok.vocab_size,
+        )
 
     with jax.set_mesh(s.mesh):
         start = time.perf_counter()

@@ -143,8 +143,7 @@ def from_jaxlm(table: list[Tensor], params: dict[str, np.ndarray]) -> dict[str, 
 
 def read_tokenizer(src: Path, arch: Architecture, model: ModelConfig):
     """BERT: WordPiece from vocab.txt. Others: tokenizer.json through `tokenizers`, with
-    [bos] prepended only where the source says so (tokenizer_config's add_bos_token, else
-    what tokenizer.json's own post-processor adds; SmolLM2 adds none)."""
+    [bos] prepended only where the source says so (`tokenizer.load`'s rule)."""
     settings = src / "tokenizer_config.json"
     settings = json.loads(settings.read_text()) if settings.is_file() else {}
     if arch.model_type == "bert":
@@ -157,11 +156,7 @@ def read_tokenizer(src: Path, arch: Architecture, model: ModelConfig):
             raise ConfigError(
                 f"{src} has no tokenizer.json (jaxlm reads Hugging Face fast tokenizers)"
             )
-        tok = tokenizer_lib.load(src / "tokenizer.json")
-        if "add_bos_token" in settings:
-            tok.add_bos = bool(settings["add_bos_token"])
-        else:
-            tok.add_bos = tok.post_processor_adds_bos()
+        tok = tokenizer_lib.load(src / "tokenizer.json")  # add_bos as the source says
     if tok.vocab_size > model.vocab_size:
         raise ConfigError(
             f"{src}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
@@ -180,6 +175,14 @@ def import_hf(src: str | Path, workdir: str | Path, overrides: list[str] = ()) -
     src = Path(src)
     if not src.is_dir():
         raise ConfigError(f"Hugging Face model directory {str(src)!r} not found")
+    existing = Checkpointer(workdir, CheckpointConfig(async_save=False))
+    steps = existing.steps()
+    existing.close()
+    if steps:  # Orbax keeps the newest saves: step 0 would push the run's own out
+        raise ConfigError(
+            f"import hf --out {workdir}: that workdir already holds checkpoints (steps "
+            f"{', '.join(map(str, sorted(steps)))} in {existing.root}); import into a new one"
+        )
     arch, hf = read_config(src)
     model = arch.config(hf, src / "config.json")
     tok = read_tokenizer(src, arch, model)

@@ -14,6 +14,7 @@ import dataclasses
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -143,7 +144,7 @@ def _size(f) -> int:
 def paragraph_documents(lines, doc_chars: int = DOC_CHARS) -> Iterator[str]:
     """Blank-line separated paragraphs grouped into documents of about doc_chars."""
     current, para = "", []
-    for line in [*lines, ""]:
+    for line in itertools.chain(lines, [""]):  # streamed: a unit is never held whole
         if line.strip():
             para.append(line.rstrip("\n"))
             continue

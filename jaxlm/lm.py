@@ -4,7 +4,7 @@ Every objective module exports the same surface, which train.py uses and nothing
 `make_model(cfg, rngs)`; `check(cfg)` (config errors of this objective);
 `default_tokenizer(cfg)` (when neither a checkpoint nor data.tokenizer gives one);
 `load_data(cfg, tokenizer, workdir)` -> an object with `train_batches(step)` (this process's
-share of the global batches from `step` on) and `eval_batches()`; `loss_fn(model, batch, rng)
+share of the global batches from `step` on) and `eval_sets()`; `loss_fn(model, batch, rng)
 -> (loss, metrics)`; `baselines(data, tokenizer, eval_batches)` (what a model without context
 would score) and `extra_eval(setup, params, data, tokenizer)` (metrics beyond the loss);
 `UNIT`, `items_per_example(cfg)` and `flops_per_item(cfg)` for throughput and MFU, and
@@ -13,6 +13,7 @@ would score) and `extra_eval(setup, params, data, tokenizer)` (metrics beyond th
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -82,7 +83,9 @@ def default_tokenizer(cfg: Config):
     if found is not None:
         return found
     start = time.perf_counter()
-    tok = tokenizer_lib.train(data.sample_texts(cfg.data), cfg.model.vocab_size)
+    tok = tokenizer_lib.train(
+        data.sample_texts(cfg.data), cfg.model.vocab_size, sample_lines=cfg.data.tokenizer_sample
+    )
     log.info(
         "trained a %d-token sentencepiece model in %.1fs",
         tok.vocab_size,
@@ -99,14 +102,21 @@ def extra_eval(setup, params, dataset, tokenizer) -> dict:
     return {}  # the held-out loss says it all
 
 
-def to_example(rows: dict) -> dict:
+def to_example(rows: dict, document_mask: bool = True) -> dict:
     """Packed rows [..., seq_len + 1] -> next-token inputs, targets and loss weights.
 
-    A target counts only when it continues the same document: the first token of the next
-    packed document is never predicted from the previous one.
+    With the document mask, a target counts only when it continues the same document: the
+    first token of the next packed document is never predicted from the previous one, and
+    positions restart at each document. Without it (model.document_mask=false, as GPT-2 and
+    nanoGPT train) a row is one causal sequence: positions run 0..T-1 across it and every next
+    token is a target, the padding of a shard's last row excepted.
     """
     tokens, seg, pos = rows["tokens"], rows["tokens_segment_ids"], rows["tokens_positions"]
-    weights = (seg[..., :-1] == seg[..., 1:]) & (seg[..., :-1] != 0)
+    if document_mask:
+        weights = (seg[..., :-1] == seg[..., 1:]) & (seg[..., :-1] != 0)
+    else:
+        weights = (seg[..., :-1] != 0) & (seg[..., 1:] != 0)
+        pos = np.broadcast_to(np.arange(tokens.shape[-1], dtype=np.int32), tokens.shape)
     return {
         "inputs": tokens[..., :-1].astype(np.int32),
         "targets": tokens[..., 1:].astype(np.int32),
@@ -119,8 +129,9 @@ def to_example(rows: dict) -> dict:
 def data_spec(cfg: Config, tokenizer) -> data.DataSpec:
     """Documents as [bos] tokens [eos]; rows of seq_len + 1 tokens so that inputs are the
     first seq_len and targets the last seq_len."""
+    transform = functools.partial(to_example, document_mask=cfg.model.document_mask)
     return data.DataSpec(
-        cfg.model.seq_len + 1, tokenizer.bos_id, tokenizer.eos_id, to_example, random=False
+        cfg.model.seq_len + 1, tokenizer.bos_id, tokenizer.eos_id, transform, random=False
     )
 
 
@@ -188,11 +199,12 @@ def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> di
     training targets (tokens and [eos], from the prepared counts), on exactly the targets
     eval_loss is measured on."""
     counts = dataset.counts().copy()
-    if tokenizer.bos_id != tokenizer.eos_id:
+    if tokenizer.bos_id != tokenizer.eos_id and dataset.cfg.model.document_mask:
         counts[tokenizer.bos_id] = 0  # a document's first token is never a target
     log_probs = np.log((counts + 1.0) / (counts.sum() + tokenizer.vocab_size))
     total = sum(-float((log_probs[b["targets"]] * b["weights"]).sum()) for b in eval_batches)
     weight = sum(float(b["weights"].sum()) for b in eval_batches)
+    total, weight = data.global_sum([total, weight])  # each process holds its share
     return {"eval_unigram_loss": total / max(weight, 1.0)}
 
 

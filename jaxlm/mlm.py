@@ -169,6 +169,7 @@ def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> di
         float(((b["mask_targets"] == majority) * b["mask_weights"]).sum()) for b in eval_batches
     )
     total = sum(float(b["mask_weights"].sum()) for b in eval_batches)
+    hits, total = data.global_sum([hits, total])  # each process holds its share
     return {"eval_majority_accuracy": hits / max(total, 1.0)}
 
 

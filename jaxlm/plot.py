@@ -1,7 +1,8 @@
 """`jaxlm plot WORKDIR [WORKDIR ...] --out runs.png`: training curves of one or more runs.
 
 Reads each workdir's metrics.jsonl (what `jaxlm train` writes) and draws, runs overlaid and
-named by their directories: loss and eval_loss with the loss baselines logged at the start
+named by their directories: loss and eval_loss (and a mixture's eval_loss/<entry>) with the
+loss baselines logged at the start
 (the unigram loss of a causal LM), accuracies with theirs (a masked LM's majority guess, a
 contrastive batch's chance), the learning rate, throughput and MFU. Matplotlib's Agg backend:
 no display needed.
@@ -13,22 +14,34 @@ import json
 import re
 from pathlib import Path
 
+from etils import epath
+
 from jaxlm.config import ConfigError
 
 BASELINE = re.compile(r"^eval_\w+_(loss|accuracy)$")
 DPI = 100
+MARKERS = "s^vD*"  # one per data.files entry of a mixture: eval_loss/<entry>
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+    """metrics.jsonl of a local or cloud (`gs://`) workdir."""
+    path = epath.Path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{workdir}: no metrics.jsonl (is it a jaxlm train workdir?)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _name(workdir: str | Path) -> str:
+    text = str(workdir).rstrip("/")
+    return text.rsplit("/", 1)[-1] if "://" in text else Path(text).resolve().name
+
+
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pairs = [(r["step"], r[key]) for r in records if key in r and r["step"] > 0]
-    return [s for s, _ in pairs], [v for _, v in pairs]
+    """(steps, values) of key, one value per step: where a step was logged twice (a file
+    written before resumes dropped what came after the resumed step), the later one."""
+    by_step = {r["step"]: r[key] for r in records if key in r and r["step"] > 0}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 def plot(workdirs: list[str], out: str | Path) -> dict[str, list[str]]:
@@ -38,7 +51,7 @@ def plot(workdirs: list[str], out: str | Path) -> dict[str, list[str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {Path(w).resolve().name: read_metrics(w) for w in workdirs}
+    runs = {_name(w): read_metrics(w) for w in workdirs}
     fig, axes = plt.subplots(2, 3, figsize=(15, 9), dpi=DPI)
     panels = dict(zip(["loss", "accuracy", "lr", "throughput", "mfu"], axes.flat, strict=False))
     axes.flat[-1].axis("off")
@@ -54,6 +67,9 @@ def plot(workdirs: list[str], out: str | Path) -> dict[str, list[str]]:
         keys = {k for r in records if r["step"] > 0 for k in r}
         line("loss", *_series(records, "loss"), f"{name} loss", color=color, alpha=0.6)
         line("loss", *_series(records, "eval_loss"), f"{name} eval_loss", color=color, marker="o")
+        for j, key in enumerate(sorted(k for k in keys if k.startswith("eval_loss/"))):
+            entry = {"marker": MARKERS[j % len(MARKERS)], "markersize": 4, "linestyle": ":"}
+            line("loss", *_series(records, key), f"{name} {key}", color=color, **entry)
         for key in sorted(k for k in keys if k.endswith("accuracy") or k.endswith("top1")):
             held_out = {"marker": "o", "markersize": 3} if key.startswith("eval_") else {}
             line("accuracy", *_series(records, key), f"{name} {key}", color=color, **held_out)

@@ -226,9 +226,6 @@ def prepare(
         raise ConfigError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     out_dir = epath.Path(out)
     manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        log.info("%s is already prepared", out)
-        return json.loads(manifest_path.read_text())
     units = plan_units(inputs)
     tok_dict = tokenizer.to_dict()
     start_id = tokenizer.bos_id if start_id is None else start_id
@@ -245,13 +242,17 @@ def prepare(
         "text_field": text_field,
         "seed": seed,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     plan_path = out_dir / PLAN
-    if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
+    if plan_path.exists() and (differ := _differences(json.loads(plan_path.read_text()), plan)):
+        done = "prepared" if manifest_path.exists() else "being prepared"
         raise ConfigError(
-            f"{plan_path} describes another preparation (other inputs, tokenizer or settings): "
-            "finish it with the same command, or choose another --out"
+            f"--out {out} is already {done} from other inputs or settings ({differ}): "
+            "choose another --out, or finish it with the command that started it"
         )
+    if manifest_path.exists():
+        log.info("%s is already prepared", out)
+        return json.loads(manifest_path.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(json.dumps(plan, indent=1))
     (out_dir / tokenizer_lib.JAXLM_TOKENIZER).write_text(json.dumps(tok_dict))
     jobs = [
@@ -287,6 +288,21 @@ def prepare(
                 bar.update(stats)
     bar.close()
     return _write_manifest(out_dir, plan, len(units), tokenizer.vocab_size)
+
+
+def _differences(stored: dict, plan: dict) -> str:
+    """The fields in which a directory's stored plan differs from this one, named with both
+    values (long ones cut)."""
+
+    def short(v) -> str:
+        text = json.dumps(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return "; ".join(
+        f"{k}: {short(stored.get(k))} there, {short(plan.get(k))} now"
+        for k in sorted(stored.keys() | plan.keys())
+        if stored.get(k) != plan.get(k)
+    )
 
 
 def _write_manifest(out_dir: epath.Path, plan: dict, n: int, vocab_size: int) -> dict:

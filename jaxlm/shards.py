@@ -71,8 +71,9 @@ class Prepared:
 
 
 class Shards:
-    """A split's ArrayRecord shards as one row-indexed table, told each shard's size by the
-    manifest (no file is opened at start-up; each is opened on first read).
+    """A split's ArrayRecord shards as one row-indexed table, told each shard's rows and size
+    by the manifest (no file is opened or stat-ed at start-up, which over gcsfuse costs a
+    round trip per shard; each is checked and opened on first read).
 
     A row is read with `ArrayRecordReader.read(row, row + 1)`: about 19 us for a 1,025-token
     row here, whatever the shard's size. (Its `read([rows])`, which Grain's
@@ -83,15 +84,8 @@ class Shards:
     def __init__(self, shards: list[tuple[epath.Path, int, int]], row_length: int, what: str):
         if not shards:
             raise ConfigError(f"{what}: no rows")
-        for path, _, size in shards:
-            if not is_remote(str(path)):
-                found = path.stat().length if path.exists() else None
-                if found != size:
-                    raise ConfigError(
-                        f"prepared shard {path} is damaged or missing: {found} bytes, the "
-                        f"manifest says {size}; prepare the directory again"
-                    )
         self.paths = [str(p) for p, _, _ in shards]
+        self.sizes = [size for _, _, size in shards]  # checked when a shard is first opened
         self.ends = np.cumsum([n for _, n, _ in shards])
         self.starts = self.ends - [n for _, n, _ in shards]
         self.row_length = row_length
@@ -126,6 +120,14 @@ class Shards:
 
         with self._lock:
             if self._readers[k] is None:
+                path = epath.Path(self.paths[k])
+                if not is_remote(self.paths[k]):
+                    found = path.stat().length if path.exists() else None
+                    if found != self.sizes[k]:
+                        raise ConfigError(
+                            f"prepared shard {path} is damaged or missing: {found} bytes, the "
+                            f"manifest says {self.sizes[k]}; prepare the directory again"
+                        )
                 try:
                     self._readers[k] = ArrayRecordReader(
                         self.paths[k], "readahead_buffer_size:0", file_reader_buffer_size=32768

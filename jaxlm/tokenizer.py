@@ -293,10 +293,16 @@ def fingerprint(tokenizer) -> str:
 MAX_TRAINING_SENTENCES = 2_000_000  # sentencepiece samples this many lines, shuffled
 
 
-def train(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> Tokenizer:
+def train(
+    texts: Iterable[str],
+    vocab_size: int,
+    model_type: str = "bpe",
+    sample_lines: int = MAX_TRAINING_SENTENCES,
+) -> Tokenizer:
     """Train on an iterable of documents (split into lines for sentencepiece). Sentencepiece
-    keeps a shuffled sample of at most MAX_TRAINING_SENTENCES lines: memory stays bounded
-    whatever the corpus size."""
+    keeps a shuffled sample of at most `sample_lines` lines: memory stays bounded whatever the
+    corpus size. The sample is random once there are more lines than that: two trainings on
+    the same text may differ, so a multi-process run trains on process 0 only."""
     lines = (line for text in texts for line in text.split("\n") if line.strip())
     out = io.BytesIO()
     try:
@@ -315,8 +321,8 @@ def train(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> Tok
             remove_extra_whitespaces=False,
             character_coverage=0.9995,
             hard_vocab_limit=False,  # a small corpus (captions) may hold fewer pieces
-            num_threads=1,  # deterministic: every process trains the same model
-            input_sentence_size=MAX_TRAINING_SENTENCES,
+            num_threads=1,
+            input_sentence_size=sample_lines,
             shuffle_input_sentence=True,
             minloglevel=2,
         )
@@ -344,7 +350,14 @@ def load(path: str | Path) -> Tokenizer | HFTokenizer | WordPiece:
         names = [special.get(k) for k in ("bos_token", "eos_token")]
         names = [n.get("content") if isinstance(n, dict) else n for n in names]
         try:
-            return HFTokenizer(file.read_text(), *names)
+            tok = HFTokenizer(file.read_text(), *names)
+            # [bos] first only where the source says so: tokenizer_config's add_bos_token,
+            # else what tokenizer.json's own post-processor adds (SmolLM2 adds none)
+            if "add_bos_token" in special:
+                tok.add_bos = bool(special["add_bos_token"])
+            else:
+                tok.add_bos = tok.post_processor_adds_bos()
+            return tok
         except Exception as e:
             if isinstance(e, ConfigError):
                 raise ConfigError(f"tokenizer file {str(path)!r}: {e}") from None

@@ -9,6 +9,7 @@ single process, Ctrl-C saves a checkpoint at a step all processes agree on and e
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -24,11 +25,17 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
+from jaxlm import evaluate as evaluate_lib
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
-from jaxlm.checkpoint import Checkpointer, check_resume, workdir_path
+from jaxlm.checkpoint import (
+    Checkpointer,
+    NoReadableCheckpoint,
+    check_resume,
+    stored,
+    workdir_path,
+)
 from jaxlm.config import Config, ConfigError
-from jaxlm.evaluate import evaluate
 from jaxlm.step import (
     OBJECTIVES,
     Setup,
@@ -86,9 +93,14 @@ class MetricsWriter:
     """metrics.jsonl (one JSON object per line) and TensorBoard events, from process 0 only.
 
     Cloud objects cannot be appended to: for a `gs://` workdir both are written to a local
-    directory and copied up at every checkpoint and at the end (`sync`)."""
+    directory and copied up at every checkpoint and at the end (`sync`).
 
-    def __init__(self, workdir: epath.Path):
+    A run that starts at step `start` (a resume, or a fresh start after a run that died
+    before its first checkpoint) drops what was logged after that step, and the header
+    record of an earlier start at that same step, so no step is recorded twice; TensorBoard
+    purges its events after `start` the same way."""
+
+    def __init__(self, workdir: epath.Path, start: int = 0):
         self.enabled = jax.process_index() == 0
         self.remote = "://" in str(workdir)
         self.workdir = workdir
@@ -99,9 +111,24 @@ class MetricsWriter:
         )
         self.local.mkdir(parents=True, exist_ok=True)
         self.path = self.local / "metrics.jsonl"
-        if self.remote and (workdir / "metrics.jsonl").exists():
-            self.path.write_text((workdir / "metrics.jsonl").read_text())  # continue the file
-        self.tb = SummaryWriter(str(self.local / "tensorboard"))
+        if (workdir / "metrics.jsonl").exists():  # continue the file, up to the start
+            kept, dropped = [], 0
+            for line in (workdir / "metrics.jsonl").read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the half-written last line of a killed run
+                    dropped += 1
+                    continue
+                later = record["step"] > start
+                header = record["step"] == start and "peak_flops_source" in record
+                if later or header:
+                    dropped += not header
+                else:
+                    kept.append(line + "\n")
+            self.path.write_text("".join(kept))
+            if dropped:
+                log.info("metrics.jsonl: dropped %d records logged after step %d", dropped, start)
+        self.tb = SummaryWriter(str(self.local / "tensorboard"), purge_step=start + 1)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -161,12 +188,30 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-def fresh_tokenizer(cfg: Config, objective):
-    """data.tokenizer; else a prepared entry's; else one trained on a bounded sample."""
-    if cfg.data.tokenizer:
-        tok = tokenizer_lib.load(cfg.data.tokenizer)
-    else:
-        tok = objective.default_tokenizer(cfg)
+def fresh_tokenizer(cfg: Config, objective, workdir: epath.Path):
+    """data.tokenizer; else a prepared entry's; else one trained on a bounded sample.
+
+    Made on process 0 only and written to WORKDIR/jaxlm_tokenizer.json, which every other
+    process waits for and loads: a sample of a large corpus differs from one training to the
+    next, and every host must map text to the same ids."""
+    path = workdir / tokenizer_lib.JAXLM_TOKENIZER
+    if jax.process_index() == 0:
+        if cfg.data.tokenizer:
+            tok = tokenizer_lib.load(cfg.data.tokenizer)
+        else:
+            tok = objective.default_tokenizer(cfg)
+        text = json.dumps(tok.to_dict())
+        if "://" in str(path):  # an object store shows an object only once it is whole
+            path.write_text(text)
+        else:
+            tmp = path.parent / f".{path.name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(path)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm_tokenizer")
+        if jax.process_index() != 0:
+            tok = tokenizer_lib.load(path)
+    log.info("tokenizer: %d tokens, fingerprint %s", tok.vocab_size, tokenizer_lib.fingerprint(tok))
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
@@ -175,27 +220,115 @@ def fresh_tokenizer(cfg: Config, objective):
 
 
 def restore_or_init(s: Setup, ckpt: Checkpointer, cfg: Config) -> tuple[dict, int, object]:
-    """(state, step, the checkpoint's tokenizer) of the newest readable checkpoint, or a fresh
-    state. Every process takes the same decision; an unreadable step is set aside with a
-    warning; a config that changed what the run computes is an error and nothing moves."""
+    """(state, step, the checkpoint's tokenizer) of the newest checkpoint that restores, or a
+    fresh state where the workdir has none. Every process takes the same decision.
+
+    A step is passed over only on evidence that its files are damaged; once an older step
+    restores, the damaged newer ones are moved to checkpoints_unreadable/. Any other error
+    (out of memory, I/O, a refused config) stops the run and moves nothing. Where checkpoints
+    exist and none restores, the run stops with each step's reason: it never starts over on
+    top of them."""
+    damaged: list[tuple[int, Exception]] = []
     for step in ckpt.steps():
         meta, error = ckpt.agreed(step, lambda step=step: ckpt.restore_meta(step))
         if error is None:
             check_resume(meta[0], cfg, f"{ckpt.root}/{step}")
             state, error = ckpt.agreed(step, lambda step=step: ckpt.restore(step, s.abstract))
         if error is not None:
-            ckpt.set_aside(step, error)
+            log.warning(
+                "checkpoint step %d in %s is damaged (%s: %.200s); trying an older one",
+                step,
+                ckpt.root,
+                type(error).__name__,
+                error,
+            )
+            damaged.append((step, error))
             continue
+        for bad, why in damaged:
+            ckpt.set_aside(bad, why)
         log.info("resumed from %s/%d", ckpt.root, step)
         return state, step, meta[1]
+    if damaged:
+        reasons = "; ".join(f"step {k}: {type(e).__name__}: {str(e)[:200]}" for k, e in damaged)
+        raise NoReadableCheckpoint(
+            f"no checkpoint in {ckpt.root} restores, and training does not start over on top "
+            f"of them ({reasons}). Nothing was moved: repair or remove them, or use another "
+            "--workdir"
+        )
+    if aside := ckpt.set_aside_steps():
+        raise NoReadableCheckpoint(
+            f"{ckpt.quarantine} holds damaged steps ({', '.join(aside)}) set aside by an earlier "
+            f"run, and {ckpt.root} holds none that restores: training does not start over on "
+            "top of them. Move that directory away to start from step 0"
+        )
     return s.init(), 0, None
 
 
+def init_from(s: Setup, spec: str) -> tuple[dict, object]:
+    """(a fresh train state holding the parameters of checkpoint `WORKDIR[:STEP]`, its
+    tokenizer): continued pretraining. The optimizer state and the step start afresh; the
+    run's own data, schedule and model.seq_len apply. Parameters are matched by name and
+    shape before anything is read; the optimizer state is never read."""
+    src, step, src_cfg, tokenizer = stored(spec, "--init-from")
+    try:
+        if src_cfg.objective != s.cfg.objective:
+            raise ConfigError(
+                f"--init-from {spec}: a {src_cfg.objective!r} checkpoint; this run's objective "
+                f"is {s.cfg.objective!r}"
+            )
+        source = build(dataclasses.replace(src_cfg, mesh=s.cfg.mesh), s.mesh)
+        have, want = _shapes(source.abstract["params"]), _shapes(s.abstract["params"])
+        differ = [
+            f"{name}: {have.get(name, 'absent')} there, {want.get(name, 'absent')} here"
+            for name in sorted(have.keys() | want.keys())
+            if have.get(name) != want.get(name)
+        ]
+        if differ:
+            rows, hint = src_cfg.model.position_rows, ""
+            if src_cfg.model.position == "learned" and any("positions" in d for d in differ):
+                hint = f" (learned positions: set model.max_positions={rows})"
+            raise ConfigError(
+                f"--init-from {spec}: the parameters differ from this config's: "
+                f"{'; '.join(differ[:8])}{'; ...' if len(differ) > 8 else ''}{hint}"
+            )
+        if cfg_tok := s.cfg.data.tokenizer:
+            given = tokenizer_lib.load(cfg_tok)
+            if tokenizer_lib.fingerprint(given) != tokenizer_lib.fingerprint(tokenizer):
+                raise ConfigError(
+                    f"data.tokenizer={cfg_tok} is not the tokenizer of --init-from {spec}: the "
+                    "run goes on with the source's (leave data.tokenizer empty)"
+                )
+        state = s.init()
+        state["params"] = src.restore(
+            step, {**source.abstract, "params": s.abstract["params"]}, params_only=True
+        )["params"]
+    finally:
+        src.close()
+    log.info(
+        "initialised %d parameter arrays from %s/%d (%s); optimizer state and step start afresh",
+        len(want),
+        src.root,
+        step,
+        src_cfg.name,
+    )
+    return state, tokenizer
+
+
+def _shapes(params) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): x.shape for path, x in flat}
+
+
 def train(
-    cfg: Config, workdir: str | os.PathLike, profile: str | os.PathLike | None = None
+    cfg: Config,
+    workdir: str | os.PathLike,
+    profile: str | os.PathLike | None = None,
+    init: str | None = None,
 ) -> dict:
     """Train (or resume) to cfg.train.steps; returns the last logged metrics. With profile,
-    a jax.profiler trace of a few steps is written there."""
+    a jax.profiler trace of a few steps is written there. With init (`WORKDIR[:STEP]`), a
+    fresh run starts from that checkpoint's parameters; once the run has checkpoints of its
+    own, it resumes from them as any run does."""
     workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -207,16 +340,21 @@ def train(
     unit, per_example = objective.UNIT, objective.items_per_example(cfg)
 
     with jax.set_mesh(mesh):
-        state, start, tokenizer = restore_or_init(s, ckpt, cfg)
-        tokenizer = tokenizer or fresh_tokenizer(cfg, objective)
+        if init and not ckpt.steps() and not ckpt.set_aside_steps():
+            (state, tokenizer), start = init_from(s, init), 0
+        else:
+            state, start, tokenizer = restore_or_init(s, ckpt, cfg)
+            if init:
+                log.info("--init-from %s: not used, the run resumes from its own checkpoints", init)
+        tokenizer = tokenizer or fresh_tokenizer(cfg, objective, workdir)
         dataset = objective.load_data(cfg, tokenizer, workdir)
         batches = on_devices(dataset.train_batches(start), mesh)
-        eval_batches = dataset.eval_batches()
+        eval_sets = dataset.eval_sets()
         train_step, eval_step = make_train_step(s), make_eval_step(s)
         flops_per_item = objective.flops_per_item(cfg)
         peak, peak_source = peak_flops(cfg.train.peak_flops)
-        writer = MetricsWriter(workdir)
-        baselines = objective.baselines(dataset, tokenizer, eval_batches)
+        writer = MetricsWriter(workdir, start)
+        baselines = evaluate_lib.baselines(objective, dataset, tokenizer, eval_sets)
         log.info(
             "%s: %s parameters, mesh %s, %d processes, steps %d..%d of %d x %d %s, workdir %s",
             cfg.name,
@@ -272,8 +410,8 @@ def train(
                     timer, timed_steps = time.perf_counter(), 0
                 elif every and done % every == 0:
                     jax.block_until_ready(metrics)
-                if done % cfg.train.eval_every == 0 or final:
-                    ev = evaluate(eval_step, state["params"], eval_batches, mesh)
+                if eval_sets and (done % cfg.train.eval_every == 0 or final):
+                    ev = evaluate_lib.evaluate(eval_step, state["params"], eval_sets, mesh)
                     ev |= objective.extra_eval(s, state["params"], dataset, tokenizer)
                     log.info(
                         "step %d | %s", done, " | ".join(f"{k} {v:.4f}" for k, v in ev.items())

@@ -97,7 +97,7 @@ def test_corrupt_latest_checkpoint_is_skipped_not_loaded_nor_deleted(tmp_path, c
 
     with caplog.at_level(logging.WARNING, logger="jaxlm"):
         train(load_tiny(**{**opts, "train.steps": 6}), workdir)
-    assert "checkpoint step 4" in caplog.text and "unreadable" in caplog.text
+    assert "checkpoint step 4" in caplog.text and "is damaged" in caplog.text
     assert (workdir / "checkpoints_unreadable" / "4" / "state").is_dir()  # kept for a post-mortem
     # Resumed from step 2: steps 3 and 4 are recomputed and equal the uninterrupted run's.
     resumed = losses(workdir)

@@ -197,3 +197,39 @@ def test_eval_data_gives_zero_shot_on_a_labelled_source(tmp_path, capsys):
 
     assert cli.main(["eval", str(workdir), "--data", "digits", "--classes", "a,b"]) == 2
     assert "labels go up to 9, but 2 class names were given (a, b)" in capsys.readouterr().err
+
+
+def test_held_out_metrics_skip_a_corrupt_image_with_its_caption_and_label():
+    """An undecodable held-out image drops its own caption and label: the figures equal those
+    of the same held-out set without that pair (were captions and labels cut from the
+    unfiltered list, every later pair would be matched with its neighbour's)."""
+    cfg = load_tiny("clip")
+    mesh = sharding.make_mesh(cfg.mesh)
+    s = build(cfg, mesh)
+    tok = clip.default_tokenizer(cfg)
+    rng = np.random.default_rng(0)
+
+    def image(i: int) -> bytes:
+        out = io.BytesIO()
+        pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(out, format="PNG")
+        return out.getvalue()
+
+    records = [
+        {
+            "image": image(i),
+            "caption": f"picture {i} of {['one', 'two', 'three'][i % 3]}",
+            "label": i % 3,
+        }
+        for i in range(24)
+    ]
+    broken = dict(records[2], image=b"\x89PNG not an image")
+    names, templates = ("one", "two", "three"), ("a photo of {word}.",)
+    with jax.set_mesh(mesh):
+        params = s.init()["params"]
+        with_corrupt = clip.held_out_metrics(
+            s, params, clip.HeldOut([*records[:2], broken, *records[2:]], names, templates), tok
+        )
+        without = clip.held_out_metrics(s, params, clip.HeldOut(records, names, templates), tok)
+    assert set(without) >= {"eval_i2t_recall_at_1", "eval_t2i_recall_at_5", "eval_zeroshot_top1"}
+    assert with_corrupt == pytest.approx(without, abs=1e-7)

@@ -139,9 +139,6 @@ def test_eval_data_names_an_empty_or_missing_input(tiny_lm, tmp_path, capsys):
 def test_eval_data_takes_a_prepared_directory(tiny_lm, tmp_path, capsys):
     """Rows as prepared (documents end to end, both splits), each target scored once: equal to
     the direct sum over those rows, whatever the batch size."""
-    from jaxlm.lm import to_example
-    from jaxlm.shards import Prepared, Shards, row_example
-
     path = tmp_path / "plays.jsonl"
     path.write_text(TEXT * 3)
     loaded = load(tiny_lm)
@@ -157,17 +154,46 @@ def test_eval_data_takes_a_prepared_directory(tiny_lm, tmp_path, capsys):
         return json.loads(capsys.readouterr().out.splitlines()[0])
 
     got = evaluate(8)
-    prepared = Prepared(str(prep))
-    assert prepared.shards("eval") and prepared.shards("train")  # both splits are read
-    table = Shards(prepared.shards("train") + prepared.shards("eval"), prepared.row_length, "x")
-    example = to_example(row_example(*table.read(np.arange(len(table)))))
-    pad = -len(table) % 8
-    example = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in example.items()}
+    # Read back without jaxlm's readers: every record of both splits, int32 tokens then
+    # uint16 segment ids; positions and target weights computed here from the segments.
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    manifest = json.loads((prep / "manifest.json").read_text())
+    width = manifest["row_length"]
+    records = [
+        r
+        for split in ("train", "eval")
+        for shard in manifest["shards"]
+        if shard[split]["rows"]
+        for r in ArrayRecordReader(str(prep / shard[split]["file"])).read_all()
+    ]
+    assert all(any(sh[s]["rows"] for sh in manifest["shards"]) for s in ("train", "eval"))
+    tokens = np.stack([np.frombuffer(r[: 4 * width], "<i4") for r in records])
+    segments = np.stack([np.frombuffer(r[4 * width :], "<u2") for r in records]).astype(int)
+    tok = loaded.tokenizer
+    # the rows hold exactly the documents, tokenized on their own, three times each
+    stream = tokens[segments > 0]
+    docs = np.split(stream, np.flatnonzero(stream == tok.bos_id)[1:])
+    want = [[tok.bos_id, *tok.encode(d), tok.eos_id] for d in DOCS] * 3
+    assert sorted(map(list, docs)) == sorted(map(list, want))
+    positions = np.zeros_like(segments)
+    for r in range(len(segments)):
+        for i in range(1, width):
+            same = segments[r, i] == segments[r, i - 1]
+            positions[r, i] = positions[r, i - 1] + 1 if same else 0
+    weights = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] > 0)
+    pad = -len(tokens) % 8
+    example = {
+        "inputs": tokens[:, :-1],
+        "positions": positions[:, :-1],
+        "segment_ids": segments[:, :-1],
+    }
+    example = {k: np.pad(v, ((0, pad), (0, 0))).astype(np.int32) for k, v in example.items()}
     with jax.set_mesh(loaded.setup.mesh):
-        logits = np.asarray(loaded.setup.model(loaded.params)(example), np.float64)
-    logp = np.take_along_axis(jax.nn.log_softmax(logits, -1), example["targets"][..., None], -1)
-    nats = -float((logp[..., 0] * example["weights"]).sum())
-    assert got["tokens"] == example["weights"].sum() > 0
+        logits = np.asarray(loaded.setup.model(loaded.params)(example), np.float64)[: len(tokens)]
+    logp = np.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], -1)[..., 0]
+    nats = -float((logp * weights).sum())
+    assert got["tokens"] == weights.sum() > 0
     assert got["loss"] == pytest.approx(nats / got["tokens"], rel=1e-5)
     assert got["bytes"] == 3 * sum(len(d.encode()) for d in DOCS)
     assert evaluate(16)["loss"] == pytest.approx(got["loss"], rel=1e-6)

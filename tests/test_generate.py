@@ -143,3 +143,73 @@ def test_generate_command_on_a_trained_checkpoint(tiny_lm, tmp_path, capsys):
     long_prompt = "word " * 200
     assert cli.main(["generate", str(tiny_lm), "--prompt", long_prompt]) != 0
     assert "leaves no room in the model's context of" in capsys.readouterr().err
+
+
+class FewerPieces:
+    """A tokenizer that knows only the first `size` ids of the model's vocabulary (as a
+    model padded to 50304 has more rows than GPT-2's 50257 pieces)."""
+
+    def __init__(self, tok, size: int):
+        self._tok, self.vocab_size = tok, size
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_generate_never_samples_an_id_the_tokenizer_lacks(tiny_lm):
+    import dataclasses
+
+    from jaxlm.evaluate import load
+    from jaxlm.generate import generate
+
+    loaded = load(tiny_lm)
+    assert loaded.cfg.model.vocab_size == 512
+    fewer = dataclasses.replace(loaded, tokenizer=FewerPieces(loaded.tokenizer, 60))
+    prompts = ["ROMEO:", "KING HENRY:", "To be"]
+    hot = Sampling(temperature=5.0)  # nearly uniform over whatever ids are allowed
+    out = generate(fewer, prompts, max_new_tokens=24, sampling=hot, seed=1)
+    ids = np.concatenate([r["tokens"] for r in out])
+    assert len(ids) > 30 and ids.max() < 60, ids
+    # the same sampling over the whole vocabulary does reach the ids above
+    everything = generate(loaded, prompts, max_new_tokens=24, sampling=hot, seed=1)
+    assert np.concatenate([r["tokens"] for r in everything]).max() >= 60
+
+
+def test_rows_stop_on_their_own_at_eos_and_at_the_context_end():
+    """One row writing [eos] stops while the others go on; a row whose prompt and output
+    fill the context stops there, each row at its own length."""
+    s, params = _setup({}, True, (8, 1, 1))
+
+    def run(eos: int, cache_length: int):
+        with jax.set_mesh(s.mesh):
+            out = jax.jit(
+                lambda p: decode_ids(
+                    s.model(p),
+                    PROMPTS,
+                    LENGTHS,
+                    NEW,
+                    cache_length,
+                    eos,
+                    Sampling(),
+                    jax.random.key(0),
+                )[:2]
+            )(params)
+        return (np.asarray(x) for x in out)
+
+    free, counts = run(-1, 7 + NEW)
+    assert list(counts) == [NEW] * 3
+    k = next(
+        k for k in range(1, NEW) if free[0, k] not in free[0, :k] and free[0, k] not in free[1:]
+    )
+    eos = int(free[0, k])
+    tokens, counts = run(eos, 7 + NEW)
+    assert counts[0] == k and (tokens[0, k:] == eos).all()
+    np.testing.assert_array_equal(tokens[0, :k], free[0, :k])
+    assert list(counts[1:]) == [NEW, NEW]  # the other rows went on
+    np.testing.assert_array_equal(tokens[1:], free[1:])
+
+    tokens, counts = run(-1, 10)  # a context of 10 positions: prompt + output <= 10
+    assert list(counts) == [10 - n for n in LENGTHS]  # 3, 8 and 6 of a budget of 9
+    for row, n in enumerate(counts):
+        np.testing.assert_array_equal(tokens[row, :n], free[row, :n])
+        assert (tokens[row, n:] == -1).all()

@@ -89,3 +89,15 @@ def test_missing_tensors_are_named(minilm_dir, tmp_path):
         r"bert.encoder.layer.3.attention.self.key.weight",
     ):
         import_hf(src, tmp_path / "out")
+
+
+def test_import_refuses_a_workdir_with_checkpoints(minilm_dir, tiny_lm, tmp_path):
+    """Orbax keeps the newest saves: an import at step 0 into a run's workdir would push the
+    run's own checkpoints out. It is refused, naming the workdir, and nothing changes."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_lm, workdir)
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=rf"{workdir}: that workdir already holds checkpoints"):
+        import_hf(minilm_dir, workdir)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+    assert load(workdir).step == 2

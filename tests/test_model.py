@@ -145,3 +145,33 @@ def test_llama_shapes(variant, low, high):
     cfg = config.load(str(ROOT / f"configs/gpt.py:{variant}"), ["mesh.fsdp=8"])
     n = build(cfg, sharding.make_mesh(cfg.mesh)).num_params()
     assert low < n < high, n
+
+
+def _packed_row() -> dict:
+    """One row of 3 documents and a shard's last-row padding: [bos] a b [eos] [bos] c [eos]
+    [bos] d e [eos] 0 0."""
+    from jaxlm.shards import row_example
+
+    tokens = np.array([[2, 10, 11, 3, 2, 12, 3, 2, 13, 14, 3, 0, 0]], np.int32)
+    segments = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 0, 0]], np.int32)
+    return row_example(tokens, segments)
+
+
+def test_document_mask_targets_only_within_a_document():
+    """With the document mask, the first token of a packed document is never a target and
+    positions restart at each document."""
+    ex = lm.to_example(_packed_row(), document_mask=True)
+    np.testing.assert_array_equal(ex["targets"][0], [10, 11, 3, 2, 12, 3, 2, 13, 14, 3, 0, 0])
+    np.testing.assert_array_equal(ex["weights"][0], [1, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(ex["positions"][0], [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 0])
+
+
+def test_without_the_document_mask_positions_and_targets_run_across_the_row():
+    """model.document_mask=false, as GPT-2 and nanoGPT train: positions run 0..T-1 across the
+    row and every next token is a target (a document's [bos] too), padding excepted."""
+    ex = lm.to_example(_packed_row(), document_mask=False)
+    np.testing.assert_array_equal(ex["weights"][0], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(ex["positions"][0], np.arange(12))
+    cfg = load_tiny(**{"model.document_mask": "false"})
+    spec = lm.data_spec(cfg, type("Tok", (), {"bos_id": 2, "eos_id": 3})())
+    np.testing.assert_array_equal(spec.transform(_packed_row())["positions"][0], np.arange(12))

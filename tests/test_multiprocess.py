@@ -1,7 +1,6 @@
 """Processes joined by jax.distributed, as the hosts of a pod would be (4 fake devices each):
 resume on another process count, preemption, a dead peer, and every objective."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import jax
 import numpy as np
 import portpicker
 import pytest
-from conftest import ROOT, load_tiny, losses, tiny_overrides
+from conftest import ROOT, SMALL_CORPUS, load_tiny, read_metrics, tiny_overrides
 
 from jaxlm import prepare, tokenizer
 from jaxlm.train import train
@@ -27,13 +26,18 @@ if int(os.environ["JAX_NUM_PROCESSES"]) > 1:
     cli.init_distributed(heartbeat_timeout=int(os.environ.get("HEARTBEAT", "100")))
 from jaxlm import config, sharding, train
 to_global, calls = sharding.to_global, []
+rows_seen = set()
 def to_global_with_signal(batch, mesh):
     calls.append(1)
     if len(calls) == int(os.environ.get("SIGNAL_AT", 0)) and os.environ["JAX_PROCESS_ID"] == (
         os.environ.get("SIGNAL_PROCESS", "0")
     ):
         os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
-    return to_global(batch, mesh)
+    placed = to_global(batch, mesh)
+    for rows in {v.shape[0] for v in placed.values()} - rows_seen:  # train and eval batches
+        rows_seen.add(rows)
+        print("global batch rows", rows, flush=True)
+    return placed
 train.sharding.to_global = to_global_with_signal
 train.train(config.load(sys.argv[1], sys.argv[3:]), sys.argv[2])
 print("process", os.environ["JAX_PROCESS_ID"], "returned normally", flush=True)
@@ -102,8 +106,27 @@ def prepared(tmp_path_factory):
     return str(root / "plays")
 
 
+def _batch_rows(out: str) -> set[int]:
+    return {int(line.split()[-1]) for line in out.splitlines() if "global batch rows" in line}
+
+
+def _records(workdir, key: str) -> dict[int, float]:
+    """step -> value of key in metrics.jsonl; a step logged twice fails."""
+    found = [(r["step"], r[key]) for r in read_metrics(workdir) if key in r]
+    steps = [step for step, _ in found]
+    assert len(steps) == len(set(steps)), f"{key} logged twice for a step: {sorted(steps)}"
+    return dict(found)
+
+
 def test_preempted_and_resumed_on_2_then_1_then_2_processes(tmp_path, prepared):
-    opts = {"data.files": prepared, "train.steps": 12, "checkpoint.every": 100}
+    """Training and evaluation: every global batch (train and eval) holds train.batch_size
+    rows whatever the process count, and losses and eval losses equal one process's."""
+    opts = {
+        "data.files": prepared,
+        "train.steps": 12,
+        "checkpoint.every": 100,
+        "train.eval_every": 4,
+    }
     train(load_tiny(**opts), tmp_path / "straight")  # 1 process x 8 devices, uninterrupted
     run = tmp_path / "run"
     sigterm = {"SIGNAL": "SIGTERM", "SIGNAL_AT": "3", "SIGNAL_PROCESS": "1"}
@@ -120,9 +143,16 @@ def test_preempted_and_resumed_on_2_then_1_then_2_processes(tmp_path, prepared):
 
     out = _ok(launch(run, 2, **opts))  # and back to 2 x 4
     assert f"resumed from {run}/checkpoints/{second}" in out
-    got, want = losses(run), losses(tmp_path / "straight")
+    assert _batch_rows(out) == {8}, out[-3000:]  # train and eval: B rows, not n x B
+    got, want = _records(run, "loss"), _records(tmp_path / "straight", "loss")
     assert sorted(got) == list(range(1, 13))
     np.testing.assert_allclose([got[s] for s in want], list(want.values()), atol=1e-4, rtol=0)
+    got, want = _records(run, "eval_loss"), _records(tmp_path / "straight", "eval_loss")
+    assert sorted(got) == sorted(want) == [4, 8, 12]
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), atol=1e-5, rtol=0)
+    got = _records(run, "eval_unigram_loss")
+    want = _records(tmp_path / "straight", "eval_unigram_loss")
+    np.testing.assert_allclose(list(got.values()), [want[0]] * len(got), atol=1e-5, rtol=0)
 
 
 def test_a_dead_peer_ends_the_survivor_with_an_error(tmp_path, prepared):
@@ -145,11 +175,32 @@ def test_mlm_and_clip_train_evaluate_and_resume_on_2_processes(tmp_path, prepare
     stopped = _preempted_step(_ok(launch(tmp_path / "run", 2, objective, env=sigterm, **opts)))
     out = _ok(launch(tmp_path / "run", 2, objective, **opts))
     assert f"resumed from {tmp_path}/run/checkpoints/{stopped}" in out
-    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
-    evals = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert sorted({r["step"] for r in evals if "eval_loss" in r}) == [3, 6]
+    assert sorted(_records(tmp_path / "run", "loss")) == [1, 2, 3, 4, 5, 6]
+    assert sorted(_records(tmp_path / "run", "eval_loss")) == [3, 6]
+    assert _batch_rows(out) == {8}, out[-3000:]
     if objective == "clip":
-        assert any("eval_zeroshot_top1" in r for r in evals)
+        assert sorted(_records(tmp_path / "run", "eval_zeroshot_top1")) == [3, 6]
     from jaxlm.evaluate import load
 
     assert load(tmp_path / "run").step == 6 and jax.process_count() == 1
+
+
+def test_one_tokenizer_for_all_processes(tmp_path):
+    """A fresh run whose corpus has more lines than sentencepiece samples: trained on
+    process 0 alone (samples differ from one training to the next), loaded by the others
+    from the workdir; every process logs the same fingerprint, and training goes on."""
+    lines = sum(len((ROOT / f).read_text().splitlines()) for f in SMALL_CORPUS)
+    assert lines > 10 * 500
+    opts = {"data.tokenizer_sample": 500, "train.steps": 2}
+    results = launch(tmp_path / "run", 2, env={"HEARTBEAT": "20"}, timeout=200, **opts)
+    out = _ok(results)
+    found = [
+        line.split("fingerprint ")[1].split()[0]
+        for line in out.splitlines()
+        if "tokenizer: " in line and "fingerprint " in line
+    ]
+    assert len(found) == 2 and len(set(found)) == 1, out[-3000:]
+    assert "step 2/2" in out
+    assert out.count("returned normally") == 2
+    saved = tokenizer.load(tmp_path / "run" / tokenizer.JAXLM_TOKENIZER)
+    assert tokenizer.fingerprint(saved) == found[0]

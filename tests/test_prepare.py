@@ -119,9 +119,37 @@ def test_rerun_prepares_only_the_missing_shards(tmp_path, tok, monkeypatch, capl
     assert again == first
     assert (out / "train-00000.array_record").stat().st_mtime_ns == kept
     other = tokenizer.train([PLAYS[5].read_text()], 300)
-    with pytest.raises(ConfigError, match="describes another preparation"):
+    # finished, then asked for with other settings: an error naming what differs, never the
+    # old manifest
+    with pytest.raises(ConfigError, match=r"already prepared from other .*row_length: 65 there"):
+        prepare.prepare([src], tok, str(out), 128)
+    with pytest.raises(ConfigError, match=r"already being prepared .*tokenizer_fingerprint: "):
         (out / "manifest.json").unlink()
         prepare.prepare([src], other, str(out), 64)
+
+
+def test_a_restart_with_other_files_or_settings_never_reads_the_old_rows(tok, tmp_path):
+    """Text files are prepared into a directory keyed by what preparation depends on: a run
+    restarted (before its first checkpoint) with another play, seq_len or seed reads rows of
+    that, exactly as in a fresh workdir; the same settings reuse the directory."""
+
+    def eval_rows(workdir, play: int, **extra):
+        cfg = load_tiny(**{"data.files": str(PLAYS[play]), "train.eval_steps": 3, **extra})
+        dataset = lm.load_data(cfg, tok, workdir)
+        (held_out,) = dataset.eval_sets()
+        return dataset, np.concatenate([b["inputs"] for b in held_out.batches])
+
+    run = tmp_path / "run"
+    first, first_rows = eval_rows(run, 0)
+    again, again_rows = eval_rows(run, 0)
+    assert again.sources[0].path == first.sources[0].path  # reused
+    np.testing.assert_array_equal(again_rows, first_rows)
+    changes = [(1, {}), (0, {"model.seq_len": 16}), (0, {"train.seed": 3})]
+    for i, (play, extra) in enumerate(changes):
+        other, rows = eval_rows(run, play, **extra)
+        _, fresh = eval_rows(tmp_path / f"fresh{i}", play, **extra)
+        assert other.sources[0].path != first.sources[0].path, extra
+        np.testing.assert_array_equal(rows, fresh)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +184,20 @@ def test_mixture_follows_the_weights(two_dirs, tok, tmp_path):
         json.loads((ROOT / d / "manifest.json").read_text())["train"]["tokens"] for d in two_dirs
     ]
     np.testing.assert_allclose(default, np.asarray(tokens) / sum(tokens))
+
+
+def test_a_zero_weight_entry_is_left_out_of_the_mixture(two_dirs, tok, tmp_path, caplog):
+    second = {t.tobytes() for t, _ in _rows(ROOT / two_dirs[1])}
+    cfg = _cfg("gpt", two_dirs, **{"data.weights": "1,0", "train.batch_size": 40})
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        batches = lm.load_data(cfg, tok, tmp_path).train_batches(0)
+    rows = []
+    assert f"{two_dirs[1]} has weight 0: not trained on" in caplog.text
+    for _ in range(10):
+        b = next(batches)
+        for ins, targets in zip(b["inputs"], b["targets"], strict=True):
+            rows.append(np.concatenate([ins, targets[-1:]]).tobytes())
+    assert len(rows) == 400 and not any(r in second for r in rows)
 
 
 def _local_batches(dataset, start, steps, n):
@@ -208,9 +250,10 @@ def test_foreign_tokenizer_and_damaged_shards_are_named(two_dirs, tok, tmp_path)
         batches = lm.load_data(_cfg("gpt", [str(damaged)]), tok, tmp_path).train_batches(0)
         for _ in range(200):
             next(batches)
-    shard.write_bytes(bytes(raw[:-100]))  # truncated
+    shard.write_bytes(bytes(raw[:-100]))  # truncated: found on first read, not at start-up
+    batches = lm.load_data(_cfg("gpt", [str(damaged)]), tok, tmp_path).train_batches(0)
     with pytest.raises(ConfigError, match=f"prepared shard {shard} is damaged or missing"):
-        lm.load_data(_cfg("gpt", [str(damaged)]), tok, tmp_path).train_batches(0)
+        next(batches)
 
 
 def test_training_reads_the_prepared_directory_and_its_tokenizer(two_dirs, tmp_path):
@@ -269,3 +312,77 @@ def test_tfds_input_and_globs(tmp_path, tok, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert inputs.expand("*.jsonl") == ["a.jsonl", "b.jsonl"]
     assert absolute == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+
+
+def test_a_directory_without_held_out_rows_trains_with_eval_steps_0(tok, tmp_path):
+    src = _write(tmp_path / "play.jsonl", _documents(n=200))
+    out = tmp_path / "no_eval"
+    manifest = prepare.prepare([src], tok, str(out), 32, eval_fraction=0.0, progress=False)
+    assert manifest["held_out"]["rows"] == 0
+    result = train(_cfg("gpt", [str(out)], **{"train.steps": 2, "train.eval_steps": 0}), tmp_path)
+    assert result["loss"] > 0 and not any(k.startswith("eval_") for k in result)
+    with pytest.raises(
+        ConfigError,
+        match=rf"train.eval_steps=2, but {out} hold no held-out .*"
+        r"--eval-fraction 0",
+    ):
+        train(_cfg("gpt", [str(out)], **{"train.steps": 2}), tmp_path / "with_eval")
+
+
+def test_a_mixture_is_evaluated_on_each_entry_and_weighted(two_dirs, tmp_path):
+    """eval_loss/<entry> on each entry's own held-out rows (equal to evaluating a checkpoint
+    on that entry alone), and eval_loss weighted as the mixture is; plot draws them."""
+    from jaxlm.evaluate import evaluate_checkpoint
+    from jaxlm.plot import plot
+
+    cfg = _cfg("gpt", two_dirs, **{"data.weights": "0.25,0.75", "train.steps": 2})
+    result = train(cfg, tmp_path / "run")
+    first, second = (f"eval_loss/{p.rsplit('/', 1)[1]}" for p in two_dirs)
+    assert result["eval_loss"] == pytest.approx(
+        0.25 * result[first] + 0.75 * result[second], rel=1e-6
+    )
+    for key, entry in ((first, two_dirs[0]), (second, two_dirs[1])):
+        alone = evaluate_checkpoint(
+            tmp_path / "run", overrides=[f"data.files={entry}", "data.weights="]
+        )
+        assert alone["eval_loss"] == pytest.approx(result[key], rel=1e-5), key
+    assert result[first] != pytest.approx(result[second], rel=1e-3)
+    drawn = plot([str(tmp_path / "run")], tmp_path / "runs.png")
+    assert f"run {second}" in drawn["loss"]
+
+
+def test_start_up_on_prepared_text_reads_no_corpus_and_stats_no_shard(tmp_path, monkeypatch, tok):
+    from etils import epath
+
+    from jaxlm import shards
+
+    cfg = _cfg("gpt", [str(PLAYS[0])])
+    lm.load_data(cfg, tok, tmp_path)  # prepares WORKDIR/prepared/<key> once
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the corpus was read at start-up")
+
+    path_class = type(epath.Path(str(tmp_path)))
+    stat, shard_stats = path_class.stat, []
+
+    def counting_stat(self):
+        if str(self).endswith(".array_record"):
+            shard_stats.append(str(self))
+        return stat(self)
+
+    monkeypatch.setattr(inputs, "documents", no_reading)
+    monkeypatch.setattr(inputs, "_lines", no_reading)
+    monkeypatch.setattr(path_class, "stat", counting_stat)
+    dataset = lm.load_data(cfg, tok, tmp_path)
+    assert shard_stats == []
+    next(dataset.train_batches(0))  # reading opens (and checks) the shards it reads
+    assert shard_stats and shards.Shards  # the check moved to the first read
+
+
+def test_paragraphs_are_streamed_not_materialised():
+    def lines():
+        yield from ["one\n", "\n", "two\n", "\n"] * 2000  # 16 KB of paragraphs, then trouble
+        raise RuntimeError("read past what the first document needed")
+
+    first = next(inputs.paragraph_documents(lines(), doc_chars=20))
+    assert first.startswith("one\n\ntwo")

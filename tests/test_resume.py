@@ -2,6 +2,7 @@
 checkpoint at the step it arrives and the rerun resumes exactly."""
 
 import logging
+import shutil
 
 import pytest
 from conftest import ROOT, load_tiny, losses, run_python, tiny_overrides
@@ -30,7 +31,19 @@ def test_changed_model_is_refused_and_nothing_moves(tmp_path, caplog):
         )
     assert "resume: optim.lr changed from 0.01 to 0.005" in caplog.text
     assert f"resumed from {tmp_path}/checkpoints/2" in caplog.text
+    assert "the learning-rate schedule now ends at step 3 (it was made for 2)" in caplog.text
     assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+    # How a step runs may change too (more remat on fewer chips): logged, and it resumes.
+    caplog.clear()
+    how = {"model.remat": "full", "model.scan_layers": "false", "model.attention": "xla"}
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(load_tiny(**{"train.steps": 4, "train.loss_chunk": 8, **how}), tmp_path)
+    assert "resume: model.remat changed from 'none' to 'full'" in caplog.text
+    assert "resume: model.scan_layers changed from True to False" in caplog.text
+    assert "resume: model.attention changed from 'auto' to 'xla'" in caplog.text
+    assert "resume: train.loss_chunk changed from 256 to 8" in caplog.text
+    assert f"resumed from {tmp_path}/checkpoints/3" in caplog.text
 
 
 SIGNAL_AT = """
@@ -82,16 +95,79 @@ def test_signals_save_a_checkpoint_and_the_rerun_resumes_exactly(tmp_path):
     assert losses(run) == losses(tmp_path / "straight")
 
 
-def test_storage_error_fails_the_run_and_sets_nothing_aside(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A run with checkpoints at steps 1 and 2 (copied by each test that damages it)."""
+    workdir = tmp_path_factory.mktemp("two_checkpoints")
+    train(load_tiny(**{"train.steps": 2, "checkpoint.every": 1}), workdir)
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.1G"),
+        MemoryError(),
+        OSError(5, "Input/output error"),  # EIO of a network filesystem
+        OSError(116, "Stale file handle"),  # ESTALE
+        PermissionError("403 PERMISSION_DENIED"),
+        ValueError(
+            "User-provided restore item and on-disk value metadata tree structures do not match"
+        ),
+    ],
+    ids=["oom", "memory", "eio", "estale", "permission", "tree"],
+)
+def test_an_error_that_is_not_damage_fails_the_run_and_moves_nothing(
+    two_checkpoints, tmp_path, monkeypatch, error
+):
     from jaxlm import checkpoint
 
-    train(load_tiny(**{"train.steps": 2, "checkpoint.every": 1}), tmp_path)
+    tmp_path = tmp_path / "run"
+    shutil.copytree(two_checkpoints, tmp_path)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
 
-    def denied(self, step, abstract):
-        raise PermissionError(f"403 PERMISSION_DENIED reading {self.root}/{step}")
+    def failing(self, step, abstract, params_only=False):
+        raise error
 
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", denied)
-    with pytest.raises(checkpoint.StorageError, match="checkpoint storage .* failed at step 2"):
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", failing)
+    with pytest.raises(checkpoint.RestoreError, match=r"could not restore checkpoint .*/2: "):
         train(load_tiny(**{"train.steps": 4}), tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
     assert not (tmp_path / "checkpoints_unreadable").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics  # nothing trained
+
+
+def test_every_step_damaged_stops_with_each_reason_and_trains_nothing(two_checkpoints, tmp_path):
+    from jaxlm.checkpoint import NoReadableCheckpoint
+
+    tmp_path = tmp_path / "run"
+    shutil.copytree(two_checkpoints, tmp_path)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    for f in (tmp_path / "checkpoints").glob("*/state/**/*"):
+        if f.is_file():  # truncated, as a copy that ran out of space leaves them
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    with pytest.raises(NoReadableCheckpoint) as e:
+        train(load_tiny(**{"train.steps": 4}), tmp_path)
+    assert "step 2: " in str(e.value) and "step 1: " in str(e.value)
+    assert "does not start over" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+    assert not (tmp_path / "checkpoints_unreadable").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_resume_from_an_older_checkpoint_records_each_step_once(tmp_path, caplog):
+    """Steps after the resumed checkpoint were logged by the run that went on past it: they
+    are dropped from metrics.jsonl (and TensorBoard purges them), then logged again."""
+    import json
+
+    train(load_tiny(**{"train.steps": 4, "checkpoint.every": 2}), tmp_path)
+    shutil.move(tmp_path / "checkpoints" / "4", tmp_path / "step4")  # as if its save was lost
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(load_tiny(**{"train.steps": 6, "checkpoint.every": 2}), tmp_path)
+    assert f"resumed from {tmp_path}/checkpoints/2" in caplog.text
+    assert "metrics.jsonl: dropped 3 records logged after step 2" in caplog.text
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    headers = [r["step"] for r in records if "peak_flops_source" in r]
+    assert headers == [0, 2]

@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from conftest import (
@@ -143,3 +144,68 @@ def test_eval_command_reports_held_out_metrics(tmp_path, capsys):
 @pytest.fixture(autouse=True)
 def _quiet_orbax(caplog):
     caplog.set_level("WARNING", logger="absl")
+
+
+def test_grad_accumulation_weights_micro_batches_by_their_tokens():
+    """Micro-batches with very different target counts: the accumulated gradient is the
+    token-weighted mean over the whole batch, equal to one big batch's (grad_norm compared:
+    AdamW and clipping would hide a wrong scale in the losses)."""
+    from jaxlm import lm, sharding
+    from jaxlm.step import build, make_train_step
+
+    mesh_opts = {"mesh.data": 4, "mesh.fsdp": 1, "mesh.tensor": 2}
+    batch = lm.synthetic_batch(load_tiny(), 8, np.random.default_rng(0))
+    batch["weights"][0::2, 3:] = 0  # rows of micro-batch 0: 3 targets each; micro-batch 1: 32
+    results = []
+    for accum in (1, 2):
+        cfg = load_tiny(**{"train.grad_accum": accum, **mesh_opts})
+        mesh = sharding.make_mesh(cfg.mesh)
+        s = build(cfg, mesh)
+        with jax.set_mesh(mesh):
+            _, metrics = make_train_step(s)(s.init(), sharding.to_global(batch, mesh))
+            results.append({k: float(v) for k, v in metrics.items()})
+    one, two = results
+    assert two["tokens"] == one["tokens"] == 4 * 3 + 4 * 32
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_parameters(tiny_lm, tmp_path, caplog):
+    """--init-from: the source's parameters (checked by name and shape first) and tokenizer,
+    a fresh optimizer at step 0, this run's schedule and a shorter seq_len; the new workdir
+    then resumes as any run does."""
+    from jaxlm import cli
+    from jaxlm.config import ConfigError
+    from jaxlm.evaluate import load
+
+    source = load(tiny_lm)
+    zero_lr = {"train.steps": 1, "optim.lr": 0.0, "model.seq_len": 16, "model.max_positions": 32}
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(load_tiny(**zero_lr), tmp_path / "new", init=str(tiny_lm))
+    arrays = len(jax.tree.leaves(source.params))
+    assert f"initialised {arrays} parameter arrays from {tiny_lm}/checkpoints/2" in caplog.text
+    new = load(tmp_path / "new")
+    assert new.step == 1 and new.cfg.model.seq_len == 16  # its own step count and seq_len
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(source.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # lr 0: unchanged
+    assert new.tokenizer.to_dict() == source.tokenizer.to_dict()
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(load_tiny(**{**zero_lr, "train.steps": 2}), tmp_path / "new", init=str(tiny_lm))
+    assert f"resumed from {tmp_path}/new/checkpoints/1" in caplog.text
+    assert "--init-from" in caplog.text and "not used" in caplog.text
+
+    with pytest.raises(ConfigError, match=r"parameters differ from this config's: .*\(64,\) there"):
+        train(load_tiny(**{"model.d_model": 32}), tmp_path / "other", init=str(tiny_lm))
+    with pytest.raises(ConfigError, match=r"set model.max_positions=32"):
+        train(load_tiny(**{"model.seq_len": 16}), tmp_path / "other", init=str(tiny_lm))
+    assert not (tmp_path / "other" / "checkpoints").exists() or not any(
+        (tmp_path / "other" / "checkpoints").iterdir()
+    )
+    # the command: CONFIG defaults to the source's stored config; a workdir of its own
+    argv = ["train", "--init-from", f"{tiny_lm}:2", "train.steps=1", "optim.lr=0"]
+    assert cli.main(argv) == 2  # no --workdir
+    assert cli.main([*argv, "--workdir", str(tiny_lm)]) == 2  # the source itself
+    assert cli.main([*argv, "--workdir", str(tmp_path / "cli")]) == 0
+    assert load(tmp_path / "cli").cfg.model == source.cfg.model
