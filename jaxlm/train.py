@@ -316,7 +316,10 @@ def init_from(s: Setup, spec: str) -> tuple[dict, object]:
 
 def _shapes(params) -> dict[str, tuple]:
     flat = jax.tree_util.tree_leaves_with_path(params)
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): x.shape for path, x in flat}
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value"): x.shape
+        for path, x in flat
+    }
 
 
 def train(

@@ -148,7 +148,7 @@ def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared):
     kept = fs.find(step4.replace("/checkpoints/4", "/checkpoints_unreadable/4"))
     assert len([f for f in kept if "/state/" in f]) == len(damaged) > 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert sorted({r["step"] for r in records if "loss" in r}) == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each once
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     proc = _jaxlm("eval", workdir)

@@ -196,7 +196,8 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_parameters(tiny_lm, tmp_p
     assert f"resumed from {tmp_path}/new/checkpoints/1" in caplog.text
     assert "--init-from" in caplog.text and "not used" in caplog.text
 
-    with pytest.raises(ConfigError, match=r"parameters differ from this config's: .*\(64,\) there"):
+    differ = r"parameters differ from this config's: .*embed/tokens: \(512, 64\) there, \(512, 32\)"
+    with pytest.raises(ConfigError, match=differ):
         train(load_tiny(**{"model.d_model": 32}), tmp_path / "other", init=str(tiny_lm))
     with pytest.raises(ConfigError, match=r"set model.max_positions=32"):
         train(load_tiny(**{"model.seq_len": 16}), tmp_path / "other", init=str(tiny_lm))
