@@ -110,7 +110,7 @@ def prepared(gcs, tmp_path_factory):
     return local
 
 
-def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared):
+def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared, tmp_path):
     workdir = f"{gcs}/runs/gpt"
     overrides = tiny_overrides(
         **{
@@ -155,3 +155,9 @@ def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 6 and result["eval_loss"] > 0
+
+    # jaxlm plot reads a gs:// workdir (through etils.epath, as everything else)
+    proc = _jaxlm("plot", workdir, "--out", str(tmp_path / "plot.png"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["lines"] >= 3
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
