@@ -245,21 +245,21 @@ def test_continued_pretraining_of_smollm2_on_a_play(smollm2, tmp_path, capsys):
     src, imported = smollm2
     play = tmp_path / "play"
     argv = ["data", "prepare", str(ROOT / "jaxlm/corpus/othello.txt"), "--out", str(play)]
-    argv += ["--tokenizer", str(src / "tokenizer.json"), "--seq-len", "64"]
+    argv += ["--tokenizer", str(src / "tokenizer.json"), "--seq-len", "32"]
     assert cli.main([*argv, "--eval-fraction", "0.1"]) == 0
     run = {
         "data.files": str(play),
-        "model.seq_len": 64,
+        "model.seq_len": 32,
         "train.batch_size": 8,
         "train.eval_steps": 2,
     }
     overrides = [f"{k}={v}" for k, v in run.items()]
     before = evaluate_checkpoint(imported, overrides=overrides)["eval_loss"]
-    schedule = {"train.steps": 6, "train.eval_every": 6, "optim.lr": 1e-4, "optim.warmup_steps": 1}
+    schedule = {"train.steps": 3, "train.eval_every": 3, "optim.lr": 2e-4, "optim.warmup_steps": 0}
     overrides += [f"{k}={v}" for k, v in schedule.items()]
     workdir = tmp_path / "othello"
     argv = ["train", "--init-from", str(imported), "--workdir", str(workdir), *overrides]
     assert cli.main(argv) == 0
     after = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_loss"]
     assert after < before - 0.05, (before, after)
-    assert load(workdir, params_only=True).cfg.model.seq_len == 64
+    assert load(workdir, params_only=True).cfg.model.seq_len == 32
