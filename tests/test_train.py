@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import (
+    ROOT,
     load_tiny,
     losses,
     read_metrics,
@@ -146,25 +147,32 @@ def _quiet_orbax(caplog):
     caplog.set_level("WARNING", logger="absl")
 
 
+ACCUMULATED = """
+import json, numpy as np, jax
+from jaxlm import config, lm, sharding
+from jaxlm.step import build, make_train_step
+for accum in (1, 2):
+    cfg = config.load({config!r}, {overrides!r} + [f"train.grad_accum={{accum}}"])
+    batch = lm.synthetic_batch(cfg, 8, np.random.default_rng(0))
+    batch["weights"][0::2, 3:] = 0  # micro-batch 0's rows: 3 targets each; micro-batch 1's: 32
+    mesh = sharding.make_mesh(cfg.mesh)
+    s = build(cfg, mesh)
+    with jax.set_mesh(mesh):
+        _, metrics = make_train_step(s)(s.init(), sharding.to_global(batch, mesh))
+        print(json.dumps({{k: float(v) for k, v in metrics.items()}}))
+"""
+
+
 def test_grad_accumulation_weights_micro_batches_by_their_tokens():
     """Micro-batches with very different target counts: the accumulated gradient is the
     token-weighted mean over the whole batch, equal to one big batch's (grad_norm compared:
-    AdamW and clipping would hide a wrong scale in the losses)."""
-    from jaxlm import lm, sharding
-    from jaxlm.step import build, make_train_step
-
-    mesh_opts = {"mesh.data": 4, "mesh.fsdp": 1, "mesh.tensor": 2}
-    batch = lm.synthetic_batch(load_tiny(), 8, np.random.default_rng(0))
-    batch["weights"][0::2, 3:] = 0  # rows of micro-batch 0: 3 targets each; micro-batch 1: 32
-    results = []
-    for accum in (1, 2):
-        cfg = load_tiny(**{"train.grad_accum": accum, **mesh_opts})
-        mesh = sharding.make_mesh(cfg.mesh)
-        s = build(cfg, mesh)
-        with jax.set_mesh(mesh):
-            _, metrics = make_train_step(s)(s.init(), sharding.to_global(batch, mesh))
-            results.append({k: float(v) for k, v in metrics.items()})
-    one, two = results
+    AdamW and clipping would hide a wrong scale in the losses). One device in a process of
+    its own: the weighting is the same on any mesh, and no CPU collective is involved."""
+    overrides = tiny_overrides(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
+    code = ACCUMULATED.format(config=str(ROOT / "configs/gpt.py:tiny"), overrides=overrides)
+    proc = run_python(code, devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
     assert two["tokens"] == one["tokens"] == 4 * 3 + 4 * 32
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
