@@ -191,19 +191,19 @@ def parse_source(spec: str) -> tuple[str, int | None]:
     return (head, int(tail)) if head and tail.isdigit() else (spec, None)
 
 
-def stored(spec: str, what: str) -> tuple[Checkpointer, int, Config, Any]:
-    """(checkpointer, step, config, tokenizer) of checkpoint `WORKDIR[:STEP]`; `what` names
-    the option in errors."""
-    workdir, step = parse_source(spec)
+def stored(
+    workdir: str | os.PathLike, step: int | None, what: str = ""
+) -> tuple[Checkpointer, int, Config, Any]:
+    """(checkpointer, step, config, tokenizer) of a workdir's checkpoint `step` (None: the
+    newest); errors start with `what` (e.g. "--init-from W: ")."""
     ckpt = Checkpointer(workdir, CheckpointConfig(async_save=False))
     steps = ckpt.steps()
-    if not steps:
+    if not steps or (step is not None and step not in steps):
         ckpt.close()
-        raise ConfigError(f"{what} {spec}: no checkpoint in {ckpt.root}")
+        if not steps:
+            raise ConfigError(f"{what}no checkpoint in {ckpt.root}")
+        raise ConfigError(f"{what}no checkpoint step {step} in {ckpt.root}; steps: {sorted(steps)}")
     step = steps[0] if step is None else step
-    if step not in steps:
-        ckpt.close()
-        raise ConfigError(f"{what} {spec}: no step {step} in {ckpt.root}; steps: {sorted(steps)}")
     cfg, tokenizer = ckpt.restore_meta(step)
     return ckpt, step, cfg, tokenizer
 

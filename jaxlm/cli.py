@@ -226,7 +226,7 @@ def _train_config(args: argparse.Namespace):
     if ".py" in spec or not (Path(spec).is_dir() or "://" in spec):
         cfg = config.load(spec, args.overrides)
     else:
-        ckpt, _, cfg, _ = stored(spec, "train")
+        ckpt, _, cfg, _ = stored(*parse_source(spec), f"train {spec}: ")
         ckpt.close()
         cfg = config.override(cfg, list(args.overrides))
     return cfg, args.workdir or str(_default_workdir(spec))

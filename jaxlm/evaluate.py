@@ -20,8 +20,8 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import data, sharding, shards
-from jaxlm.checkpoint import Checkpointer, workdir_path
-from jaxlm.config import CheckpointConfig, Config, ConfigError, MeshConfig
+from jaxlm.checkpoint import stored, workdir_path
+from jaxlm.config import Config, ConfigError, MeshConfig
 from jaxlm.step import Setup, build, make_eval_step
 from jaxlm.tokenizer import Tokenizer
 
@@ -83,14 +83,7 @@ def load(
     """Restore a checkpoint's parameters onto a mesh of this machine's devices. The mesh is
     fsdp over all devices unless overrides (e.g. `mesh.data=2`) say otherwise. params_only:
     the optimizer state is not read at all (a third of the memory)."""
-    ckpt = Checkpointer(workdir, CheckpointConfig())
-    steps = ckpt.steps()
-    if not steps:
-        raise ConfigError(f"no checkpoint in {ckpt.root}")
-    step = steps[0] if step is None else step
-    if step not in steps:
-        raise ConfigError(f"no checkpoint step {step} in {ckpt.root}; steps: {sorted(steps)}")
-    cfg, tokenizer = ckpt.restore_meta(step)
+    ckpt, step, cfg, tokenizer = stored(workdir, step)
     cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
     cfg = config_lib.override(cfg, list(overrides))
     mesh = sharding.make_mesh(cfg.mesh)
