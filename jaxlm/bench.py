@@ -80,7 +80,7 @@ def bench_data(cfg: Config, steps: int, workdir: str) -> dict:
     tok = (
         tokenizer_lib.load(cfg.data.tokenizer)
         if cfg.data.tokenizer
-        else objective.default_tokenizer(cfg)
+        else objective.default_tokenizer(cfg, workdir)
     )
     per_batch = cfg.train.batch_size // jax.process_count() * cfg.model.seq_len
     dataset = objective.load_data(cfg, tok, workdir)

@@ -151,17 +151,26 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    dp = dsub.add_parser("prepare", help="text -> tokenized ArrayRecord shards + manifest.json")
+    dp = dsub.add_parser(
+        "prepare",
+        help="text -> tokenized ArrayRecord shards + manifest.json; --images: image-text pairs",
+    )
     dp.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         help=".txt .jsonl .jsonl.gz .jsonl.zst .parquet files, "
         "globs or URLs, or tfds:NAME[:DATA_DIR]",
     )
     dp.add_argument(
+        "--images",
+        nargs="+",
+        metavar="INPUT",
+        help="image-text inputs instead: WebDataset .tar shards (globs, {00000..00099} ranges, "
+        "gs://), .parquet files, tfds:NAME[:DATA_DIR] or digits",
+    )
+    dp.add_argument(
         "--tokenizer",
-        required=True,
-        help="sentencepiece .model, Hugging Face "
+        help="text: sentencepiece .model, Hugging Face "
         "tokenizer.json, a prepared directory or a jaxlm workdir",
     )
     dp.add_argument("--out", required=True, help="output directory (local or gs://...)")
@@ -169,12 +178,70 @@ def _parser() -> argparse.ArgumentParser:
         "--seq-len",
         type=int,
         default=1024,
-        help="the model's seq_len (rows hold seq_len + 1 tokens)",
+        help="text: the model's seq_len (rows hold seq_len + 1 tokens)",
     )
     dp.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
-    dp.add_argument("--eval-fraction", type=float, default=0.01, help="documents held out")
-    dp.add_argument("--text-field", default="text", help="jsonl field / parquet column / tfds key")
+    dp.add_argument("--eval-fraction", type=float, default=0.01, help="text: documents held out")
+    dp.add_argument(
+        "--text-field",
+        help="jsonl field / parquet column / tfds key (default: text; --images: caption)",
+    )
+    dp.add_argument(
+        "--eval-count",
+        type=float,
+        default=10_000,
+        help="--images: pairs held out (the first ones), or a fraction of them below 1",
+    )
+    dp.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="--images: resize images whose shorter side is larger to this and re-encode as "
+        "JPEG (0: keep every image as it is)",
+    )
+    dp.add_argument("--min-size", type=int, default=0, help="--images: skip smaller images")
+    dp.add_argument("--image-field", default="image", help="--images: parquet image column")
+    dp.add_argument("--classes", help="--images: a file of class names, one per line")
     return p
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """`jaxlm data prepare`: text inputs with a tokenizer, or --images."""
+    if args.images:
+        from jaxlm import prepare_images
+
+        if args.inputs:
+            raise ConfigError(f"give either text inputs or --images, not both ({args.inputs})")
+        manifest = prepare_images.prepare(
+            args.images,
+            args.out,
+            image_size=args.image_size,
+            workers=args.workers,
+            eval_count=args.eval_count,
+            image_field=args.image_field,
+            text_field=args.text_field or "caption",
+            classes_file=args.classes,
+            min_size=args.min_size,
+        )
+        summary = {k: manifest[k] for k in ("pairs", "bytes", "held_out", "skipped")}
+        print(json.dumps({"out": args.out, **summary, "shards": len(manifest["shards"])}))
+        return
+    from jaxlm import prepare
+
+    if not args.inputs or not args.tokenizer:
+        raise ConfigError("jaxlm data prepare: text inputs need --tokenizer (or give --images)")
+    tok = prepare.load_tokenizer(args.tokenizer)
+    manifest = prepare.prepare(
+        args.inputs,
+        tok,
+        args.out,
+        args.seq_len,
+        workers=args.workers,
+        eval_fraction=args.eval_fraction,
+        text_field=args.text_field or "text",
+    )
+    summary = {k: manifest[k] for k in ("documents", "tokens", "bytes", "row_length")}
+    print(json.dumps({"out": args.out, **summary, "shards": len(manifest["shards"])}))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -301,7 +368,7 @@ def _run(args: argparse.Namespace) -> int:
             loaded = load(args.workdir, args.step, args.overrides, params_only=True)
             if loaded.cfg.objective == "clip":
                 classes = _classes(args.classes)
-                lines = evaluate_images(loaded, args.data, classes, args.batch_size)
+                lines = evaluate_images(loaded, args.data, classes, args.batch_size, args.workdir)
             elif args.classes:
                 raise ConfigError("--classes is for contrastive checkpoints (zero-shot)")
             else:
@@ -333,20 +400,7 @@ def _run(args: argparse.Namespace) -> int:
         tok.save(args.out)
         print(f"wrote {args.out}: {tok.vocab_size} tokens")
     elif args.command == "data":
-        from jaxlm import prepare
-
-        tok = prepare.load_tokenizer(args.tokenizer)
-        manifest = prepare.prepare(
-            args.inputs,
-            tok,
-            args.out,
-            args.seq_len,
-            workers=args.workers,
-            eval_fraction=args.eval_fraction,
-            text_field=args.text_field,
-        )
-        summary = {k: manifest[k] for k in ("documents", "tokens", "bytes", "row_length")}
-        print(json.dumps({"out": args.out, **summary, "shards": len(manifest["shards"])}))
+        _prepare(args)
     return 0
 
 

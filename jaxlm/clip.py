@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxlm import data, images, sharding
+from jaxlm import clip_data, images, sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.attention import Mask
 from jaxlm.config import Config, ConfigError
@@ -105,143 +105,40 @@ def check(cfg: Config) -> None:
             "would only contrast its own pairs, not the whole batch; use train.grad_accum=1 "
             "(and a mesh with more data-parallel devices, or model.remat, for memory)"
         )
+    if cfg.data.files:
+        raise ConfigError(
+            "data.files is for the text objectives; a contrastive run reads clip.source "
+            f"(got data.files={','.join(cfg.data.files)})"
+        )
 
 
-def default_tokenizer(cfg: Config):
-    texts = ClipData.texts(images.load_source(cfg))
+def default_tokenizer(cfg: Config, workdir):
+    """Trained on the captions of the first sources' first pairs (and, for labelled pairs
+    without one, captions drawn from their templates)."""
+    texts, rng = [], np.random.default_rng(0)
+    budget = min(cfg.data.tokenizer_sample, 20_000)
+    for entry in clip_data.source_entries(cfg.clip.source):
+        source = clip_data.ImageSource(clip_data.resolve(entry, cfg, workdir, sync=False))
+        records = source.records("train")
+        for _, _, record in records.get(np.arange(min(len(records), budget - len(texts)))):
+            pair = images.decode_pair(record)
+            texts.append(
+                pair["caption"]
+                or images.random_caption(
+                    pair["label"], rng, source.names, source.templates, source.filler
+                )
+            )
+        if len(texts) >= budget:
+            break
     return tokenizer_lib.train(texts, cfg.model.vocab_size, sample_lines=cfg.data.tokenizer_sample)
 
 
-def load_data(cfg: Config, tokenizer, workdir) -> ClipData:
-    del workdir  # image-text sources are read where they are
-    return ClipData(cfg, tokenizer)
+def load_data(cfg: Config, tokenizer, workdir) -> clip_data.ClipData:
+    return clip_data.ClipData(cfg, tokenizer, workdir)
 
 
-class ClipData:
-    """Image-text pairs in a global order: pair g of the stream depends only on the seed and
-    g (its crop and caption too, seeded by g), so the global batch at a step is the same for
-    any number of processes. An unreadable image is replaced by a later pair of the stream."""
-
-    def __init__(self, cfg: Config, tokenizer):
-        source = images.load_source(cfg)
-        if any(source.skipped.values()):
-            log.warning("image-text source %s: skipped %s", cfg.clip.source, source.skipped)
-        sample = source.train[:64]
-        if not any(images.decode(_image_of(r)) is not None for r in sample):
-            raise ConfigError(
-                f"clip.source {cfg.clip.source!r}: none of the first {len(sample)} training "
-                "images can be decoded: no readable image-text pairs"
-            )
-        n = cfg.clip.eval_images or len(source.held_out)
-        self.cfg, self.tokenizer, self.train = cfg, tokenizer, source.train
-        self.held_out = HeldOut(source.held_out[:n], source.class_names, source.templates)
-
-    @staticmethod
-    def texts(source: images.Source) -> list[str]:
-        """Captions to train the tokenizer on (every template x class for the digits)."""
-        found = [_caption_of(r) for r in source.train[:100_000]]
-        if any(c is None for c in found):
-            rng = np.random.default_rng(0)
-            found = [c for c in found if c]
-            found += [images.random_caption(i % 10, rng) for i in range(2000)]
-        return found
-
-    def examples(self, training: bool):
-        import grain  # here, so that models and benchmarks run where Grain is not installed
-
-        seed = self.cfg.train.seed + (0 if training else 1)
-        ds = grain.MapDataset.source(self.train if training else self.held_out)
-        ds = (ds.shuffle(seed=seed) if training else ds).repeat(None)
-        return Readable(ds, Prepare(self.cfg, self.tokenizer, training), seed)
-
-    def train_batches(
-        self, start_step: int, process_index: int | None = None, process_count: int | None = None
-    ):
-        ds = data.global_batches(
-            self.examples(True),
-            self.cfg.train.batch_size,
-            start_step,
-            process_index,
-            process_count,
-        )
-        return iter(ds.to_iter_dataset(data.read_options()))
-
-    def eval_sets(self) -> list[data.EvalSet]:
-        """This process's share of the first train.eval_steps held-out global batches."""
-        if not self.cfg.train.eval_steps:
-            return []
-        ds = data.global_batches(self.examples(False), self.cfg.train.batch_size, 0)
-        batches = [ds[i] for i in range(self.cfg.train.eval_steps)]
-        return [data.EvalSet("held_out", 1.0, batches)]
-
-
-class Readable:
-    """Grain-style random access: pair g -> Prepare(record g, rng seeded by (seed, g)); a
-    record whose image does not decode is replaced by record g + k * STRIDE (k = 1, 2...)."""
-
-    STRIDE, TRIES = 7919, 16
-
-    def __init__(self, records, prepare: Prepare, seed: int):
-        self.records, self.prepare, self.seed = records, prepare, seed
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, g: int) -> dict:
-        for k in range(self.TRIES):
-            rng = np.random.default_rng([self.seed, int(g), k])
-            out = self.prepare(self.records[int(g) + k * self.STRIDE], rng)
-            if out is not None:
-                return out
-        raise ConfigError(f"clip.source: {self.TRIES} unreadable images in a row near pair {g}")
-
-
-class HeldOut(list):
-    """Held-out records, plus what zero-shot classification needs."""
-
-    def __init__(self, records: list, class_names: tuple, templates: tuple):
-        super().__init__(records)
-        self.class_names, self.templates = class_names, templates
-
-
-def _image_of(record):
-    return record if isinstance(record, images.TarMember) else record["image"]
-
-
-def _caption_of(record) -> str | None:
-    return record.caption if isinstance(record, images.TarMember) else record["caption"]
-
-
-class Prepare:
-    """Grain random map: record -> {images, text, text_segments}, or None if unreadable."""
-
-    def __init__(self, cfg: Config, tokenizer, training: bool):
-        self.size, self.length = cfg.vision.image_size, cfg.model.seq_len
-        self.tokenizer, self.random_crop = tokenizer, training and cfg.clip.random_crop
-        self.skips = images.SkipCounter()
-
-    def __call__(self, record, rng: np.random.Generator) -> dict | None:
-        rgb = images.decode(_image_of(record))
-        if rgb is None:
-            self.skips.add()
-            log.warning(
-                "skipped an unreadable image (%d so far): %s", self.skips.count, _where(record)
-            )
-            return None
-        text = _caption_of(record)
-        if text is None:  # digits: a fresh caption each epoch
-            text = images.random_caption(record["label"], rng)
-        tokens, segments = images.text_tokens(self.tokenizer, text, self.length)
-        pixels = images.resize_crop(rgb, self.size, rng if self.random_crop else None)
-        return {"images": pixels, "text": tokens, "text_segments": segments}
-
-
-def _where(record) -> str:
-    return f"{record.path}@{record.offset}" if isinstance(record, images.TarMember) else "record"
-
-
-def baselines(dataset: ClipData, tokenizer, eval_batches: list[dict]) -> dict:
-    """Chance: top-1 of a random guess over the classes, recall@1 of a random ranking."""
+def baselines(dataset: clip_data.ClipData, tokenizer, eval_batches: list[dict]) -> dict:
+    """Chance: top-1 of a random guess over the global batch."""
     del eval_batches  # each process holds its share; chance is over the global batch
     return {"eval_batch_chance_accuracy": 1.0 / dataset.cfg.train.batch_size}
 
@@ -256,75 +153,90 @@ def _embed_texts(graphdef, params, tokens, segments):
     return nnx.merge(graphdef, params).embed_texts(tokens, segments)
 
 
-def _batched(fn, arrays: dict, setup, batch: int) -> np.ndarray:
-    """Run fn over rows in fixed-size, batch-sharded chunks (padding the last one)."""
-    n = len(next(iter(arrays.values())))
+def _gathered(x: jax.Array) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def embed_batches(setup, params, batches: list[dict], texts: bool = True) -> dict:
+    """This process's share of global batches -> the global batches' image (and caption)
+    embeddings, labels and indices, in global order: each process embeds its own rows."""
+    g, out = setup.graphdef, {"images": [], "text": [], "labels": [], "index": []}
+    for batch in batches:
+        x = sharding.to_global(
+            {k: batch[k] for k in ("images", "text", "text_segments")}, setup.mesh
+        )
+        out["images"].append(_gathered(_embed_images(g, params, x["images"])))
+        if texts:
+            out["text"].append(_gathered(_embed_texts(g, params, x["text"], x["text_segments"])))
+        for k in ("labels", "index"):  # zero-shot sets; process-local numpy, concatenated
+            if k in batch:
+                out[k].append(_gathered(batch[k]))
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def embed_prompts(setup, params, tokenizer, prompts: list[str]) -> np.ndarray:
+    """Prompts (the same on every process) -> their embeddings, in batches over the mesh."""
+    cfg, batch = setup.cfg, setup.cfg.train.batch_size
+    tok = [images.text_tokens(tokenizer, p, cfg.model.seq_len) for p in prompts]
+    text, segments = np.stack([t for t, _ in tok]), np.stack([s for _, s in tok])
     out = []
-    for start in range(0, n, batch):
-        chunk = {k: v[start : start + batch] for k, v in arrays.items()}
-        pad = batch - len(next(iter(chunk.values())))
+    for start in range(0, len(prompts), batch):
+        chunk = {"text": text[start : start + batch], "segments": segments[start : start + batch]}
+        pad = batch - len(chunk["text"])
         chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in chunk.items()}
-        result = fn(**sharding.from_full(chunk, setup.mesh))
-        out.append(np.asarray(multihost_utils.process_allgather(result, tiled=True))[: batch - pad])
+        x = sharding.from_full(chunk, setup.mesh)
+        out.append(
+            _gathered(_embed_texts(setup.graphdef, params, x["text"], x["segments"]))[: batch - pad]
+        )
     return np.concatenate(out)
 
 
-def extra_eval(setup, params, dataset: ClipData, tokenizer) -> dict:
-    return held_out_metrics(setup, params, dataset.held_out, tokenizer)
+def recall(img: np.ndarray, txt: np.ndarray) -> dict:
+    """Image<->text recall@1/5 of matching rows."""
+    sim, metrics = img @ txt.T, {}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        rank = (s > np.diag(s)[:, None]).sum(1)  # how many beat the true partner
+        metrics |= {
+            f"eval_{name}_recall_at_1": float((rank < 1).mean()),
+            f"eval_{name}_recall_at_5": float((rank < 5).mean()),
+        }
+    return metrics
 
 
-def held_out_metrics(setup, params, held_out: HeldOut, tokenizer) -> dict:
-    """Zero-shot top-1/top-5 over the class names (prompt embeddings averaged over templates)
-    and image<->text recall@1/5 over the held-out pairs (every process runs the same); also
-    `jaxlm eval --data` on any labelled image source."""
-    cfg, g = setup.cfg, setup.graphdef
-    prep = Prepare(cfg, tokenizer, training=False)
-    # An image that does not decode drops its whole pair: its caption and label go with it.
-    kept = [(r, p) for r in held_out if (p := prep(r, np.random.default_rng(0))) is not None]
-    if not kept:
-        raise ConfigError("the held-out split has no readable image")
-    records, rows = [r for r, _ in kept], [p for _, p in kept]
-    batch = cfg.train.batch_size
-    img = _batched(
-        lambda images, **_: _embed_images(g, params, images),
-        {"images": np.stack([r["images"] for r in rows])},
-        setup,
-        batch,
-    )
+def zeroshot(setup, params, tokenizer, embedded: dict, names, templates) -> dict:
+    """Zero-shot top-1/top-5 over the class names (prompts averaged over the templates)."""
+    prompts = [t.format(word=name, digit=c) for c, name in enumerate(names) for t in templates]
+    per_class = embed_prompts(setup, params, tokenizer, prompts)
+    per_class = per_class.reshape(len(names), len(templates), -1).mean(1)
+    per_class /= np.linalg.norm(per_class, axis=-1, keepdims=True)
+    order = np.argsort(-(embedded["images"] @ per_class.T), axis=1)
+    labels = embedded["labels"]
+    return {
+        "eval_zeroshot_top1": float((order[:, 0] == labels).mean()),
+        "eval_zeroshot_top5": float((order[:, :5] == labels[:, None]).any(1).mean()),
+    }
 
-    def embed_texts(captions: list[str]) -> np.ndarray:
-        tok = [images.text_tokens(tokenizer, c, cfg.model.seq_len) for c in captions]
-        arrays = {"text": np.stack([t for t, _ in tok]), "segments": np.stack([s for _, s in tok])}
-        return _batched(
-            lambda text, segments: _embed_texts(g, params, text, segments), arrays, setup, batch
-        )
 
+def zeroshot_metrics(setup, params, z: clip_data.ZeroShot, batches: list[dict], tokenizer) -> dict:
+    """Zero-shot top-1/top-5 on a set: each process embeds its share of the batches."""
+    embedded = embed_batches(setup, params, batches, texts=False)
+    keep = embedded["index"] < z.n  # the last batch wraps round
+    embedded = {k: v[keep] for k, v in embedded.items()}
+    return zeroshot(setup, params, tokenizer, embedded, z.names, z.templates)
+
+
+def extra_eval(setup, params, dataset: clip_data.ClipData, tokenizer) -> dict:
+    """Recall over the first held-out set's distinct pairs (at most train.eval_steps global
+    batches), and zero-shot on the zero-shot set."""
     metrics = {}
-    captions = [_caption_of(r) for r in records]
-    if all(c is not None for c in captions):
-        sim = img @ embed_texts(captions).T
-        for name, s in (("i2t", sim), ("t2i", sim.T)):
-            rank = (s > np.diag(s)[:, None]).sum(1)  # how many beat the true partner
-            metrics |= {
-                f"eval_{name}_recall_at_1": float((rank < 1).mean()),
-                f"eval_{name}_recall_at_5": float((rank < 5).mean()),
-            }
-    labels = np.asarray([r["label"] if isinstance(r, dict) else -1 for r in records])
-    if held_out.class_names and (labels >= 0).all():
-        prompts = [
-            t.format(word=name, digit=c)
-            for c, name in enumerate(held_out.class_names)
-            for t in held_out.templates
-        ]
-        per_class = (
-            embed_texts(prompts)
-            .reshape(len(held_out.class_names), len(held_out.templates), -1)
-            .mean(1)
-        )
-        per_class /= np.linalg.norm(per_class, axis=-1, keepdims=True)
-        order = np.argsort(-(img @ per_class.T), axis=1)
-        metrics["eval_zeroshot_top1"] = float((order[:, 0] == labels).mean())
-        metrics["eval_zeroshot_top5"] = float((order[:, :5] == labels[:, None]).any(1).mean())
+    first = dataset.eval_sets()[0] if dataset.cfg.train.eval_steps else None
+    if first is not None:
+        embedded = embed_batches(setup, params, first.batches)
+        n = min(len(embedded["images"]), dataset.held_out_pairs(first.name))
+        metrics |= recall(embedded["images"][:n], embedded["text"][:n])
+    if dataset.zeroshot is not None:
+        batches = dataset.zeroshot_batches()
+        metrics |= zeroshot_metrics(setup, params, dataset.zeroshot, batches, tokenizer)
     return metrics
 
 

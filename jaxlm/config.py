@@ -77,6 +77,9 @@ class DataConfig:
     tokenizer_sample: int = 2_000_000
     eval_fraction: float = 0.02  # text files: documents held out for evaluation
     text_field: str = "text"  # text files: the field of a .jsonl line / parquet column
+    # worker processes that decode and crop images (Grain multiprocessing); 0: read threads
+    # of the training process
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,9 +141,18 @@ class ClipConfig:
     loss: str = "clip"  # clip (softmax over the global batch) | siglip (pairwise sigmoid)
     embed_dim: int = 128
     text_pool: str = "last"  # last (causal text tower, CLIP) | mean (bidirectional)
-    source: str = "digits"  # digits (scikit-learn, built in) | tar:GLOB | tfds:NAME[:DATA_DIR]
+    # prepared image-text directories (`jaxlm data prepare --images`, local or gs://), or
+    # digits (scikit-learn, built in) | tar:GLOB | tfds:NAME[:DATA_DIR], prepared into
+    # WORKDIR/prepared at the first start; several, comma-separated, mix by data.weights
+    source: str = "digits"
     random_crop: bool = False  # random-resized crop for training images, else centre crop
-    eval_images: int = 0  # held-out images for zero-shot and retrieval; 0: all of them
+    # a labelled set for zero-shot top-1/5 at every evaluation (a source as above; its
+    # held-out pairs, or all if none is held out); "": the first source's held-out pairs,
+    # if they have labels and class names
+    zeroshot: str = ""
+    zeroshot_images: int = 10_000  # at most this many zero-shot images
+    classes: str = ""  # a file of class names, one per line; "": the zero-shot source's
+    templates: str = ""  # a file of prompt templates ("a photo of a {word}."); "": built in
 
 
 @dataclass(frozen=True)

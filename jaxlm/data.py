@@ -181,7 +181,9 @@ class TextData:
         ]
         for s in self.sources:  # rows of seq_len + 1; an objective needing seq_len cuts one
             s.check(tokenizer, cfg.model.seq_len + 1)
-        self.weights = self._weights()
+        self.weights = mixture_weights(
+            cfg.data.weights, [s.tokens for s in self.sources], entries(cfg.data)
+        )
         self.remap = Remap.to_spec(self.sources, spec)
         self._shards: dict[str, list[Shards]] = {}
 
@@ -232,21 +234,6 @@ class TextData:
             multihost_utils.sync_global_devices(f"jaxlm_prepared_{k}")
         return Prepared(str(out))
 
-    def _weights(self) -> list[float]:
-        given = self.cfg.data.weights
-        if not given:
-            total = sum(s.tokens for s in self.sources)
-            return [s.tokens / total for s in self.sources]
-        if len(given) != len(self.sources) or min(given) < 0 or sum(given) <= 0:
-            raise ConfigError(
-                f"data.weights={','.join(map(str, given))}: expected {len(self.sources)} "
-                "non-negative weights, one per data.files entry, not all zero"
-            )
-        for entry, w in zip(entries(self.cfg.data), given, strict=True):
-            if w == 0:
-                log.info("data.weights: %s has weight 0: not trained on (still evaluated)", entry)
-        return [w / sum(given) for w in given]
-
     def counts(self) -> np.ndarray:
         """Training-split token counts; for a mixture, the entries' frequencies mixed by the
         weights and scaled to the total count (for the baselines). One entry per token id of
@@ -264,17 +251,8 @@ class TextData:
         import grain
 
         if split == "train":
-            mixed = [(k, w) for k, w in enumerate(self.weights) if w > 0]
-            parts = [
-                grain.MapDataset.range(len(self.shards("train")[k]))
-                .shuffle(seed=self.cfg.train.seed + k)
-                .repeat(None)
-                .map(functools.partial(_tagged, k))
-                for k, _ in mixed
-            ]
-            if len(parts) == 1:
-                return parts[0]
-            return grain.MapDataset.mix(parts, [w for _, w in mixed])
+            lengths = [len(s) for s in self.shards("train")]
+            return mixed_rows(lengths, self.weights, self.cfg.train.seed)
         # entry k's held-out rows in order: the same ones at every evaluation
         return (
             grain.MapDataset.range(len(self.shards("eval")[entry]))
@@ -365,8 +343,46 @@ class TextData:
         return sets
 
 
+def mixture_weights(given: tuple[float, ...], sizes: list[float], names: list[str]) -> list[float]:
+    """`data.weights` normalised, one per entry (default: proportional to `sizes`)."""
+    if not given:
+        return [n / sum(sizes) for n in sizes]
+    if len(given) != len(sizes) or min(given) < 0 or sum(given) <= 0:
+        raise ConfigError(
+            f"data.weights={','.join(map(str, given))}: expected {len(sizes)} "
+            "non-negative weights, one per entry, not all zero"
+        )
+    for entry, w in zip(names, given, strict=True):
+        if w == 0:
+            log.info("data.weights: %s has weight 0: not trained on (still evaluated)", entry)
+    return [w / sum(given) for w in given]
+
+
+def mixed_rows(lengths: list[int], weights: list[float], seed: int):
+    """The endless training order of several entries as a MapDataset of (entry, row): each
+    entry's rows shuffled by a seed of its own (a new permutation each epoch), repeated, and
+    mixed by weight with Grain's `mix` (entries of weight 0 left out)."""
+    import grain
+
+    mixed = [(k, w) for k, w in enumerate(weights) if w > 0]
+    parts = [
+        grain.MapDataset.range(lengths[k])
+        .shuffle(seed=seed + k)
+        .repeat(None)
+        .map(functools.partial(_tagged, k))
+        for k, _ in mixed
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return grain.MapDataset.mix(parts, [w for _, w in mixed])
+
+
 def _tagged(k: int, row: int) -> tuple[int, int]:
     return k, row
+
+
+def _collate_with_index(collate: Callable, b: int, j: int, items: list) -> dict:
+    return collate(j * b, items)
 
 
 def global_batches(
@@ -390,7 +406,9 @@ def global_batches(
     if collate is None:
         ds = ds.batch(b)
     else:
-        ds = ds.batch(b, batch_fn=list).map_with_index(lambda j, items: collate(j * b, items))
+        ds = ds.batch(b, batch_fn=list).map_with_index(
+            functools.partial(_collate_with_index, collate, b)
+        )
     return ds[start_step * n + p :: n]
 
 

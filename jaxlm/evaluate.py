@@ -243,45 +243,33 @@ def evaluate_images(
     inputs: list[str],
     classes: list[str] | None = None,
     batch_size: int | None = None,
+    workdir: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """Zero-shot top-1 / top-5 of a contrastive checkpoint on each labelled image source
-    (`digits`, `tar:GLOB`, `tfds:NAME[:DATA_DIR]`), over its held-out images (a tfds test or
-    validation split; otherwise the seeded split training makes), with the class names of
-    `classes` or of the source; image<->text recall too where the records carry captions."""
-    from jaxlm import clip, images
+    """Zero-shot top-1 / top-5 of a contrastive checkpoint on each labelled image source (a
+    prepared directory, `digits`, `tar:GLOB`, `tfds:NAME[:DATA_DIR]`): its held-out pairs
+    (as training split them, prepared into WORKDIR/prepared), or all of them if it holds none
+    out (a tfds dataset's test or validation split); class names from `classes` or the
+    source. Each process embeds its share."""
+    from jaxlm import clip, clip_data
 
     cfg, s = loaded.cfg, loaded.setup
     if batch_size:
         sharding.check_batch(batch_size, 1, s.mesh)
         train = dataclasses.replace(cfg.train, batch_size=batch_size)
-        s = dataclasses.replace(s, cfg=dataclasses.replace(cfg, train=train))
+        cfg = dataclasses.replace(cfg, train=train)
+        s = dataclasses.replace(s, cfg=cfg)
+    where = workdir_path(workdir) if workdir else data.CACHE
     results = []
     for entry in inputs:
-        source_cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, source=entry))
-        source = images.load_source(source_cfg)
-        records = source.held_out
-        labels = [r["label"] if isinstance(r, dict) else None for r in records]
-        names = tuple(classes or source.class_names)
-        if not records or any(label is None for label in labels):
-            raise ConfigError(
-                f"--data {entry}: its held-out records carry no labels; zero-shot needs a "
-                "labelled image source"
-            )
-        if not names:
-            raise ConfigError(f"--data {entry}: the source names no classes: give --classes")
-        if max(labels) >= len(names):
-            raise ConfigError(
-                f"--data {entry}: labels go up to {max(labels)}, but {len(names)} class names "
-                f"were given ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
-            )
+        held = 0 if entry.startswith("tfds:") else -1
+        z = clip_data.zeroshot_set(cfg, entry, where, "--data", held, tuple(classes or ()))
         start = time.perf_counter()
-        templates = source.templates or ("a photo of a {word}.",)
-        held_out = clip.HeldOut(records, names, templates)
         with jax.set_mesh(s.mesh):
-            metrics = clip.held_out_metrics(s, loaded.params, held_out, loaded.tokenizer)
-        log.info("%s: %d images in %.1f s", entry, len(records), time.perf_counter() - start)
+            batches = z.batches(cfg, loaded.tokenizer)
+            metrics = clip.zeroshot_metrics(s, loaded.params, z, batches, loaded.tokenizer)
+        log.info("%s: %d images in %.1f s", entry, z.n, time.perf_counter() - start)
         metrics = {k.removeprefix("eval_"): v for k, v in metrics.items()}
-        results.append({"data": entry, **metrics, "images": len(records), "classes": len(names)})
+        results.append({"data": entry, **metrics, "images": z.n, "classes": len(z.names)})
     return results
 
 

@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import os
+import re
 from collections.abc import Iterator
 
 from etils import epath
@@ -33,8 +34,27 @@ def is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
+def braces(pattern: str) -> list[str]:
+    """Brace ranges and lists as WebDataset and OpenCLIP read them: `shard-{00000..00099}.tar`
+    (zero-padded as written), `{train,extra}-*.tar`; nested and repeated braces expand too."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    if r := re.fullmatch(r"(\d+)\.\.(\d+)", body):
+        lo, hi = r.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [out for item in items for out in braces(head + item + tail)]
+
+
 def expand(entry: str) -> list[str]:
-    """A path, URL or glob (absolute, relative or `gs://...`) -> the files it names, sorted."""
+    """A path, URL or glob (absolute, relative or `gs://...`, with brace ranges) -> the files
+    it names, sorted."""
+    if "{" in entry:
+        return sorted({f for part in braces(entry) for f in expand(part)})
     if not any(c in entry for c in "*?["):
         return [entry]
     if is_remote(entry):

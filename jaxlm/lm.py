@@ -77,7 +77,7 @@ def check(cfg: Config) -> None:
     del cfg  # nothing beyond config.validate
 
 
-def default_tokenizer(cfg: Config):
+def default_tokenizer(cfg: Config, workdir=None):
     """A prepared entry's tokenizer, else one trained on a bounded sample of the text files."""
     found = data.prepared_tokenizer(cfg.data)
     if found is not None:

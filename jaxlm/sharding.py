@@ -95,8 +95,12 @@ def constrain(x: jax.Array, *names) -> jax.Array:
 
 def to_global(local: dict, mesh: Mesh) -> dict:
     """This process's rows of a batch -> global arrays split over the batch axes."""
-    sharding = NamedSharding(mesh, logical_spec(("batch", None)))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+    return {
+        k: jax.make_array_from_process_local_data(
+            NamedSharding(mesh, logical_spec(("batch",) + (None,) * (np.ndim(v) - 1))), v
+        )
+        for k, v in local.items()
+    }
 
 
 def from_full(full: dict, mesh: Mesh) -> dict:

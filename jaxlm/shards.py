@@ -2,9 +2,8 @@
 
 `Prepared` reads a directory's manifest and token counts and checks it against the run's
 tokenizer and row length; `Shards` reads rows by global index across a split's shards, one
-range read per row (array_record's `read([rows])` costs time in proportion to the shard, and
-Grain's data source starts a thread per call); `row_example` gives each token its position in
-its document piece.
+range read per record (`Records`, which the image-text shards use too); `row_example` gives
+each token its position in its document piece.
 """
 
 from __future__ import annotations
@@ -70,50 +69,54 @@ class Prepared:
         ]
 
 
-class Shards:
-    """A split's ArrayRecord shards as one row-indexed table, told each shard's rows and size
-    by the manifest (no file is opened or stat-ed at start-up, which over gcsfuse costs a
-    round trip per shard; each is checked and opened on first read).
+class Records:
+    """Records of ArrayRecord shards as one table indexed from 0, each shard given as (path,
+    records, bytes, first): its records [first, first + records) are the table's. Told each
+    shard's records and size by a manifest, it opens or stats no file at start-up (over
+    gcsfuse a round trip per shard); each is checked and opened on first read.
 
-    A row is read with `ArrayRecordReader.read(row, row + 1)`: about 19 us for a 1,025-token
+    A record is read with `ArrayRecordReader.read(i, i + 1)`: about 19 us for a 1,025-token
     row here, whatever the shard's size. (Its `read([rows])`, which Grain's
     ArrayRecordDataSource uses, costs about 4 ns per record *in the file* per call: 0.75 ms
     per call on a 193k-row shard; and the data source starts a Python thread per shard per
-    batch.) A damaged shard is named in the error."""
+    batch.) A damaged shard is named in the error. Pickled without its open readers, so a
+    Grain worker process opens its own."""
 
-    def __init__(self, shards: list[tuple[epath.Path, int, int]], row_length: int, what: str):
+    def __init__(self, shards: list[tuple], what: str):
         if not shards:
             raise ConfigError(f"{what}: no rows")
-        self.paths = [str(p) for p, _, _ in shards]
-        self.sizes = [size for _, _, size in shards]  # checked when a shard is first opened
-        self.ends = np.cumsum([n for _, n, _ in shards])
-        self.starts = self.ends - [n for _, n, _ in shards]
-        self.row_length = row_length
+        self.paths = [str(s[0]) for s in shards]
+        self.sizes = [s[2] for s in shards]  # checked when a shard is first opened
+        self.firsts = [s[3] if len(s) > 3 else 0 for s in shards]
+        self.ends = np.cumsum([s[1] for s in shards])
+        self.starts = self.ends - [s[1] for s in shards]
         self._readers: list = [None] * len(shards)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self.ends[-1])
 
-    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows [n] -> tokens and segment ids, [n, row_length] int32 each."""
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_readers": [None] * len(self.paths), "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def get(self, rows: np.ndarray) -> list[tuple[int, int, bytes]]:
+        """Rows [n] -> (shard, position in the shard, record) each."""
         rows = np.asarray(rows, np.int64)
-        width = 6 * self.row_length  # int32 tokens, then uint16 segment ids
         shard = np.searchsorted(self.ends, rows, side="right")
-        records: list[bytes] = []
+        out = []
         for r, k in zip(rows, shard, strict=True):
-            position = int(r - self.starts[k])
+            position = int(r - self.starts[k]) + self.firsts[k]
             try:
                 (record,) = self._reader(k).read(position, position + 1)
+            except ConfigError:
+                raise
             except Exception as e:
                 raise ConfigError(f"prepared shard {self.paths[k]} is damaged: {e}") from None
-            if len(record) != width:
-                raise ConfigError(
-                    f"prepared shard {self.paths[k]} is damaged (row {position}: a record of "
-                    f"{len(record)} bytes; rows of {self.row_length} tokens take {width})"
-                )
-            records.append(record)
-        return prepare_lib.decode_rows(records, self.row_length)
+            out.append((int(k), position, record))
+        return out
 
     def _reader(self, k: int):
         from array_record.python.array_record_module import ArrayRecordReader
@@ -137,6 +140,27 @@ class Shards:
                         f"prepared shard {self.paths[k]} cannot be read: {e}"
                     ) from None
             return self._readers[k]
+
+
+class Shards(Records):
+    """A text split's shards: rows of `row_length` tokens and their segment ids."""
+
+    def __init__(self, shards: list[tuple], row_length: int, what: str):
+        super().__init__(shards, what)
+        self.row_length = row_length
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [n] -> tokens and segment ids, [n, row_length] int32 each."""
+        width = 6 * self.row_length  # int32 tokens, then uint16 segment ids
+        records = []
+        for k, position, record in self.get(rows):
+            if len(record) != width:
+                raise ConfigError(
+                    f"prepared shard {self.paths[k]} is damaged (row {position}: a record of "
+                    f"{len(record)} bytes; rows of {self.row_length} tokens take {width})"
+                )
+            records.append(record)
+        return prepare_lib.decode_rows(records, self.row_length)
 
 
 def row_example(tokens: np.ndarray, segments: np.ndarray) -> dict:

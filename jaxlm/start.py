@@ -31,7 +31,7 @@ def fresh_tokenizer(cfg: Config, objective, workdir: epath.Path):
         if cfg.data.tokenizer:
             tok = tokenizer_lib.load(cfg.data.tokenizer)
         else:
-            tok = objective.default_tokenizer(cfg)
+            tok = objective.default_tokenizer(cfg, workdir)
         text = json.dumps(tok.to_dict())
         if "://" in str(path):  # an object store shows an object only once it is whole
             path.write_text(text)

@@ -52,7 +52,6 @@ def tiny_overrides(**extra) -> list[str]:
         "optim.warmup_steps": 2,
         "optim.lr": 1e-2,
         "checkpoint.every": 1000,
-        "clip.eval_images": 64,
         "vision.image_size": 16,
         "vision.d_model": 64,
         "vision.mlp_dim": 128,
