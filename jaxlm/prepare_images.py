@@ -438,7 +438,9 @@ def write_manifest(out_dir: epath.Path, plan: dict, n: int, unreadable: list[str
         "skipped": _sum_skipped(shards),
         "skipped_named": [m for s in shards for m in s["named"]][:NAMED],
         "unreadable_files": unreadable,
-        "shards": [{k: s[k] for k in ("file", "records", "size", "held_out")} for s in shards],
+        "shards": [
+            {k: s[k] for k in ("file", "records", "size", "held_out", "max_label")} for s in shards
+        ],
         "inputs": plan["inputs"],
     }
     if any(manifest["skipped"].values()) or unreadable:

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_CORPUS = ("jaxlm/corpus/othello.txt", "jaxlm/corpus/julius_caesar.txt")
 
 
-def tiny_overrides(**extra) -> list[str]:
+def tiny_overrides(config_file: str = "gpt", **extra) -> list[str]:
     """2-layer towers small enough to compile and run in seconds (keys of objectives other
     than the config's own are set too, and unused)."""
     base = {
@@ -56,6 +56,8 @@ def tiny_overrides(**extra) -> list[str]:
         "vision.d_model": 64,
         "vision.mlp_dim": 128,
     }
+    if config_file == "clip":  # images come from clip.source; data.files would be refused
+        del base["data.files"]
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -64,7 +66,9 @@ def load_tiny(config_file: str = "gpt", **extra):
     """configs/<config_file>.py:tiny shrunk by tiny_overrides (gpt: causal LM, bert: masked LM)."""
     from jaxlm import config
 
-    return config.load(str(ROOT / f"configs/{config_file}.py:tiny"), tiny_overrides(**extra))
+    return config.load(
+        str(ROOT / f"configs/{config_file}.py:tiny"), tiny_overrides(config_file, **extra)
+    )
 
 
 def read_metrics(workdir: Path) -> list[dict]:
