@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("config")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--data", action="store_true", help="time the data pipeline alone")
-    b.add_argument("--workdir", default="runs/bench_data", help="--data: where text is prepared")
+    b.add_argument("--workdir", default="runs/bench_data", help="--data: where data is prepared")
+    b.add_argument(
+        "--pairs", type=int, default=20_000, help="contrastive --data: photo variants to make"
+    )
     b.add_argument("overrides", nargs="*")
     b.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
     b.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 steps")
@@ -350,7 +353,12 @@ def _run(args: argparse.Namespace) -> int:
         from jaxlm.bench import bench, bench_data
 
         cfg = config.load(args.config, args.overrides)
-        if args.data:
+        if args.data and cfg.objective == "clip":
+            from jaxlm.bench_images import bench_image_data
+
+            for line in bench_image_data(cfg, args.steps, args.workdir, args.pairs):
+                print(json.dumps(line), flush=True)
+        elif args.data:
             print(json.dumps(bench_data(cfg, args.steps, args.workdir)))
         else:
             print(json.dumps(bench(cfg, args.steps, profile=args.profile)))

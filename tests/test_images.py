@@ -163,3 +163,18 @@ def test_a_mixture_without_held_out_pairs_and_bad_entries_are_named(tmp_path):
         clip_data.ClipData(cfg, tok, tmp_path / "run")
     assert clip_data.source_entries("a/{x,y}.tar,b") == ["a/{x,y}.tar", "b"]
     assert json.loads((tmp_path / "none" / "manifest.json").read_text())["held_out"]["pairs"] == 0
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    """data.workers=2: decoding and cropping in Grain's worker processes (each opens its own
+    readers), batches in the same order and with the same contents as the read threads'."""
+    cfg = load_tiny("clip", **{"clip.random_crop": "true"})
+    tok = tokenizer.train(["a handwritten seven", "the digit 3 written by hand"] * 20, 64)
+    threads = clip_data.ClipData(cfg, tok, tmp_path / "run").train_batches(5)
+    cfg = load_tiny("clip", **{"clip.random_crop": "true", "data.workers": 2})
+    workers = clip_data.ClipData(cfg, tok, tmp_path / "run").train_batches(5)
+    for _ in range(3):
+        a, b = next(threads), next(workers)
+        for k in ("images", "text", "text_segments"):
+            np.testing.assert_array_equal(a[k], b[k])
+    assert type(workers).__name__ != type(threads).__name__  # not the same path twice
