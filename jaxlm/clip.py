@@ -217,12 +217,16 @@ def zeroshot(setup, params, tokenizer, embedded: dict, names, templates) -> dict
     }
 
 
-def zeroshot_metrics(setup, params, z: clip_data.ZeroShot, batches: list[dict], tokenizer) -> dict:
-    """Zero-shot top-1/top-5 on a set: each process embeds its share of the batches."""
-    embedded = embed_batches(setup, params, batches, texts=False)
+def zeroshot_metrics(
+    setup, params, z: clip_data.ZeroShot, batches: list[dict], tokenizer, recalls: bool = False
+) -> dict:
+    """Zero-shot top-1/top-5 on a set (and image<->text recall over its pairs if recalls):
+    each process embeds its share of the batches."""
+    embedded = embed_batches(setup, params, batches, texts=recalls)
     keep = embedded["index"] < z.n  # the last batch wraps round
     embedded = {k: v[keep] for k, v in embedded.items()}
-    return zeroshot(setup, params, tokenizer, embedded, z.names, z.templates)
+    metrics = recall(embedded["images"], embedded["text"]) if recalls else {}
+    return metrics | zeroshot(setup, params, tokenizer, embedded, z.names, z.templates)
 
 
 def extra_eval(setup, params, dataset: clip_data.ClipData, tokenizer) -> dict:

@@ -266,7 +266,7 @@ def evaluate_images(
         start = time.perf_counter()
         with jax.set_mesh(s.mesh):
             batches = z.batches(cfg, loaded.tokenizer)
-            metrics = clip.zeroshot_metrics(s, loaded.params, z, batches, loaded.tokenizer)
+            metrics = clip.zeroshot_metrics(s, loaded.params, z, batches, loaded.tokenizer, True)
         log.info("%s: %d images in %.1f s", entry, z.n, time.perf_counter() - start)
         metrics = {k.removeprefix("eval_"): v for k, v in metrics.items()}
         results.append({"data": entry, **metrics, "images": z.n, "classes": len(z.names)})

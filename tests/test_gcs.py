@@ -161,3 +161,37 @@ def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["lines"] >= 3
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_image_tars_on_gcs_prepared_to_gcs_then_trained_killed_and_resumed(gcs, tmp_path):
+    """WebDataset tars on gs:// named by a brace range -> `jaxlm data prepare --images --out
+    gs://...` (2 worker processes) -> a local copy (as gcsfuse gives a pod) -> a CLIP run
+    killed after its step-2 checkpoint -> the rerun resumes from it."""
+    from test_images import pairs, write_tar
+
+    for k in range(2):
+        write_tar(tmp_path / f"shard-{k:05d}.tar", pairs(k * 20, 20, size=(24, 20)))
+        epath.Path(tmp_path / f"shard-{k:05d}.tar").copy(
+            epath.Path(f"{gcs}/tars/shard-{k:05d}.tar")
+        )
+    out = f"{gcs}/prepared/pairs"
+    args = ["data", "prepare", "--images", f"{gcs}/tars/shard-{{00000..00001}}.tar", "--out", out]
+    proc = _jaxlm(*args, "--workers", "2", "--eval-count", "8", "--image-size", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["pairs"] == 40 and summary["shards"] == 2 and "pairs/s" in proc.stderr
+    local = tmp_path / "pairs"
+    local.mkdir()
+    for f in epath.Path(out).iterdir():
+        f.copy(epath.Path(local / f.name))
+    opts = {"clip.source": str(local), "train.steps": 4, "checkpoint.every": 2}
+    overrides = tiny_overrides("clip", **opts)
+    proc = train_killed_after_save(
+        "configs/clip.py:tiny", overrides, tmp_path / "run", 2, devices=1
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    proc = train_killed_after_save(
+        "configs/clip.py:tiny", overrides, tmp_path / "run", None, devices=1
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'run'}/checkpoints/2" in proc.stderr
