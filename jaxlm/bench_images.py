@@ -116,6 +116,21 @@ def bare_loop(encoded: list[bytes], size: int) -> float:
     return len(encoded) / (time.perf_counter() - start)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its children (Grain's workers) so far."""
+    import psutil
+
+    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
 def bench_image_data(cfg: Config, steps: int, workdir: str, pairs: int = 20_000) -> list[dict]:
     """One result per prepared set x workers, the bare loop per set, and the preparation."""
     from jaxlm import clip_data, tokenizer
@@ -168,16 +183,16 @@ def bench_image_data(cfg: Config, steps: int, workdir: str, pairs: int = 20_000)
             batches = data.train_batches(0)
             for _ in range(2):  # start the workers and fill the buffers
                 next(batches)
-            start = time.perf_counter()
+            cpu, start = _cpu_seconds(), time.perf_counter()
             for _ in range(steps):
                 next(batches)
             per_s = steps * cfg.train.batch_size / (time.perf_counter() - start)
-            used = workers or cores
+            used = (_cpu_seconds() - cpu) / (time.perf_counter() - start)  # cores busy
             results.append(
                 {
                     "pipeline": path,
                     "workers": workers,
-                    "cores": used,
+                    "cores_busy": round(used, 2),
                     "pairs_per_s": round(per_s, 1),
                     "pairs_per_s_per_core": round(per_s / used, 1),
                     "of_bare_loop": round(per_s / used / rate, 3),

@@ -98,8 +98,8 @@ def decode(image: bytes):
 
 def resize_crop(im, size: int, rng: np.random.Generator | None) -> np.ndarray:
     """A PIL image -> centre crop (rng None) or random-resized crop (scale 0.5-1, aspect
-    3/4-4/3) to size^2, resized in one bicubic pass from the crop box, then CLIP's
-    normalisation: float32 [size, size, 3]."""
+    3/4-4/3) to size^2, resized in one bicubic pass from the crop box: uint8 [size, size,
+    3] (the image tower normalises on the device)."""
     from PIL import Image
 
     w, h = im.size
@@ -113,8 +113,7 @@ def resize_crop(im, size: int, rng: np.random.Generator | None) -> np.ndarray:
         ch = int(min(h, round(np.sqrt(area / aspect))))
         x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
         box = (x, y, x + cw, y + ch)
-    pixels = np.asarray(im.resize((size, size), Image.BICUBIC, box=box), np.float32)
-    return pixels * SCALE + OFFSET
+    return np.asarray(im.resize((size, size), Image.BICUBIC, box=box))
 
 
 def text_tokens(tokenizer, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:

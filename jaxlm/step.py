@@ -98,15 +98,17 @@ def make_train_step(s: Setup):
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
         rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state["step"])
         params = state["params"]
+        # Row r of micro-batch a is global row r * accum + a: every micro-batch keeps the
+        # batch's sharding, so each device works on its own rows at every micro-step.
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+            batch,
+        )
         if accum == 1:
             grads, metrics = grads_of(params, batch, rng)
+        elif hasattr(s.objective, "accumulated_grads"):  # a loss over the whole batch
+            grads, metrics = s.objective.accumulated_grads(s.model, params, micro, accum)
         else:
-            # Row r of micro-batch a is global row r * accum + a: every micro-batch keeps the
-            # batch's sharding, so each device works on its own rows at every micro-step.
-            micro = jax.tree.map(
-                lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
-                batch,
-            )
 
             def body(total, i):
                 # Sums weighted by each micro-batch's token count, so that the result is the

@@ -104,6 +104,6 @@ def test_corrupt_latest_checkpoint_is_skipped_not_loaded_nor_deleted(tmp_path, c
     assert resumed[3] == losses(tmp_path / "straight")[3]
 
 
-def test_clip_refuses_gradient_accumulation(tmp_path):
-    with pytest.raises(ConfigError, match=r"train.grad_accum=2: the contrastive loss"):
-        train(load_tiny("clip", **{"train.grad_accum": 2, "train.batch_size": 16}), tmp_path)
+def test_clip_refuses_text_data_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.files is for the text objectives.*clip.source"):
+        train(load_tiny("clip", **{"data.files": "corpus.txt"}), tmp_path)

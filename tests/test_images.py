@@ -178,3 +178,40 @@ def test_worker_processes_give_the_same_batches(tmp_path):
         for k in ("images", "text", "text_segments"):
             np.testing.assert_array_equal(a[k], b[k])
     assert type(workers).__name__ != type(threads).__name__  # not the same path twice
+
+
+def test_zeroshot_on_a_separate_labelled_set_with_its_own_classes_and_templates(tmp_path):
+    """clip.zeroshot names a labelled set apart from the training pairs: prepared at the first
+    start with nothing held out (all its pairs), at most clip.zeroshot_images of them, class
+    names and prompts from clip.classes / clip.templates files; batches carry labels and
+    global indices, the last one wrapping round."""
+    write_tar(tmp_path / "a.tar", pairs(0, 12))
+    (tmp_path / "classes.txt").write_text("\n".join(f"class {i}" for i in range(10)) + "\n")
+    (tmp_path / "templates.txt").write_text("a photo of {word}.\na drawing of {word}.\n")
+    opts = {
+        "clip.source": f"tar:{tmp_path}/a.tar",
+        "data.eval_fraction": 0.25,
+        "clip.zeroshot": "digits",
+        "clip.zeroshot_images": 50,
+        "clip.classes": str(tmp_path / "classes.txt"),
+        "clip.templates": str(tmp_path / "templates.txt"),
+    }
+    tok = tokenizer.train([f"picture number {i}" for i in range(40)], 64)
+    data = clip_data.ClipData(load_tiny("clip", **opts), tok, tmp_path / "run")
+    z = data.zeroshot
+    assert (z.n, z.split, z.names[3]) == (50, "train", "class 3")
+    assert z.templates == ("a photo of {word}.", "a drawing of {word}.")
+    assert z.source.manifest["pairs"] == 1797 and z.source.manifest["held_out"]["pairs"] == 0
+    batches = data.zeroshot_batches()
+    assert len(batches) == 7  # 50 images in global batches of 8
+    index = np.concatenate([b["index"] for b in batches])
+    np.testing.assert_array_equal(index, np.arange(56))
+    assert set(np.concatenate([b["labels"] for b in batches])) <= set(range(10))
+    held = data.eval_sets()
+    assert [s.name for s in held] == ["held_out"] and data.held_out_pairs("held_out") == 3
+    bad = tmp_path / "two.txt"
+    bad.write_text("zero\none\n")
+    with pytest.raises(ConfigError, match=r"labels go up to 9, but 2 class names"):
+        clip_data.ClipData(
+            load_tiny("clip", **(opts | {"clip.classes": str(bad)})), tok, tmp_path / "run"
+        )
