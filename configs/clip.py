@@ -2,7 +2,8 @@
 
     jaxlm train configs/clip.py:tiny                   # this 2-core CPU, see README
     jaxlm bench configs/clip.py:vit_b16                # one GPU: pairs/s and MFU
-    jaxlm train configs/clip.py:vit_b16 clip.source='tar:/data/laion/*.tar'
+    jaxlm data prepare --images '/data/laion/{00000..00999}.tar' --out /data/laion_256 --image-size 256
+    jaxlm train configs/clip.py:vit_b16 clip.source=/data/laion_256 data.workers=8
 
 Variants:
 - tiny: scikit-learn's 1,797 handwritten digits (8x8, upscaled to 32x32), captions drawn from
@@ -16,7 +17,9 @@ Variants:
   layers, 8 heads, 77 tokens, vocabulary 49408; joint embedding 512; batch 256.
 - siglip_b16: the same towers with SigLIP's pairwise sigmoid loss (learnable bias, init -10),
   mean-pooled image tower, 64 text tokens and a 32k vocabulary.
-Point `clip.source` at WebDataset shards (`tar:GLOB`) or a TFDS dataset (`tfds:NAME[:DIR]`).
+Point `clip.source` at prepared image-text directories (`jaxlm data prepare --images`), or, for
+small data, at WebDataset shards (`tar:GLOB`) or a TFDS dataset (`tfds:NAME[:DIR]`), which are
+prepared into the workdir at the first start; `clip.zeroshot` at a labelled set.
 """
 
 import dataclasses

@@ -412,7 +412,8 @@ def write_manifest(out_dir: epath.Path, plan: dict, n: int, unreadable: list[str
     if pairs - held < 1:
         raise ConfigError(
             f"{out_dir}: {pairs} readable pairs, and --eval-count {count} would hold out "
-            f"{held}: nothing left to train on (skipped: {_sum_skipped(shards)})"
+            f"{held}: nothing left to train on (skipped: {_sum_skipped(shards)}); give a "
+            "smaller --eval-count, or a fraction such as 0.05"
         )
     left = held
     for s in shards:  # the first `held` pairs in shard order

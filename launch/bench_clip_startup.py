@@ -44,7 +44,8 @@ def main() -> None:
         if not tars.exists():
             write_tars(tars, pairs, shards)
         subprocess.run(
-            ["jaxlm", "data", "prepare", "--images", f"{tars}/*.tar", "--out", str(prepared)],
+            ["jaxlm", "data", "prepare", "--images", f"{tars}/*.tar", "--out", str(prepared)]
+            + ["--eval-count", "1000"],
             check=True,
             capture_output=True,
         )
@@ -66,7 +67,7 @@ def main() -> None:
             capture_output=True,
             text=True,
         )
-        print(json.dumps({"pairs": pairs, **json.loads(run.stdout)}), flush=True)
+        print(json.dumps({"pairs": pairs, **json.loads(run.stdout.splitlines()[-1])}), flush=True)
 
 
 if __name__ == "__main__":
