@@ -2,7 +2,8 @@
 
     jaxlm train configs/clip.py:tiny                   # this 2-core CPU, see README
     jaxlm bench configs/clip.py:vit_b16                # one GPU: pairs/s and MFU
-    jaxlm data prepare --images '/data/laion/{00000..00999}.tar' --out /data/laion_256 --image-size 256
+    jaxlm data prepare --images '/data/laion/{00000..00999}.tar' --out /data/laion_256 \
+        --image-size 256
     jaxlm train configs/clip.py:vit_b16 clip.source=/data/laion_256 data.workers=8
 
 Variants:

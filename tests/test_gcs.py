@@ -165,8 +165,8 @@ def test_train_kill_resume_and_eval_with_the_workdir_on_gcs(gcs, prepared, tmp_p
 
 def test_image_tars_on_gcs_prepared_to_gcs_then_trained_killed_and_resumed(gcs, tmp_path):
     """WebDataset tars on gs:// named by a brace range -> `jaxlm data prepare --images --out
-    gs://...` (2 worker processes) -> a local copy (as gcsfuse gives a pod) -> a CLIP run
-    killed after its step-2 checkpoint -> the rerun resumes from it."""
+    gs://...` -> a local copy (as gcsfuse gives a pod) -> a CLIP run
+    killed after its step-1 checkpoint -> the rerun resumes from it."""
     from test_images import pairs, write_tar
 
     for k in range(2):
@@ -176,7 +176,7 @@ def test_image_tars_on_gcs_prepared_to_gcs_then_trained_killed_and_resumed(gcs, 
         )
     out = f"{gcs}/prepared/pairs"
     args = ["data", "prepare", "--images", f"{gcs}/tars/shard-{{00000..00001}}.tar", "--out", out]
-    proc = _jaxlm(*args, "--workers", "2", "--eval-count", "8", "--image-size", "16")
+    proc = _jaxlm(*args, "--workers", "1", "--eval-count", "8", "--image-size", "16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["pairs"] == 40 and summary["shards"] == 2 and "pairs/s" in proc.stderr
@@ -184,14 +184,19 @@ def test_image_tars_on_gcs_prepared_to_gcs_then_trained_killed_and_resumed(gcs, 
     local.mkdir()
     for f in epath.Path(out).iterdir():
         f.copy(epath.Path(local / f.name))
-    opts = {"clip.source": str(local), "train.steps": 4, "checkpoint.every": 2}
+    opts = {
+        "clip.source": str(local),
+        "train.steps": 2,
+        "checkpoint.every": 1,
+        "train.eval_steps": 0,
+    }
     overrides = tiny_overrides("clip", **opts)
     proc = train_killed_after_save(
-        "configs/clip.py:tiny", overrides, tmp_path / "run", 2, devices=1
+        "configs/clip.py:tiny", overrides, tmp_path / "run", 1, devices=1
     )
     assert proc.returncode == -9, proc.stderr[-3000:]
     proc = train_killed_after_save(
         "configs/clip.py:tiny", overrides, tmp_path / "run", None, devices=1
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {tmp_path / 'run'}/checkpoints/2" in proc.stderr
+    assert f"resumed from {tmp_path / 'run'}/checkpoints/1" in proc.stderr

@@ -26,10 +26,9 @@ def _mesh(d, f, t):
     return {"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": t}
 
 
-OBJECTIVES = ["gpt", "bert", "clip"]  # config files: causal LM, masked LM, contrastive
-
-
-@pytest.mark.parametrize("objective", OBJECTIVES)
+# The contrastive objective's loss and gradients on two meshes: test_clip.py; its losses on
+# 2 x 4 and 1 x 8 devices of 1 and 2 processes: test_multiprocess_objectives.py.
+@pytest.mark.parametrize("objective", ["gpt", "bert"])
 def test_same_losses_on_every_mesh(tmp_path, objective):
     runs = {}
     for mesh in MESHES if objective == "gpt" else MESHES[:2]:
