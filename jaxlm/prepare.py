@@ -278,16 +278,22 @@ def prepare(
             len(units) - len(jobs),
             len(units),
         )
-    bar = _Progress(len(units), len(units) - len(jobs), progress)
+    bar = Progress(len(units), len(units) - len(jobs), progress)
+    run_jobs(prepare_unit, jobs, workers, bar)
+    return _write_manifest(out_dir, plan, len(units), tokenizer.vocab_size)
+
+
+def run_jobs(fn, jobs: list, workers: int, bar: Progress) -> None:
+    """Each job through fn (a module-level function: workers are spawned), in a pool of
+    `workers` processes when there are several, the bar updated as each finishes."""
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            bar.update(prepare_unit(job))
+            bar.update(fn(job))
     else:
         with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for stats in pool.imap_unordered(prepare_unit, jobs):
+            for stats in pool.imap_unordered(fn, jobs):
                 bar.update(stats)
     bar.close()
-    return _write_manifest(out_dir, plan, len(units), tokenizer.vocab_size)
 
 
 def _differences(stored: dict, plan: dict) -> str:
@@ -345,26 +351,35 @@ def _write_manifest(out_dir: epath.Path, plan: dict, n: int, vocab_size: int) ->
     return manifest
 
 
-class _Progress:
-    """One stderr line: shards done, documents, text MB and MB/s."""
+class Progress:
+    """One stderr line, rewritten as shards finish: a bar, shards done, and `summary()` (for
+    text: documents, MB and MB/s)."""
 
     def __init__(self, total: int, done: int, enabled: bool):
         self.total, self.done, self.enabled = total, done, enabled
         self.bytes = self.docs = 0
         self.start = time.perf_counter()
 
-    def update(self, stats: dict) -> None:
-        self.done += 1
+    def add(self, stats: dict) -> None:
         self.bytes += stats["train"]["bytes"] + stats["eval"]["bytes"]
         self.docs += stats["train"]["documents"] + stats["eval"]["documents"]
+
+    def summary(self) -> str:
+        mb = self.bytes / 1e6
+        return f"{self.docs:,} docs | {mb:,.1f} MB | {mb / self.elapsed:.1f} MB/s"
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+    def update(self, stats: dict) -> None:
+        self.done += 1
+        self.add(stats)
         if self.enabled:
-            elapsed = max(time.perf_counter() - self.start, 1e-9)
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            mb = self.bytes / 1e6
+            filled = int(30 * self.done / max(self.total, 1))
             print(
-                f"\rprepare [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                f"shards | {self.docs:,} docs | {mb:,.1f} MB | {mb / elapsed:.1f} MB/s",
+                f"\rprepare [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+                f"shards | {self.summary()}",
                 end="",
                 file=sys.stderr,
                 flush=True,
@@ -373,10 +388,6 @@ class _Progress:
     def close(self) -> None:
         if self.enabled and self.total:
             print(file=sys.stderr)
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes / 1e6 / max(time.perf_counter() - self.start, 1e-9)
 
 
 def load_tokenizer(spec: str):

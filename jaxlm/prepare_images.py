@@ -25,16 +25,14 @@ import dataclasses
 import io
 import json
 import logging
-import multiprocessing
 import os
-import sys
 import tempfile
-import time
 
 import numpy as np
 from etils import epath
 
 from jaxlm import images
+from jaxlm import prepare as prepare_lib
 from jaxlm.config import ConfigError
 from jaxlm.image_inputs import Unit, class_names, members, plan_units
 from jaxlm.prepare import PLAN, _copy, _differences
@@ -182,14 +180,7 @@ def prepare(
             "%s: %d of %d shards done, preparing the rest", out, len(units) - len(jobs), len(units)
         )
     bar = Progress(len(units), len(units) - len(jobs), progress)
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            bar.update(prepare_unit(job))
-    else:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for stats in pool.imap_unordered(prepare_unit, jobs):
-                bar.update(stats)
-    bar.close()
+    prepare_lib.run_jobs(prepare_unit, jobs, workers, bar)
     return write_manifest(out_dir, plan, len(units), unreadable)
 
 
@@ -248,28 +239,11 @@ def _sum_skipped(shards: list[dict]) -> dict:
     return {r: sum(s["skipped"][r] for s in shards) for r in REASONS}
 
 
-class Progress:
-    """One stderr line: shards done, pairs, pairs/s."""
+class Progress(prepare_lib.Progress):
+    """The progress line with pairs and pairs/s."""
 
-    def __init__(self, total: int, done: int, enabled: bool):
-        self.total, self.done, self.enabled = total, done, enabled
-        self.pairs = 0
-        self.start = time.perf_counter()
+    def add(self, stats: dict) -> None:
+        self.docs += stats["records"]
 
-    def update(self, stats: dict) -> None:
-        self.done += 1
-        self.pairs += stats["records"]
-        if self.enabled:
-            rate = self.pairs / max(time.perf_counter() - self.start, 1e-9)
-            filled = int(30 * self.done / max(self.total, 1))
-            print(
-                f"\rprepare [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
-                f"shards | {self.pairs:,} pairs | {rate:,.0f} pairs/s",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.enabled and self.total:
-            print(file=sys.stderr)
+    def summary(self) -> str:
+        return f"{self.docs:,} pairs | {self.docs / self.elapsed:,.0f} pairs/s"

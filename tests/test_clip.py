@@ -5,7 +5,6 @@ import dataclasses
 import io
 import json
 import logging
-import tarfile
 from functools import partial
 
 import jax
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import load_tiny
 from PIL import Image
+from test_images import write_tar
 
 from jaxlm import clip, clip_data, sharding
 from jaxlm.config import ConfigError, MeshConfig
@@ -71,14 +71,6 @@ def png(value: int) -> bytes:
     return out.getvalue()
 
 
-def write_shard(path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_tar_shards_with_a_corrupt_image_and_a_missing_caption_train_on(tmp_path, caplog):
     """A tar glob is prepared into the workdir at the first start (once: a resume reuses
     it); what it skipped is logged by reason."""
@@ -89,7 +81,7 @@ def test_tar_shards_with_a_corrupt_image_and_a_missing_caption_train_on(tmp_path
     members["00040.jpg"] = b"\xff\xd8 this is not a jpeg"  # corrupt image, with a caption
     members["00040.txt"] = b"a broken picture"
     members["00041.png"] = png(200)  # an image without a caption
-    write_shard(tmp_path / "shard-0.tar", members)
+    write_tar(tmp_path / "shard-0.tar", members)
     source = f"tar:{tmp_path}/*.tar"
     opts = {"clip.source": source, "train.steps": 2, "data.eval_fraction": 0.1}
     with caplog.at_level(logging.INFO, logger="jaxlm"):
@@ -106,11 +98,11 @@ def test_tar_shards_with_a_corrupt_image_and_a_missing_caption_train_on(tmp_path
 
 
 def test_source_without_readable_pairs_fails_naming_it(tmp_path):
-    write_shard(tmp_path / "captions-only.tar", {"a.txt": b"hello", "b.txt": b"world"})
+    write_tar(tmp_path / "captions-only.tar", {"a.txt": b"hello", "b.txt": b"world"})
     with pytest.raises(ConfigError, match=r"0 readable pairs.*'no_image': 2"):
         train(load_tiny("clip", **{"clip.source": f"tar:{tmp_path}/*.tar"}), tmp_path / "run")
     bad = {"a.jpg": b"garbage", "a.txt": b"hello", "b.png": b"\x89PNG junk", "b.txt": b"world"}
-    write_shard(tmp_path / "bad-images.tar", bad)
+    write_tar(tmp_path / "bad-images.tar", bad)
     with pytest.raises(ConfigError, match=r"0 readable pairs.*'undecodable': 2"):
         train(load_tiny("clip", **{"clip.source": f"tar:{tmp_path}/bad-*.tar"}), tmp_path / "run2")
     with pytest.raises(ConfigError, match=r"matches no file"):
