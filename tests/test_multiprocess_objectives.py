@@ -29,15 +29,17 @@ def test_mlm_trains_evaluates_and_resumes_on_2_processes(tmp_path, prepared):
 
 
 def test_clip_resumes_exactly_on_2_then_1_then_2_processes(tmp_path):
-    """Image-text pairs prepared into the workdir at the first start (by process 0), random
-    crops and captions keyed by each pair's global index: preempted on 2 x 4, then on 1 x 8,
-    finished on 2 x 4, the losses equal an uninterrupted 1 x 8 run's within 1e-4, and the
-    held-out loss, recall and zero-shot figures (each process embeds its share) within 1e-5."""
+    """Image-text pairs and a zero-shot set apart from them, prepared into the workdir at the
+    first start (by process 0); random crops and captions keyed by each pair's global index:
+    preempted on 2 x 4, then on 1 x 8, finished on 2 x 4, the losses equal an uninterrupted
+    1 x 8 run's within 1e-4, and the held-out loss, recall and zero-shot figures (each
+    process embeds its share) within 1e-5."""
     opts = {
         "train.steps": 9,
         "train.eval_every": 3,
         "checkpoint.every": 100,
         "clip.random_crop": "true",
+        "clip.zeroshot": "digits",  # a set apart: all 1,797 digits, the first 40 used
         "clip.zeroshot_images": 40,
     }
     train(load_tiny("clip", **opts), tmp_path / "straight")
@@ -51,7 +53,7 @@ def test_clip_resumes_exactly_on_2_then_1_then_2_processes(tmp_path):
     out = _ok(launch(run, 2, "clip", **opts))
     assert f"resumed from {run}/checkpoints/{second}" in out
     assert _batch_rows(out) == {8}, out[-3000:]
-    assert len(list((run / "prepared").iterdir())) == 1  # prepared once, by process 0
+    assert len(list((run / "prepared").iterdir())) == 2  # source and zero-shot set, once
     straight = tmp_path / "straight"
     got, want = _records(run, "loss"), _records(straight, "loss")
     assert sorted(got) == list(range(1, 10))
