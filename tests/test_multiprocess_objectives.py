@@ -4,28 +4,34 @@ test_multiprocess.py, so that pytest-xdist can run the two files side by side.)"
 
 import jax
 import numpy as np
-from conftest import load_tiny
 from test_multiprocess import _batch_rows, _ok, _preempted_step, _records, launch, prepared
-
-from jaxlm.train import train
 
 __all__ = ["prepared"]  # the fixture, shared with test_multiprocess.py
 
 
-def test_mlm_trains_evaluates_and_resumes_on_2_processes(tmp_path, prepared):
-    """(That its global batches are those of one process is tested in test_prepare.)"""
-    opts = {"train.steps": 6, "checkpoint.every": 100, "train.eval_every": 3}
-    opts["data.files"] = prepared
-    sigterm = {"SIGNAL": "SIGTERM", "SIGNAL_AT": "2", "SIGNAL_PROCESS": "1"}
-    stopped = _preempted_step(_ok(launch(tmp_path / "run", 2, "bert", env=sigterm, **opts)))
-    out = _ok(launch(tmp_path / "run", 2, "bert", **opts))
-    assert f"resumed from {tmp_path}/run/checkpoints/{stopped}" in out
-    assert sorted(_records(tmp_path / "run", "loss")) == [1, 2, 3, 4, 5, 6]
-    assert sorted(_records(tmp_path / "run", "eval_loss")) == [3, 6]
+def test_mlm_trains_and_evaluates_on_2_processes(tmp_path, prepared):
+    """(That its global batches are those of one process is tested in test_prepare; resumes
+    across process counts, objective-agnostic, in test_multiprocess.py and below.)"""
+    opts = {"train.steps": 4, "checkpoint.every": 100, "train.eval_every": 2}
+    out = _ok(launch(tmp_path / "run", 2, "bert", **opts, **{"data.files": prepared}))
+    assert sorted(_records(tmp_path / "run", "loss")) == [1, 2, 3, 4]
+    assert sorted(_records(tmp_path / "run", "eval_loss")) == [2, 4]
+    assert sorted(_records(tmp_path / "run", "eval_accuracy")) == [2, 4]
     assert _batch_rows(out) == {8}, out[-3000:]
     from jaxlm.evaluate import load
 
-    assert load(tmp_path / "run").step == 6 and jax.process_count() == 1
+    assert load(tmp_path / "run").step == 4 and jax.process_count() == 1
+
+
+def _row_hashes(out: str) -> dict[tuple[int, int], str]:
+    """(step, global row) -> hash of the pair's pixels and tokens, from ROW_HASHES lines; a
+    row read twice (a resume re-reads its first batches) must hash the same both times."""
+    found: dict[tuple[int, int], str] = {}
+    for line in out.splitlines():
+        if line.startswith("row "):
+            _, step, row, digest = line.split()
+            assert found.setdefault((int(step), int(row)), digest) == digest, line
+    return found
 
 
 def test_clip_resumes_exactly_on_2_then_1_then_2_processes(tmp_path):
@@ -42,17 +48,23 @@ def test_clip_resumes_exactly_on_2_then_1_then_2_processes(tmp_path):
         "clip.zeroshot": "digits",  # a set apart: all 1,797 digits, the first 40 used
         "clip.zeroshot_images": 40,
     }
-    train(load_tiny("clip", **opts), tmp_path / "straight")
+    hashes = {"ROW_HASHES": "1"}
+    want = _row_hashes(_ok(launch(tmp_path / "straight", 1, "clip", env=hashes, **opts)))
     run = tmp_path / "run"
-    sigterm = {"SIGNAL": "SIGTERM", "SIGNAL_AT": "3", "SIGNAL_PROCESS": "1"}
-    first = _preempted_step(_ok(launch(run, 2, "clip", env=sigterm, **opts)))
-    out = _ok(launch(run, 1, "clip", env={**sigterm, "SIGNAL_PROCESS": "0"}, **opts))
-    assert f"resumed from {run}/checkpoints/{first}" in out
-    second = _preempted_step(out)
+    sigterm = {"SIGNAL": "SIGTERM", "SIGNAL_AT": "3", "SIGNAL_PROCESS": "1", **hashes}
+    outs = [_ok(launch(run, 2, "clip", env=sigterm, **opts))]
+    first = _preempted_step(outs[0])
+    outs.append(_ok(launch(run, 1, "clip", env={**sigterm, "SIGNAL_PROCESS": "0"}, **opts)))
+    assert f"resumed from {run}/checkpoints/{first}" in outs[1]
+    second = _preempted_step(outs[1])
     assert second > first
-    out = _ok(launch(run, 2, "clip", **opts))
-    assert f"resumed from {run}/checkpoints/{second}" in out
-    assert _batch_rows(out) == {8}, out[-3000:]
+    outs.append(_ok(launch(run, 2, "clip", env=hashes, **opts)))
+    assert f"resumed from {run}/checkpoints/{second}" in outs[2]
+    assert _batch_rows(outs[2]) == {8}, outs[2][-3000:]
+    # Every pair of every step, pixels and tokens, as the uninterrupted run read it.
+    got, every = _row_hashes("\n".join(outs)), {(s, r) for s in range(9) for r in range(8)}
+    assert every <= got.keys() and every <= want.keys()
+    assert [k for k in sorted(every) if got[k] != want[k]] == []
     assert len(list((run / "prepared").iterdir())) == 2  # source and zero-shot set, once
     straight = tmp_path / "straight"
     got, want = _records(run, "loss"), _records(straight, "loss")
