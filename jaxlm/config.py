@@ -337,6 +337,11 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in (0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.workers < 0 or (cfg.data.workers and cfg.objective != "clip"):
+        raise ConfigError(
+            f"data.workers={cfg.data.workers}: worker processes decode images (objective clip, "
+            "workers >= 0); text rows are read by threads"
+        )
     if cfg.data.tokenizer_sample < 1:
         raise ConfigError(
             f"data.tokenizer_sample must be a positive number of lines, got "

@@ -215,3 +215,10 @@ def test_zeroshot_on_a_separate_labelled_set_with_its_own_classes_and_templates(
         clip_data.ClipData(
             load_tiny("clip", **(opts | {"clip.classes": str(bad)})), tok, tmp_path / "run"
         )
+
+
+def test_data_workers_outside_the_contrastive_objective_is_refused():
+    with pytest.raises(ConfigError, match=r"data.workers=2: worker processes decode images"):
+        load_tiny("gpt", **{"data.workers": 2})
+    with pytest.raises(ConfigError, match=r"data.workers=-1"):
+        load_tiny("clip", **{"data.workers": -1})
