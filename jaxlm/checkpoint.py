@@ -48,6 +48,32 @@ DAMAGE_MARKERS = (
 )
 
 
+# Orbax's replica-parallel save splits each replicated array into one slice per replica, each
+# cut by its own dispatched op: worth it for the large arrays of a data-parallel pod, not for
+# norm scales and biases (a tiny run's two saves on 8 devices cut 962 slices, 1.7 s of its
+# 7.4 s). Arrays whose slice per replica would be under 1 MiB are written whole by replica 0.
+MIN_SLICE_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+    """Orbax's jax.Array handler as registered by default (its array metadata store kept),
+    with MIN_SLICE_BYTES; once per process (Orbax's registry is global)."""
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(default, "_min_slice_bytes_for_replica_parallel", None) == MIN_SLICE_BYTES:
+        return
+    handler = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES,
+        array_metadata_store=getattr(default, "_array_metadata_store", None),
+    )
+    absl = logging.getLogger("absl")  # its "overriding jax.Array" warning is this, on purpose
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl.setLevel(level)
+
+
 class RestoreError(RuntimeError):
     """A checkpoint could not be restored for a reason other than damage to its files: the
     run stops with it, and nothing is moved."""
@@ -77,7 +103,13 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
 
 class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, cfg: CheckpointConfig):
+        _register_array_handler()
         self.workdir = workdir_path(workdir)
+        if is_remote(str(self.workdir)):
+            # fsspec keeps bucket listings for the life of the process: without this, a
+            # second load of a run that has saved since (a notebook, `jaxlm eval` in-process)
+            # would find only the steps of the first listing.
+            epath.backend.fsspec_backend.fs(self.workdir).invalidate_cache()
         self.root = self.workdir / "checkpoints"
         self.quarantine = self.workdir / "checkpoints_unreadable"
         options = ocp.CheckpointManagerOptions(

@@ -255,7 +255,7 @@ def test_continued_pretraining_of_smollm2_on_a_play(smollm2, tmp_path, capsys):
     }
     overrides = [f"{k}={v}" for k, v in run.items()]
     before = evaluate_checkpoint(imported, overrides=overrides)["eval_loss"]
-    schedule = {"train.steps": 3, "train.eval_every": 3, "optim.lr": 2e-4, "optim.warmup_steps": 0}
+    schedule = {"train.steps": 2, "train.eval_every": 2, "optim.lr": 2e-4, "optim.warmup_steps": 0}
     overrides += [f"{k}={v}" for k, v in schedule.items()]
     workdir = tmp_path / "othello"
     argv = ["train", "--init-from", str(imported), "--workdir", str(workdir), *overrides]
