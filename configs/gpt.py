@@ -59,7 +59,14 @@ def tiny() -> Config:
             dtype="float32",
         ),
         data=DataConfig(eval_fraction=0.05),
-        train=TrainConfig(steps=300, batch_size=16, log_every=25, eval_every=100, eval_steps=8),
+        train=TrainConfig(
+            steps=300,
+            batch_size=16,
+            log_every=25,
+            eval_every=100,
+            eval_steps=8,
+            eval_tasks=("plays_next_line",),  # which line comes next: accuracy vs chance
+        ),
         optim=OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1),
         checkpoint=CheckpointConfig(every=100, keep=2),
     )

@@ -103,7 +103,18 @@ def _parser() -> argparse.ArgumentParser:
         help="contrastive --data: class names, comma-separated or a file with one per line "
         "(default: the source's)",
     )
-    e.add_argument("--batch-size", type=int, help="--data: rows per batch (default train's)")
+    e.add_argument(
+        "--tasks",
+        help="lm-evaluation-harness tasks, comma-separated (hellaswag,arc_easy,...): causal LM "
+        "checkpoints; needs pip install 'jaxlm[eval]'",
+    )
+    e.add_argument("--num-fewshot", type=int, help="--tasks: examples in each prompt")
+    e.add_argument("--limit", type=int, help="--tasks: at most this many documents per task")
+    e.add_argument("--include-path", help="--tasks: a directory of local task YAML files")
+    e.add_argument("--output", help="--tasks: where to write the harness's full results (JSON)")
+    e.add_argument(
+        "--batch-size", type=int, help="--data: rows per batch (default train's); --tasks: 8"
+    )
     e.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 mesh.data=1")
     e.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
 
@@ -370,21 +381,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = config.load(args.config, args.overrides)
         print(json.dumps(plan.plan(cfg, args.devices, args.device)))
     elif args.command == "eval":
-        from jaxlm.evaluate import evaluate_checkpoint, evaluate_images, evaluate_text, load
-
-        if args.data:
-            loaded = load(args.workdir, args.step, args.overrides, params_only=True)
-            if loaded.cfg.objective == "clip":
-                classes = _classes(args.classes)
-                lines = evaluate_images(loaded, args.data, classes, args.batch_size, args.workdir)
-            elif args.classes:
-                raise ConfigError("--classes is for contrastive checkpoints (zero-shot)")
-            else:
-                lines = evaluate_text(loaded, args.data, args.batch_size)
-            for line in lines:
-                print(json.dumps(line))
-        else:
-            print(json.dumps(evaluate_checkpoint(args.workdir, args.step, args.overrides)))
+        _eval(args)
     elif args.command == "generate":
         _generate(args)
     elif args.command == "plot":
@@ -410,6 +407,48 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "data":
         _prepare(args)
     return 0
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from jaxlm.evaluate import evaluate_checkpoint, evaluate_images, evaluate_text, load
+
+    if args.tasks and args.data:
+        raise ConfigError("eval: --tasks or --data, not both")
+    if not args.tasks and any(
+        v is not None for v in (args.num_fewshot, args.limit, args.include_path, args.output)
+    ):
+        raise ConfigError("--num-fewshot, --limit, --include-path and --output go with --tasks")
+    if args.tasks:
+        if args.limit is not None and args.limit <= 0:
+            raise ConfigError(f"--limit must be a positive number of documents, got {args.limit}")
+        from jaxlm import harness  # lm-eval is an optional extra: a clear error before loading
+
+        loaded = load(args.workdir, args.step, args.overrides, params_only=True)
+        lines = harness.evaluate_tasks(
+            loaded,
+            [t.strip() for t in args.tasks.split(",") if t.strip()],
+            args.num_fewshot,
+            args.limit,
+            args.batch_size or 8,
+            args.include_path,
+            args.output,
+        )
+    elif args.data:
+        loaded = load(args.workdir, args.step, args.overrides, params_only=True)
+        if loaded.cfg.objective == "clip":
+            classes = _classes(args.classes)
+            lines = evaluate_images(loaded, args.data, classes, args.batch_size, args.workdir)
+        elif args.classes:
+            raise ConfigError("--classes is for contrastive checkpoints (zero-shot)")
+        else:
+            lines = evaluate_text(loaded, args.data, args.batch_size)
+    else:
+        lines = [evaluate_checkpoint(args.workdir, args.step, args.overrides)]
+    import jax
+
+    if jax.process_index() == 0:
+        for line in lines:
+            print(json.dumps(line))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ class TrainConfig:
     # causal LM: the output projection and cross-entropy run over chunks of this many positions
     # of each sequence, so [batch, seq, vocab] float32 logits never exist (0: all at once)
     loss_chunk: int = 256
+    # causal LM: multiple-choice sets (jsonl files, or a shipped set's name: plays_next_line)
+    # scored at every evaluation: eval_<name>_acc and eval_<name>_acc_norm (jaxlm.choices)
+    eval_tasks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.document_mask=false is for the causal LM only: a {cfg.objective} model "
             "would see across padding and documents"
+        )
+    if t.eval_tasks and cfg.objective != "lm":
+        raise ConfigError(
+            f"train.eval_tasks scores next tokens, for the causal LM only; this config's "
+            f"objective is {cfg.objective!r}"
         )
     mlm = cfg.mlm
     if not 0 < mlm.mask_rate < 1:

@@ -15,6 +15,7 @@ prompt's padding) are never attended to and are overwritten as it goes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -127,7 +128,7 @@ def generate(
 ) -> list[dict]:
     """One {prompt, completion, tokens} per prompt (tokens: the completion's ids, without the
     stop token) from a `jaxlm.evaluate.load`ed causal LM."""
-    cfg, tok, s = loaded.cfg, loaded.tokenizer, loaded.setup
+    cfg, tok = loaded.cfg, loaded.tokenizer
     if cfg.objective != "lm":
         raise ConfigError(
             f"generate needs a causal LM checkpoint; this one is {cfg.objective!r} "
@@ -150,16 +151,39 @@ def generate(
                 f"model's context of {context} (model.seq_len)"
             )
         encoded.append(ids)
-    lengths = np.asarray([len(ids) for ids in encoded], np.int32)
+    tokens = generate_ids(loaded, encoded, max_new_tokens, sampling, seed)
+    results = []
+    for text, ids in zip(prompts, tokens, strict=True):
+        results.append({"prompt": text, "completion": tok.decode(ids), "tokens": ids})
+    return results
+
+
+def generate_ids(
+    loaded,
+    encoded: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    rows: int | None = None,
+) -> list[list[int]]:
+    """The completions' ids (without the stop token) of prompts given as ids, in one batch.
+    With `rows`, the batch is padded to that many prompts and their width to a power of two:
+    a few shapes compile once for many batches."""
+    cfg, tok, s = loaded.cfg, loaded.tokenizer, loaded.setup
+    n = len(encoded)
+    lengths = np.asarray([len(ids) for ids in encoded] + [1] * ((rows or n) - n), np.int32)
     width = int(lengths.max())
-    padded = np.zeros((len(encoded), width), np.int32)
+    if rows:
+        width = max(width, min(1 << (width - 1).bit_length(), cfg.model.seq_len - max_new_tokens))
+    padded = np.zeros((len(lengths), width), np.int32)
     for i, ids in enumerate(encoded):
         padded[i, : len(ids)] = ids
-    cache_length = min(context, width + max_new_tokens)
-
+    cache_length = min(cfg.model.seq_len, width + max_new_tokens)
     eos = tok.eos_id
+    # the outputs whole on every process: under jax.distributed each reads them back
+    replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=replicated)
     def run(params, prompts, lengths, rng):
         model = s.model(params)
         return decode_ids(
@@ -181,18 +205,14 @@ def generate(
         compiling = time.perf_counter() - start
         start = time.perf_counter()
         tokens, counts, _ = compiled(*args)
-        tokens, counts = np.asarray(tokens), np.asarray(counts)
+        tokens, counts = np.asarray(tokens)[:n], np.asarray(counts)[:n]
     seconds = time.perf_counter() - start
     log.info(
         "%d prompts: %d tokens in %.2f s, %.1f tokens/s (compiled in %.1f s)",
-        len(prompts),
+        n,
         int(counts.sum()),
         seconds,
         counts.sum() / seconds,
         compiling,
     )
-    results = []
-    for text, row, n in zip(prompts, tokens, counts, strict=True):
-        ids = [int(i) for i in row[:n]]
-        results.append({"prompt": text, "completion": tok.decode(ids), "tokens": ids})
-    return results
+    return [[int(i) for i in row[:c]] for row, c in zip(tokens, counts, strict=True)]

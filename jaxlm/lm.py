@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import data
+from jaxlm import choices, data
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.attention import Mask
 from jaxlm.config import Config, ModelConfig
@@ -95,11 +95,16 @@ def default_tokenizer(cfg: Config, workdir=None):
 
 
 def load_data(cfg: Config, tokenizer, workdir) -> data.TextData:
-    return data.TextData(cfg, data_spec(cfg, tokenizer), tokenizer, workdir)
+    dataset = data.TextData(cfg, data_spec(cfg, tokenizer), tokenizer, workdir)
+    tasks = cfg.train.eval_tasks
+    dataset.eval_tasks = choices.EvalTasks(tasks, tokenizer) if tasks else None
+    return dataset
 
 
 def extra_eval(setup, params, dataset, tokenizer) -> dict:
-    return {}  # the held-out loss says it all
+    """Multiple-choice accuracy on train.eval_tasks (beside the held-out loss)."""
+    tasks = getattr(dataset, "eval_tasks", None)
+    return tasks.metrics(setup, params) if tasks else {}
 
 
 def to_example(rows: dict, document_mask: bool = True) -> dict:
@@ -205,7 +210,9 @@ def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> di
     total = sum(-float((log_probs[b["targets"]] * b["weights"]).sum()) for b in eval_batches)
     weight = sum(float(b["weights"].sum()) for b in eval_batches)
     total, weight = data.global_sum([total, weight])  # each process holds its share
-    return {"eval_unigram_loss": total / max(weight, 1.0)}
+    tasks = getattr(dataset, "eval_tasks", None)
+    chance = tasks.chance() if tasks else {}
+    return {"eval_unigram_loss": total / max(weight, 1.0), **chance}
 
 
 def synthetic_batch(cfg: Config, batch_size: int, rng: np.random.Generator) -> dict:

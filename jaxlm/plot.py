@@ -4,8 +4,8 @@ Reads each workdir's metrics.jsonl (what `jaxlm train` writes) and draws, runs o
 named by their directories: loss and eval_loss (and a mixture's eval_loss/<entry>) with the
 loss baselines logged at the start
 (the unigram loss of a causal LM), accuracies with theirs (a masked LM's majority guess, a
-contrastive batch's chance), the learning rate, throughput and MFU. Matplotlib's Agg backend:
-no display needed.
+contrastive batch's chance, a train.eval_tasks set's chance), the learning rate, throughput
+and MFU. Matplotlib's Agg backend: no display needed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from etils import epath
 
 from jaxlm.config import ConfigError
 
-BASELINE = re.compile(r"^eval_\w+_(loss|accuracy)$")
+BASELINE = re.compile(r"^eval_\w+_(loss|accuracy|chance)$")
+ACCURACY = ("accuracy", "top1", "_acc", "_acc_norm")  # key endings drawn in the accuracy panel
 DPI = 100
 MARKERS = "s^vD*"  # one per data.files entry of a mixture: eval_loss/<entry>
 
@@ -70,7 +71,7 @@ def plot(workdirs: list[str], out: str | Path) -> dict[str, list[str]]:
         for j, key in enumerate(sorted(k for k in keys if k.startswith("eval_loss/"))):
             entry = {"marker": MARKERS[j % len(MARKERS)], "markersize": 4, "linestyle": ":"}
             line("loss", *_series(records, key), f"{name} {key}", color=color, **entry)
-        for key in sorted(k for k in keys if k.endswith("accuracy") or k.endswith("top1")):
+        for key in sorted(k for k in keys if k.endswith(ACCURACY)):
             held_out = {"marker": "o", "markersize": 3} if key.startswith("eval_") else {}
             line("accuracy", *_series(records, key), f"{name} {key}", color=color, **held_out)
         line("lr", *_series(records, "lr"), name, color=color)
