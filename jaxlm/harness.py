@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -210,11 +211,20 @@ def _check_tasks(names: list[str], manager) -> None:
         try:
             get_task_dict([name], manager)
         except Exception as e:  # the datasets library's errors vary by version and cause
-            config = manager._get_config(name) if hasattr(manager, "_get_config") else {}
-            dataset = config.get("dataset_path") if isinstance(config, dict) else None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            where = f" (its dataset {dataset!r} comes from the Hugging Face Hub)" if dataset else ""
+            dataset = _dataset_of(manager, name)
+            where = f" (its dataset: {dataset})" if dataset and dataset not in first else ""
             raise ConfigError(f"--tasks: task {name!r} cannot be loaded{where}: {first}") from e
+
+
+def _dataset_of(manager, name: str) -> str | None:
+    """The `dataset_path` of a task's YAML, for the error that names it."""
+    entry = manager.task_index.get(name)
+    path = getattr(entry, "yaml_path", None)
+    if not path or not os.path.isfile(path):
+        return None
+    found = re.search(r"^dataset_path:\s*(\S+)", open(path).read(), re.MULTILINE)
+    return found.group(1) if found else None
 
 
 def _version() -> str:

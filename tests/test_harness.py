@@ -11,6 +11,7 @@ from conftest import ROOT, load_tiny, read_metrics
 
 from jaxlm import choices, cli, loglik, sharding
 from jaxlm.evaluate import load
+from jaxlm.plot import plot
 from jaxlm.train import train
 
 TASKS = str(ROOT / "jaxlm" / "tasks")
@@ -105,6 +106,10 @@ def test_in_training_accuracy_equals_the_harness(tmp_path, capsys, caplog):
         train(load_tiny(**opts), tmp_path / "run")
     (record,) = [r for r in read_metrics(tmp_path / "run") if "eval_plays_next_line_acc" in r]
     assert record["step"] == 2 and "eval_plays_next_line_acc" in caplog.text
+    assert read_metrics(tmp_path / "run")[0]["eval_plays_next_line_chance"] == 0.25
+    drawn = plot([str(tmp_path / "run")], tmp_path / "plot.png")["accuracy"]
+    assert "run eval_plays_next_line_acc" in drawn and "run eval_plays_next_line_acc_norm" in drawn
+    assert "run eval_plays_next_line_chance (baseline)" in drawn
     argv = ["eval", str(tmp_path / "run"), "--tasks", "plays_next_line", "--include-path", TASKS]
     assert cli.main(argv) == 0
     harness = json.loads(capsys.readouterr().out.splitlines()[-1])
