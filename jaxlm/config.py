@@ -104,7 +104,12 @@ class TrainConfig:
 class OptimConfig:
     lr: float = 3e-4
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio at train.steps
+    # cosine: warmup, then cosine decay over the rest; wsd: warmup, stable at lr, then decay
+    # over the last decay_fraction of the steps (decay_shape linear or 1-sqrt); constant
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -161,6 +166,9 @@ class ClipConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100
+    # also save when this many minutes have passed since the last save (0: steps only), as
+    # Levanter's 15-minute default; decided at logging steps by process 0's clock
+    every_minutes: float = 0.0
     keep: int = 3
     async_save: bool = True
     # Orbax's OCDBT layout: few large files per step, Orbax's default and the one to use on
@@ -202,6 +210,8 @@ CHOICES = {
     "model.dtype": ("bfloat16", "float32"),
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+    "optim.decay_shape": ("linear", "1-sqrt"),
 }
 
 
@@ -317,6 +327,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.document_mask=false is for the causal LM only: a {cfg.objective} model "
             "would see across padding and documents"
+        )
+    if not 0 < cfg.optim.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {cfg.optim.decay_fraction}")
+    if cfg.checkpoint.every_minutes < 0:
+        raise ConfigError(
+            f"checkpoint.every_minutes must be >= 0 (0: off), got {cfg.checkpoint.every_minutes}"
         )
     if t.eval_tasks and cfg.objective != "lm":
         raise ConfigError(

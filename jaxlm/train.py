@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
@@ -180,6 +181,26 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+class TimedSaves:
+    """checkpoint.every_minutes: a save once that long has passed since the last save (or the
+    start). Decided at logging steps, where the loop reads the metrics anyway, by process 0's
+    clock, broadcast: every process saves at the same step."""
+
+    def __init__(self, minutes: float):
+        self.seconds, self.last = 60.0 * minutes, time.monotonic()
+
+    def due(self) -> bool:
+        if not self.seconds:
+            return False
+        late = time.monotonic() - self.last >= self.seconds
+        if jax.process_count() > 1:
+            late = bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
+        return late
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
 def train(
     cfg: Config,
     workdir: str | os.PathLike,
@@ -238,6 +259,7 @@ def train(
         writer.write(start, {**baselines, "peak_flops": peak, "peak_flops_source": peak_source})
 
         preemption, profiler = Preemption(), Profile(profile, start)
+        timed = TimedSaves(cfg.checkpoint.every_minutes)
         every = sync_every()
         last: dict = {}
         timer, timed_steps = time.perf_counter(), 0
@@ -248,7 +270,9 @@ def train(
                 profiler.after(step, metrics)
                 done, timed_steps = step + 1, timed_steps + 1
                 final = done == cfg.train.steps
+                late = False
                 if done % cfg.train.log_every == 0 or final or done == start + 1:
+                    late = timed.due()
                     metrics = {k: float(v) for k, v in metrics.items() if k != "tokens"}
                     elapsed = time.perf_counter() - timer
                     per_s = timed_steps * cfg.train.batch_size * per_example / elapsed
@@ -281,9 +305,15 @@ def train(
                     last |= ev
                     timer, timed_steps = time.perf_counter(), 0
                 preempted = preemption.reached(done)
-                if done % cfg.checkpoint.every == 0 or final or preempted:
+                if done % cfg.checkpoint.every == 0 or final or preempted or late:
+                    if late:
+                        minutes = (time.monotonic() - timed.last) / 60
+                        log.info(
+                            "checkpoint at step %d: %.1f minutes since the last", done, minutes
+                        )
                     writer.sync()  # metrics up to here are stored by the time the step is
                     ckpt.save(done, state, cfg, tokenizer)
+                    timed.saved()
                 if preempted:
                     ckpt.wait()
                     log.info(

@@ -1,0 +1,79 @@
+"""Learning-rate schedules (cosine, warmup-stable-decay, constant) and time-based checkpoints."""
+
+import logging
+import shutil
+import time
+
+import numpy as np
+import pytest
+from conftest import load_tiny, losses, read_metrics
+
+from jaxlm import optim
+from jaxlm import train as train_lib
+from jaxlm.config import ConfigError, OptimConfig
+from jaxlm.train import train
+
+
+def test_schedules_follow_their_formulas():
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, decay_fraction=0.25)
+    rates = {}
+    for name, shape in (("wsd", "linear"), ("wsd", "1-sqrt"), ("constant", "linear")):
+        c = OptimConfig(**{**cfg.__dict__, "schedule": name, "decay_shape": shape})
+        rates[name, shape] = [float(optim.schedule(c, 12)(s)) for s in range(13)]
+    warm_stable = [0.0, 0.5] + [1.0] * 8  # steps 0..9; the decay is the last 3 of 12
+    np.testing.assert_allclose(rates["wsd", "linear"], warm_stable + [0.7, 0.4, 0.1], rtol=1e-6)
+    sqrt = [0.1 + 0.9 * (1 - np.sqrt(k / 3)) for k in (1, 2, 3)]
+    np.testing.assert_allclose(rates["wsd", "1-sqrt"], warm_stable + sqrt, rtol=1e-6)
+    np.testing.assert_allclose(rates["constant", "linear"], [0.0, 0.5] + [1.0] * 11)
+    # WSD's rate before the decay does not depend on the run's length; cosine's does
+    wsd = OptimConfig(**{**cfg.__dict__, "schedule": "wsd"})
+    assert [float(optim.schedule(wsd, 8)(s)) for s in range(6)] == rates["wsd", "linear"][:6]
+    assert float(optim.schedule(cfg, 8)(4)) < float(optim.schedule(cfg, 12)(4))
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        load_tiny(**{"optim.schedule": "linear"})
+    with pytest.raises(ConfigError, match="optim.decay_fraction must be in"):
+        load_tiny(**{"optim.schedule": "wsd", "optim.decay_fraction": 0})
+
+
+def test_a_wsd_run_extended_from_its_stable_phase_equals_the_longer_run(tmp_path, caplog):
+    """Checkpointed at step 4 (stable phase) of an 8-step WSD run, resumed with
+    train.steps=12: steps 5..12 are bit for bit those of a 12-step run from the start."""
+    wsd = {"optim.schedule": "wsd", "optim.decay_fraction": 0.25, "checkpoint.every": 4}
+    short = tmp_path / "short"
+    train(load_tiny(**wsd, **{"train.steps": 8}), short)
+    shutil.rmtree(short / "checkpoints" / "8")  # as if it had stopped at its step-4 save
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(load_tiny(**wsd, **{"train.steps": 12}), short)
+    assert f"resumed from {short}/checkpoints/4" in caplog.text
+    assert "the learning-rate schedule now ends at step 12 (it was made for 8)" in caplog.text
+    train(load_tiny(**wsd, **{"train.steps": 12}), tmp_path / "long")
+    extended, long = losses(short), losses(tmp_path / "long")
+    assert sorted(long) == list(range(1, 13))
+    assert [extended[s] for s in range(1, 13)] == [long[s] for s in range(1, 13)]  # bitwise
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "long") if "lr" in r}
+    assert lrs[12] < lrs[11] < lrs[10] == max(lrs.values())  # it did decay at the end
+
+
+def test_time_based_checkpoints_besides_step_based(tmp_path, monkeypatch, caplog):
+    """checkpoint.every_minutes with a slowed step: saves come by the clock (checkpoint.every
+    is far away), each logged with the minutes since the last."""
+    make = train_lib.make_train_step
+
+    def slowed(s):
+        step = make(s)
+
+        def run(state, batch):
+            time.sleep(0.5)
+            return step(state, batch)
+
+        return run
+
+    monkeypatch.setattr(train_lib, "make_train_step", slowed)
+    opts = {"train.steps": 6, "checkpoint.every": 1000, "checkpoint.keep": 10}
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(load_tiny(**opts, **{"checkpoint.every_minutes": 0.015}), tmp_path / "timed")
+    steps = sorted(int(p.name) for p in (tmp_path / "timed" / "checkpoints").iterdir())
+    assert len(steps) >= 3 and steps[-1] == 6, steps  # the final save and 2 or more by time
+    assert "minutes since the last" in caplog.text
+    train(load_tiny(**opts), tmp_path / "steps")  # every_minutes=0: the final save only
+    assert [p.name for p in (tmp_path / "steps" / "checkpoints").iterdir()] == ["6"]
