@@ -98,6 +98,8 @@ class TrainConfig:
     # causal LM: multiple-choice sets (jsonl files, or a shipped set's name: plays_next_line)
     # scored at every evaluation: eval_<name>_acc and eval_<name>_acc_norm (jaxlm.choices)
     eval_tasks: tuple[str, ...] = ()
+    # where metrics go: jsonl (metrics.jsonl), tensorboard, wandb (jaxlm.track; optional extra)
+    track: tuple[str, ...] = ("tensorboard", "jsonl")
 
 
 @dataclass(frozen=True)
@@ -327,6 +329,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.document_mask=false is for the causal LM only: a {cfg.objective} model "
             "would see across padding and documents"
+        )
+    unknown = set(t.track) - {"tensorboard", "jsonl", "wandb"}
+    if unknown:
+        raise ConfigError(
+            f"train.track: {sorted(unknown)} unknown; expected some of tensorboard, jsonl, wandb"
         )
     if not 0 < cfg.optim.decay_fraction <= 1:
         raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {cfg.optim.decay_fraction}")

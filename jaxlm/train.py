@@ -9,6 +9,7 @@ single process, Ctrl-C saves a checkpoint at a step all processes agree on and e
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from jaxlm import evaluate as evaluate_lib
-from jaxlm import sharding
+from jaxlm import sharding, track
 from jaxlm import start as start_lib
 from jaxlm.checkpoint import Checkpointer, workdir_path
 from jaxlm.config import Config
@@ -91,12 +92,20 @@ class MetricsWriter:
     A run that starts at step `start` (a resume, or a fresh start after a run that died
     before its first checkpoint) drops what was logged after that step, and the header
     record of an earlier start at that same step, so no step is recorded twice; TensorBoard
-    purges its events after `start` the same way."""
+    purges its events after `start` the same way. `track` (train.track) chooses among
+    jsonl, tensorboard and wandb (jaxlm.track, given `wandb`: a callable making the tracker)."""
 
-    def __init__(self, workdir: epath.Path, start: int = 0):
+    def __init__(
+        self,
+        workdir: epath.Path,
+        start: int = 0,
+        track: tuple[str, ...] = ("tensorboard", "jsonl"),
+        wandb=None,
+    ):
         self.enabled = jax.process_index() == 0
         self.remote = "://" in str(workdir)
-        self.workdir = workdir
+        self.workdir, self.track = workdir, track
+        self.tb = self.wandb = None
         if not self.enabled:
             return
         self.local = (
@@ -121,24 +130,32 @@ class MetricsWriter:
             self.path.write_text("".join(kept))
             if dropped:
                 log.info("metrics.jsonl: dropped %d records logged after step %d", dropped, start)
-        self.tb = SummaryWriter(str(self.local / "tensorboard"), purge_step=start + 1)
+        if "tensorboard" in track:
+            self.tb = SummaryWriter(str(self.local / "tensorboard"), purge_step=start + 1)
+        if "wandb" in track and wandb is not None:
+            self.wandb = wandb()
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if "jsonl" in self.track:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         for k, v in record.items():
-            if k != "step" and isinstance(v, float | int):
+            if self.tb and k != "step" and isinstance(v, float | int):
                 self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(step, record)
 
     def sync(self) -> None:
         if not self.enabled:
             return
-        self.tb.flush()
+        if self.tb:
+            self.tb.flush()
         if self.remote:
-            for f in [self.path, *sorted((self.local / "tensorboard").glob("*"))]:
+            files = [self.path] if self.path.exists() else []
+            for f in [*files, *sorted((self.local / "tensorboard").glob("*"))]:
                 target = self.workdir / f.relative_to(self.local)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 epath.Path(f).copy(target, overwrite=True)
@@ -146,7 +163,10 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self.sync()
-            self.tb.close()
+            if self.tb:
+                self.tb.close()
+            if self.wandb:
+                self.wandb.close()
             if self.remote:
                 shutil.rmtree(self.local, ignore_errors=True)
 
@@ -235,7 +255,8 @@ def train(
         train_step, eval_step = make_train_step(s), make_eval_step(s)
         flops_per_item = objective.flops_per_item(cfg)
         peak, peak_source = peak_flops(cfg.train.peak_flops)
-        writer = MetricsWriter(workdir, start)
+        tracker = functools.partial(track.Wandb, workdir, cfg, s.num_params())
+        writer = MetricsWriter(workdir, start, cfg.train.track, tracker)
         baselines = evaluate_lib.baselines(objective, dataset, tokenizer, eval_sets)
         log.info(
             "%s: %s parameters, mesh %s, %d processes, steps %d..%d of %d x %d %s, workdir %s",
