@@ -104,6 +104,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    # adamw; muon (optax.contrib.muon: weight matrices by Newton-Schulz, the rest by AdamW);
+    # lion; adafactor. All with the same clipping, schedule and weight-decay mask.
+    name: str = "adamw"
     lr: float = 3e-4
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio at train.steps
@@ -117,6 +120,10 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0
+    muon_beta: float = 0.95  # Muon's momentum (Nesterov)
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_adam_lr: float = 0.0  # peak rate of Muon's AdamW part (0: optim.lr)
+    lion_b2: float = 0.99  # Lion's second interpolation factor (its b1 is optim.b1)
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "optim.schedule": ("cosine", "wsd", "constant"),
+    "optim.name": ("adamw", "muon", "lion", "adafactor"),
     "optim.decay_shape": ("linear", "1-sqrt"),
 }
 

@@ -246,9 +246,9 @@ class Embed(nnx.Module):
         self.tokens = param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), std)
         learned, types = cfg.position == "learned", cfg.type_vocab_size
         self.positions = nnx.data(
-            param(rngs, (cfg.position_rows, d), (None, "embed"), std) if learned else None
+            param(rngs, (cfg.position_rows, d), ("table", "embed"), std) if learned else None
         )
-        self.types = nnx.data(param(rngs, (types, d), (None, "embed"), std) if types else None)
+        self.types = nnx.data(param(rngs, (types, d), ("table", "embed"), std) if types else None)
         self.norm = nnx.data(Norm(cfg, rngs) if cfg.embed_norm else None)
 
     def __call__(

@@ -1,15 +1,24 @@
-"""AdamW with a learning-rate schedule (warmup, then cosine, warmup-stable-decay or constant),
-global-norm clipping and a weight-decay mask."""
+"""Optimizers (AdamW, Muon, Lion, Adafactor) with a learning-rate schedule (warmup, then
+cosine, warmup-stable-decay or constant), global-norm clipping and a weight-decay mask.
+
+Muon orthogonalizes the update of each weight matrix (Newton-Schulz); which parameters are
+matrices, and which of their axes are inputs, comes from the logical axis names, not from
+array ranks (`muon_dims`)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from optax.contrib import MuonDimensionNumbers
 
 from jaxlm.config import OptimConfig
 from jaxlm.layers import EMBED, LAYERS
+
+ADAM_AXES = ("vocab", "table")  # token / position / type embeddings and the output head
 
 
 def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
@@ -23,7 +32,7 @@ def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
     rates up to the checkpoint and follows the longer cosine from it: neither run."""
     warmup = min(cfg.warmup_steps, steps)
     if cfg.schedule == "constant":
-        return lambda step: cfg.lr * jnp.minimum(1.0, (step + 0.0) / max(warmup, 1))
+        return lambda step: cfg.lr * _warm(step, warmup)
     if cfg.schedule == "wsd":
         return _wsd(cfg, steps, warmup)
     return optax.warmup_cosine_decay_schedule(
@@ -35,13 +44,20 @@ def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
     )
 
 
+def _warm(step, warmup: int):
+    """Linear warmup from 0 over `warmup` steps; none (the peak from step 0) for 0."""
+    if not warmup:
+        return jnp.ones_like(jnp.asarray(step, jnp.float32))
+    return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup)
+
+
 def _wsd(cfg: OptimConfig, steps: int, warmup: int) -> optax.Schedule:
     decay = max(1, round(cfg.decay_fraction * steps))
     start, end = steps - decay, cfg.lr * cfg.min_lr_ratio
 
     def rate(step):
         step = jnp.asarray(step, jnp.float32)
-        warm = cfg.lr * jnp.minimum(1.0, step / max(warmup, 1))
+        warm = cfg.lr * _warm(step, warmup)
         done = jnp.clip((step - start) / decay, 0.0, 1.0)
         left = 1.0 - (done if cfg.decay_shape == "linear" else jnp.sqrt(done))
         return jnp.where(step < start, warm, end + (cfg.lr - end) * left)
@@ -62,15 +78,59 @@ def decay_mask(params: nnx.State) -> nnx.State:
     return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def muon_dims(v: nnx.Variable) -> MuonDimensionNumbers | None:
+    """How Muon sees a parameter: None (it goes to AdamW) for embeddings and the output head
+    (a `vocab` or `table` axis), norms, biases and scalars (no `embed` axis, or one axis
+    besides `layers`); else a matrix whose reduction (input) axes are `embed` where `embed`
+    comes first (q/k/v [embed, heads, kv]: embed x heads*kv; an MLP's up-projection) or every
+    axis but `embed` where it does not (the output projection [heads, kv, embed]: heads*kv x
+    embed); `layers` (a scanned stack) is a batch axis: each layer its own matrix."""
+    axes = list(v.get_metadata()["axes"])
+    inner = [i for i, a in enumerate(axes) if a != LAYERS]
+    if any(a in ADAM_AXES for a in axes) or EMBED not in axes or len(inner) < 2:
+        return None
+    embed = axes.index(EMBED)
+    others = tuple(i for i in inner if i != embed)
+    if embed == inner[0]:
+        return MuonDimensionNumbers(reduction_axis=(embed,), output_axis=others)
+    return MuonDimensionNumbers(reduction_axis=others, output_axis=(embed,))
+
+
+def _muon_tree(params: nnx.State):
+    return jax.tree.map(muon_dims, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def make(cfg: OptimConfig, steps: int) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(
-            schedule(cfg, steps),
-            b1=cfg.b1,
-            b2=cfg.b2,
+    rate = schedule(cfg, steps)
+    if cfg.name == "muon":
+        # optax.contrib.muon decays its AdamW part uniformly (norms and biases too): that part
+        # (embeddings, head, norms, biases) goes without decay; every Muon matrix decays
+        adam_peak = cfg.muon_adam_lr or cfg.lr
+        adam_rate = schedule(dataclasses.replace(cfg, lr=adam_peak), steps)
+        tx = optax.contrib.muon(
+            rate,
+            ns_steps=cfg.muon_ns_steps,
+            beta=cfg.muon_beta,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            mask=decay_mask,
-        ),
-    )
+            adam_b1=cfg.b1,
+            adam_b2=cfg.b2,
+            adam_learning_rate=adam_rate,
+            muon_weight_dimension_numbers=_muon_tree,
+        )
+    elif cfg.name == "lion":
+        tx = optax.lion(
+            rate, b1=cfg.b1, b2=cfg.lion_b2, weight_decay=cfg.weight_decay, mask=decay_mask
+        )
+    elif cfg.name == "adafactor":
+        tx = optax.adafactor(
+            rate,
+            multiply_by_parameter_scale=False,  # the schedule is the step size, as for AdamW
+            weight_decay_rate=cfg.weight_decay,
+            weight_decay_mask=decay_mask,
+        )
+    else:
+        tx = optax.adamw(
+            rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+        )
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)

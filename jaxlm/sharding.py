@@ -27,6 +27,7 @@ RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("table", None),  # rows of a lookup table other than the vocabulary: positions, token types
     ("norm", None),
     ("act_embed", None),  # activations keep the model dimension whole
 )

@@ -72,7 +72,12 @@ def build(cfg: Config, mesh: Mesh) -> Setup:
 
     def sharding(x: Any) -> Any:
         if _is_variable(x):  # parameters and their optimizer moments carry logical axes
-            spec = logical_spec(x.get_metadata()["axes"], x.shape, mesh)
+            shape, axes = getattr(x.get_value(), "shape", None), x.get_metadata()["axes"]
+            if shape is None:  # no array: a moment Muon keeps for other parameters only
+                return x
+            # a moment of another shape (Adafactor's factored rows and columns) is small:
+            # replicated
+            spec = logical_spec(axes, shape, mesh) if len(shape) == len(axes) else PartitionSpec()
             return x.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
 

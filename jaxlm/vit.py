@@ -46,7 +46,7 @@ class ImageTower(nnx.Module):
         self.patch_bias = param(rngs, (v.d_model,), ("norm",), "zeros")
         has_cls = v.pool == "cls"
         self.cls = nnx.data(param(rngs, (v.d_model,), ("norm",), tc.init_std) if has_cls else None)
-        self.positions = param(rngs, (tc.seq_len, v.d_model), (None, "embed"), tc.init_std)
+        self.positions = param(rngs, (tc.seq_len, v.d_model), ("table", "embed"), tc.init_std)
         self.transformer = Transformer(tc, rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:

@@ -25,6 +25,10 @@ def test_schedules_follow_their_formulas():
     sqrt = [0.1 + 0.9 * (1 - np.sqrt(k / 3)) for k in (1, 2, 3)]
     np.testing.assert_allclose(rates["wsd", "1-sqrt"], warm_stable + sqrt, rtol=1e-6)
     np.testing.assert_allclose(rates["constant", "linear"], [0.0, 0.5] + [1.0] * 11)
+    no_warmup = OptimConfig(**{**cfg.__dict__, "warmup_steps": 0})
+    for name in ("cosine", "wsd", "constant"):  # the peak from the first step
+        c = OptimConfig(**{**no_warmup.__dict__, "schedule": name})
+        assert float(optim.schedule(c, 12)(0)) == pytest.approx(1.0)
     # WSD's rate before the decay does not depend on the run's length; cosine's does
     wsd = OptimConfig(**{**cfg.__dict__, "schedule": "wsd"})
     assert [float(optim.schedule(wsd, 8)(s)) for s in range(6)] == rates["wsd", "linear"][:6]

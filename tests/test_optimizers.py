@@ -1,0 +1,136 @@
+"""Muon, Lion and Adafactor beside AdamW: which parameters Muon orthogonalizes (from logical
+axes), its update against a direct NumPy Newton-Schulz, exact resumes with each optimizer."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_tiny, losses
+from flax import nnx
+
+from jaxlm import config, optim, sharding
+from jaxlm.config import OptimConfig
+from jaxlm.step import build
+from jaxlm.train import train
+
+BLOCK = {  # the shared stack's matrices, [layers, ...]: (reduction axes, output axes)
+    "attn.wq": ((1,), (2, 3)),  # [embed, heads, kv]: embed x heads*kv
+    "attn.wk": ((1,), (2, 3)),
+    "attn.wv": ((1,), (2, 3)),
+    "attn.wo": ((1, 2), (3,)),  # [heads, kv, embed]: heads*kv x embed
+    "mlp.wi": ((1,), (2,)),
+    "mlp.wo": ((1,), (2,)),  # [mlp, embed]
+}
+MUON = {  # every other parameter goes to AdamW
+    "gpt2_124m": {f"transformer.blocks.{k}": v for k, v in BLOCK.items()},
+    "llama_160m": {
+        **{f"transformer.blocks.{k}": v for k, v in BLOCK.items()},
+        "transformer.blocks.mlp.wg": ((1,), (2,)),
+    },
+    "bert_base": {
+        **{f"transformer.blocks.{k}": v for k, v in BLOCK.items()},
+        "head_dense": ((0,), (1,)),  # the prediction transform [embed, embed]
+    },
+    "vit_b16": {
+        **{f"image.transformer.blocks.{k}": v for k, v in BLOCK.items()},
+        **{f"text.blocks.{k}": v for k, v in BLOCK.items()},
+        "image.patch_embed": ((0,), (1,)),  # [pixels, embed]
+        "image_proj": ((0,), (1,)),
+        "text_proj": ((0,), (1,)),
+    },
+}
+ADAM_EXAMPLES = {  # embeddings, head, norms, biases, the temperature
+    "gpt2_124m": ["embed.tokens", "embed.positions", "transformer.final_norm.scale"],
+    "llama_160m": ["embed.tokens", "head", "transformer.blocks.attn_norm.scale"],
+    "bert_base": ["embed.types", "out_bias", "transformer.blocks.attn.bq"],
+    "vit_b16": ["log_scale", "bias", "image.positions", "text_embed.tokens", "image.cls"],
+}
+
+
+def _dims(file: str, name: str) -> dict[str, tuple | None]:
+    cfg = config.load(f"configs/{file}.py:{name}", [])
+    params = build(cfg, sharding.make_mesh(config.MeshConfig(8, 1, 1))).abstract["params"]
+    flat = jax.tree_util.tree_leaves_with_path(
+        params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    out = {}
+    for path, v in flat:
+        d = optim.muon_dims(v)
+        key = ".".join(str(getattr(p, "key", p)) for p in path)
+        out[key] = None if d is None else (tuple(d.reduction_axis), tuple(d.output_axis))
+    return out
+
+
+@pytest.mark.parametrize(
+    "file,name",
+    [("gpt", "gpt2_124m"), ("gpt", "llama_160m"), ("bert", "bert_base"), ("clip", "vit_b16")],
+)
+def test_muon_dimension_numbers_of_every_parameter(file, name):
+    dims = _dims(file, name)
+    assert {k: v for k, v in dims.items() if v is not None} == MUON[name]
+    assert all(dims[k] is None for k in ADAM_EXAMPLES[name])
+
+
+def _newton_schulz(g: np.ndarray, steps: int = 5) -> np.ndarray:
+    """Muon's quintic Newton-Schulz (Keller Jordan's coefficients), in float64."""
+    a, b, c = 3.4445, -4.775, 2.0315
+    x = g / (np.linalg.norm(g) + 1e-8)
+    flip = x.shape[0] > x.shape[1]
+    x = x.T if flip else x
+    for _ in range(steps):
+        m = x @ x.T
+        x = a * x + (b * m + c * m @ m) @ x
+    return x.T if flip else x
+
+
+def test_muon_update_equals_numpy_newton_schulz():
+    """One step on a q projection [embed, heads, kv], an output projection [heads, kv, embed]
+    and a stack of 3 MLP matrices [layers, embed, mlp]: each (each layer) flattened to its
+    matrix as the axes say, orthogonalized, scaled by sqrt(max(1, fan_out / fan_in)), times
+    -lr. A norm scale beside them takes (Nesterov) AdamW's first step, a multiple of -lr *
+    sign(g)."""
+    rng = np.random.default_rng(0)
+    shapes = {
+        "wq": ((6, 2, 5), ("embed", "heads", "kv")),
+        "wo": ((2, 5, 6), ("heads", "kv", "embed")),
+        "wi": ((3, 6, 4), ("layers", "embed", "mlp")),
+        "scale": ((6,), ("norm",)),
+    }
+    params = nnx.State({k: nnx.Param(jnp.zeros(s), axes=a) for k, (s, a) in shapes.items()})
+    grads = nnx.State(
+        {
+            k: nnx.Param(jnp.asarray(rng.standard_normal(s), jnp.float32), axes=a)
+            for k, (s, a) in shapes.items()
+        }
+    )
+    lr = 0.1
+    cfg = OptimConfig(name="muon", lr=lr, warmup_steps=0, schedule="constant", clip_norm=1e9)
+    tx = optim.make(cfg, 10)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    g = {k: np.asarray(v[...], np.float64) for k, v in grads.items()}
+    got = {k: np.asarray(v[...]) for k, v in updates.items()}
+
+    want_q = _newton_schulz(g["wq"].reshape(6, 10)).reshape(6, 2, 5) * np.sqrt(10 / 6)
+    np.testing.assert_allclose(got["wq"], -lr * want_q, rtol=2e-3, atol=2e-5)
+    want_o = _newton_schulz(g["wo"].reshape(10, 6)).reshape(2, 5, 6)
+    np.testing.assert_allclose(got["wo"], -lr * want_o, rtol=2e-3, atol=2e-5)
+    want_i = np.stack([_newton_schulz(m) for m in g["wi"]])  # 6 x 4: fan_out < fan_in
+    np.testing.assert_allclose(got["wi"], -lr * want_i, rtol=2e-3, atol=2e-5)
+    nesterov = 1 + 0.9 / 1.9  # optax.contrib.muon's AdamW is Nesterov's: m-hat on step 1
+    np.testing.assert_allclose(got["scale"], -lr * nesterov * np.sign(g["scale"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["muon", "lion", "adafactor"])
+def test_each_optimizer_resumes_exactly(tmp_path, name):
+    """Killed after its step-2 checkpoint (the step-4 one removed), the rerun's steps 3-4 are
+    bit for bit the uninterrupted run's; and the optimizer is not AdamW in disguise."""
+    opts = {"optim.name": name, "checkpoint.every": 2}
+    train(load_tiny(**opts), tmp_path / "run")
+    straight = losses(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
+    train(load_tiny(**opts), tmp_path / "run")
+    assert losses(tmp_path / "run") == straight
+    train(load_tiny(**{"checkpoint.every": 2}), tmp_path / "adamw")
+    assert losses(tmp_path / "adamw")[4] != straight[4]
