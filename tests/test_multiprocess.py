@@ -28,6 +28,9 @@ to_global, calls = sharding.to_global, []
 rows_seen = set()
 def to_global_with_signal(batch, mesh):
     calls.append(1)
+    if os.environ.get("SLOW_STEP"):  # seconds added to every batch (time-based checkpoints)
+        import time
+        time.sleep(float(os.environ["SLOW_STEP"]))
     if len(calls) == int(os.environ.get("SIGNAL_AT", 0)) and os.environ["JAX_PROCESS_ID"] == (
         os.environ.get("SIGNAL_PROCESS", "0")
     ):
@@ -191,3 +194,26 @@ def test_one_tokenizer_for_all_processes(tmp_path):
     assert out.count("returned normally") == 2
     saved = tokenizer.load(tmp_path / "run" / tokenizer.JAXLM_TOKENIZER)
     assert tokenizer.fingerprint(saved) == found[0]
+
+
+def test_time_based_checkpoints_are_the_same_step_on_every_process(tmp_path, prepared):
+    """checkpoint.every_minutes on 2 processes whose clocks differ: process 0's decision is
+    broadcast, so both save the same steps (a step saved by one process alone would hang
+    Orbax's collective save); several saves come by the clock."""
+    opts = {"data.files": prepared, "train.steps": 6, "checkpoint.every": 1000}
+    opts |= {"checkpoint.every_minutes": 0.01, "checkpoint.keep": 10}
+    results = launch(tmp_path / "run", 2, env={"SLOW_STEP": "0.4"}, **opts)
+    out = _ok(results)
+    assert out.count("returned normally") == 2
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert len(steps) >= 3 and steps[-1] == 6, steps
+    saved = [
+        [
+            int(x.split("checkpoint at step ")[1].split(":")[0])
+            for x in o.splitlines()
+            if "checkpoint at step " in x
+        ]
+        for _, o, _ in results
+    ]
+    assert saved[0] == saved[1] and len(saved[0]) >= 2, saved  # by the clock, on both
+    assert set(saved[0]) <= set(steps)
