@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from optax.contrib import MuonDimensionNumbers
 
+from jaxlm import muon
 from jaxlm.config import OptimConfig
 from jaxlm.layers import EMBED, LAYERS
 
@@ -96,28 +98,36 @@ def muon_dims(v: nnx.Variable) -> MuonDimensionNumbers | None:
     return MuonDimensionNumbers(reduction_axis=others, output_axis=(embed,))
 
 
-def _muon_tree(params: nnx.State):
-    return jax.tree.map(muon_dims, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def _muon(cfg: OptimConfig, steps: int, rate: optax.Schedule, mesh: Mesh | None):
+    """Muon for the matrices, AdamW for the rest, as `optax.contrib.muon` composes them; the
+    AdamW part (embeddings, head, norms, biases) without weight decay (optax's decays that
+    whole part alike, norms and biases too), every Muon matrix with it."""
+    adam_rate = schedule(dataclasses.replace(cfg, lr=cfg.muon_adam_lr or cfg.lr), steps)
+
+    def labels(params: nnx.State):
+        return jax.tree.map(
+            lambda v: "adam" if muon_dims(v) is None else "muon",
+            params,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+
+    matrices = optax.chain(
+        muon.scale_by_muon(muon_dims, cfg.muon_beta, cfg.muon_ns_steps, cfg.eps, mesh),
+        optax.add_decayed_weights(cfg.weight_decay),
+        optax.scale_by_learning_rate(rate),
+    )
+    rest = optax.adamw(
+        adam_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.0, nesterov=True
+    )
+    return optax.transforms.partition({"muon": matrices, "adam": rest}, labels)
 
 
-def make(cfg: OptimConfig, steps: int) -> optax.GradientTransformation:
+def make(cfg: OptimConfig, steps: int, mesh: Mesh | None = None) -> optax.GradientTransformation:
+    """The optimizer of `cfg` for a run of `steps` steps. With the mesh, Muon's Newton-Schulz
+    runs on each matrix in its own shards (jaxlm/muon.py)."""
     rate = schedule(cfg, steps)
     if cfg.name == "muon":
-        # optax.contrib.muon decays its AdamW part uniformly (norms and biases too): that part
-        # (embeddings, head, norms, biases) goes without decay; every Muon matrix decays
-        adam_peak = cfg.muon_adam_lr or cfg.lr
-        adam_rate = schedule(dataclasses.replace(cfg, lr=adam_peak), steps)
-        tx = optax.contrib.muon(
-            rate,
-            ns_steps=cfg.muon_ns_steps,
-            beta=cfg.muon_beta,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            adam_b1=cfg.b1,
-            adam_b2=cfg.b2,
-            adam_learning_rate=adam_rate,
-            muon_weight_dimension_numbers=_muon_tree,
-        )
+        tx = _muon(cfg, steps, rate, mesh)
     elif cfg.name == "lion":
         tx = optax.lion(
             rate, b1=cfg.b1, b2=cfg.lion_b2, weight_decay=cfg.weight_decay, mask=decay_mask

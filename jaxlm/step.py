@@ -65,7 +65,7 @@ class Setup:
 
 def build(cfg: Config, mesh: Mesh) -> Setup:
     objective = OBJECTIVES[cfg.objective]
-    tx = optim.make(cfg.optim, cfg.train.steps)
+    tx = optim.make(cfg.optim, cfg.train.steps, mesh)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.make_model(cfg, nnx.Rngs(0))))
     setup = Setup(cfg, mesh, objective, graphdef, tx, None, None)
     shapes = jax.eval_shape(setup._init_fn, jax.random.key(0))

@@ -1,16 +1,21 @@
 """Muon, Lion and Adafactor beside AdamW: which parameters Muon orthogonalizes (from logical
-axes), its update against a direct NumPy Newton-Schulz, exact resumes with each optimizer."""
+axes), its update against a direct NumPy Newton-Schulz and against optax.contrib.muon, what
+its compiled step moves between devices, exact resumes with each optimizer."""
 
+import collections
+import math
+import re
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import load_tiny, losses
 from flax import nnx
 
-from jaxlm import config, optim, sharding
+from jaxlm import config, optim, plan, sharding
 from jaxlm.config import OptimConfig
 from jaxlm.step import build
 from jaxlm.train import train
@@ -120,6 +125,97 @@ def test_muon_update_equals_numpy_newton_schulz():
     np.testing.assert_allclose(got["wi"], -lr * want_i, rtol=2e-3, atol=2e-5)
     nesterov = 1 + 0.9 / 1.9  # optax.contrib.muon's AdamW is Nesterov's: m-hat on step 1
     np.testing.assert_allclose(got["scale"], -lr * nesterov * np.sign(g["scale"]), rtol=1e-5)
+
+
+def test_muon_equals_optax_contrib_muon_over_steps():
+    """Three steps of jaxlm's Muon (its own Newton-Schulz, no mesh) against optax.contrib.muon
+    with the same dimension numbers: momentum, Nesterov, bias correction, shape scaling and
+    the AdamW part agree."""
+    rng = np.random.default_rng(1)
+    shapes = {
+        "wq": ((8, 2, 3), ("embed", "heads", "kv")),
+        "wo": ((2, 3, 8), ("heads", "kv", "embed")),
+        "wi": ((2, 8, 12), ("layers", "embed", "mlp")),
+        "bias": ((2, 3), ("heads", "kv")),
+    }
+    params = nnx.State(
+        {
+            k: nnx.Param(jnp.asarray(rng.standard_normal(s), jnp.float32), axes=a)
+            for k, (s, a) in shapes.items()
+        }
+    )
+    cfg = OptimConfig(name="muon", lr=0.05, warmup_steps=0, schedule="constant", clip_norm=1e9)
+    ours = optim.make(cfg, 10)
+    theirs = optax.contrib.muon(
+        0.05,
+        beta=cfg.muon_beta,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        adam_b1=cfg.b1,
+        adam_b2=cfg.b2,
+        muon_weight_dimension_numbers=lambda p: jax.tree.map(
+            optim.muon_dims, p, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        ),
+    )
+    states = [ours.init(params), theirs.init(params)]
+    for step in range(3):
+        grads = jax.tree.map(
+            lambda x: x * 0 + rng.standard_normal(x.shape).astype(np.float32), params
+        )
+        u1, states[0] = jax.jit(ours.update)(grads, states[0], params)
+        u2, states[1] = jax.jit(theirs.update)(grads, states[1], params)
+        for k in shapes:
+            np.testing.assert_allclose(
+                u1[k][...], u2[k][...], rtol=1e-4, atol=1e-7, err_msg=f"{k} {step}"
+            )
+
+
+def _collectives(hlo: str) -> collections.Counter:
+    """(op, shape) -> count over a compiled HLO module, tuple-shaped (combined) ones split."""
+    out = collections.Counter()
+    ops = "all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter"
+    for m in re.finditer(rf"= (\([^=]*?\)|\S+) ({ops})(?:-start)?\(", hlo):
+        for shape in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", m.group(1)):
+            out[m.group(2), tuple(int(d) for d in shape.split(",") if d)] += 1
+    return out
+
+
+def test_muon_keeps_sharded_matrices_sharded():
+    """The compiled train step on a 2 x 2 x 2 (data, fsdp, tensor) mesh: Muon's step has no
+    all-gather beyond AdamW's (the per-layer weight gathers of the forward pass); what it adds
+    are all-reduces of the Gram matrices X X^T ([layers, m, m], m the short side) and of
+    norms, and layout moves of at most one shard of a matrix. optax.contrib.muon's own
+    iteration (the compiler's layout) all-gathers parts of the matrices instead."""
+    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    hlo = {
+        name: _collectives(
+            plan.compile_train_step(load_tiny(**mesh, **{"optim.name": name}), jax.devices())[
+                1
+            ].as_text()
+        )
+        for name in ("adamw", "muon")
+    }
+    added = hlo["muon"] - hlo["adamw"]
+    assert added, "Muon's step moves nothing AdamW's does not: no Newton-Schulz?"
+    assert not [k for k in added if k[0] in ("all-gather", "reduce-scatter")], added
+
+    s = build(
+        load_tiny(**mesh, **{"optim.name": "muon"}), sharding.make_mesh(config.MeshConfig(2, 2, 2))
+    )
+    grams, shard = set(), 0
+    for v in jax.tree.leaves(s.abstract["params"], is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        d = optim.muon_dims(v)
+        if d is None:
+            continue
+        x = v.get_value()
+        sides = [math.prod(x.shape[i] for i in ax) for ax in (d.reduction_axis, d.output_axis)]
+        grams.add((x.shape[0], min(sides), min(sides)))  # a stack: [layers, m, m]
+        shard = max(shard, math.prod(x.sharding.shard_shape(x.shape)))
+    reduces = {shape for (op, shape) in added if op == "all-reduce"}
+    assert reduces & grams, (reduces, grams)
+    assert all(s in grams or len(s) <= 1 for s in reduces), (reduces, grams)
+    moves = [shape for (op, shape) in added if op in ("collective-permute", "all-to-all")]
+    assert all(math.prod(s) <= shard for s in moves), (moves, shard)
 
 
 @pytest.mark.parametrize("name", ["muon", "lion", "adafactor"])
