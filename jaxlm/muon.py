@@ -1,18 +1,23 @@
 """Muon whose Newton-Schulz keeps sharded matrices sharded.
 
-`optax.contrib.muon` leaves the layout of its Newton-Schulz iteration to the compiler, which
-on a (data, fsdp, tensor) mesh all-gathers parts of each matrix inside the iteration. Here
-the iteration runs on an explicit layout instead. A weight is viewed as a matrix X of m x n,
-m <= n (the smaller side first; a scanned stack is a batch of them), and each iteration is
+`optax.contrib.muon` leaves the layout of its Newton-Schulz iteration to the compiler. On a
+(data, fsdp, tensor) mesh that gathers parts of each matrix inside the iteration, and on a pod
+(llama_7b, fsdp 64) the compiler cannot move a q/k/v projection from embed-split to
+heads-split and replicates it whole ("involuntary full rematerialization"). Here the layout is
+explicit (`shard_map`). A weight is a matrix X of m x n with m <= n (a scanned stack: a batch
+of them), and each iteration is
 
-    A = X X^T                 (m x m: the Gram matrix)
-    X = a X + (b A + c A A) X
+    A = X X^T                                 (m x m: the Gram matrix)
+    X = a X + b (A X) + c (A (A X))           (= a X + (b A + c A A) X, optax's form)
 
-With X split along its long side n over the mesh axes the parameter already uses, X X^T is a
-sum of per-device products: each device computes its part and one all-reduce of m x m
-(batch x m x m for a stack) sums them; the rest is local. That Gram matrix, whole on every
-device of the parameter's group, is what Newton-Schulz needs: never X itself. Moving X
-into that layout and back is an all-to-all between shards of the same size.
+X is split along its long side n over every mesh axis that splits the parameter (an axis
+that split the short side moves over, one all-to-all of a shard's size). Then X X^T is a sum
+of per-device products, summed by one all-reduce of m x m; A X and A (A X) are local. That
+Gram matrix, whole on each device of the parameter's group, is what Newton-Schulz needs:
+never X itself. Written as A (A X) rather than (A A) X, no m^3 product is repeated on every
+device: each device does 6 m^2 n / (devices splitting X) multiply-adds per iteration. The
+stack's layers go one at a time (`lax.map`), so one m x m Gram matrix is live, not
+layers x m x m.
 
 The rest is `optax.contrib.muon`'s: Nesterov momentum with bias correction, Keller Jordan's
 quintic coefficients, Frobenius normalisation, the update scaled by sqrt(max(1, fan_out /
@@ -27,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 from optax.contrib import MuonDimensionNumbers
 
 from jaxlm.sharding import logical_spec
@@ -44,17 +49,21 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def long_side_axes(v: nnx.Variable, mesh: Mesh | None, n: int) -> tuple[str, ...]:
-    """The mesh axes (of size > 1) that split the parameter, as many of them as divide the
-    matrix's long side n: those that split it along that side then."""
-    if mesh is None:
-        return ()
-    spec = logical_spec(v.get_metadata()["axes"], v.get_value().shape, mesh)
-    used = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
-    axes = tuple(a for a in used if mesh.shape[a] > 1)
-    while axes and n % math.prod(mesh.shape[a] for a in axes):
-        axes = axes[:-1]
-    return axes
+def _mesh_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def newton_schulz(x: jax.Array, steps: int, eps: float, axes: tuple[str, ...] = ()) -> jax.Array:
+    """Orthogonalize one m x n matrix (m <= n) whose columns are split over mesh `axes` (inside
+    shard_map; none: the whole matrix here)."""
+    total = (lambda y: jax.lax.psum(y, axes)) if axes else (lambda y: y)
+    x = x / (jnp.sqrt(total(jnp.sum(jnp.square(x)))) + eps)
+    a, b, c = NS_COEFFS
+    for _ in range(steps):
+        gram = total(x @ x.T)
+        ax = gram @ x
+        x = a * x + b * ax + c * (gram @ ax)
+    return x
 
 
 def orthogonalize(
@@ -63,44 +72,55 @@ def orthogonalize(
     steps: int,
     eps: float,
     mesh: Mesh | None = None,
-    axes: tuple[str, ...] = (),
+    spec: PartitionSpec | None = None,
 ) -> jax.Array:
-    """Newton-Schulz on each matrix of x as `dims` reads it, split along its long side over
-    `axes` of `mesh` (no constraint without a mesh or axes: the parameter is not split)."""
+    """Newton-Schulz on each matrix of x as `dims` reads it. With a mesh and x's partition spec
+    the work stays in x's shards (module docstring); without, x is one array here."""
     red, out = tuple(dims.reduction_axis), tuple(dims.output_axis)
     batch = tuple(i for i in range(x.ndim) if i not in red + out)
     order = batch + red + out
-    shape = [x.shape[i] for i in order]
-    size = lambda ix: math.prod(x.shape[i] for i in ix)  # noqa: E731
-    mat = x.transpose(order).reshape(size(batch), size(red), size(out))
-    flip = mat.shape[1] > mat.shape[2]
-    if flip:
-        mat = mat.swapaxes(1, 2)
-
-    def split(y: jax.Array) -> jax.Array:
-        if mesh is None or not axes:
-            return y
-        return jax.lax.with_sharding_constraint(
-            y, NamedSharding(mesh, PartitionSpec(None, None, axes))
-        )
-
-    def whole(y: jax.Array) -> jax.Array:
-        if mesh is None or not axes:
-            return y
-        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, PartitionSpec()))
-
-    mat = split(mat)
-    norm = jnp.sqrt(jnp.sum(jnp.square(mat), axis=(1, 2), keepdims=True))
-    mat = mat / (norm + eps)
-    a, b, c = NS_COEFFS
-    for _ in range(steps):
-        gram = whole(jnp.einsum("bmn,bkn->bmk", mat, mat))
-        poly = b * gram + c * jnp.einsum("bmk,bkl->bml", gram, gram)
-        mat = split(a * mat + jnp.einsum("bmk,bkn->bmn", poly, mat))
-    if flip:
-        mat = mat.swapaxes(1, 2)
     inverse = sorted(range(x.ndim), key=order.__getitem__)
-    return mat.reshape(shape).transpose(inverse)
+    flip = math.prod(x.shape[i] for i in red) > math.prod(x.shape[i] for i in out)
+    spec = PartitionSpec(*([None] * x.ndim)) if spec is None else spec
+    entries = tuple(spec) + (None,) * (x.ndim - len(spec))
+    used = lambda dims: tuple(a for i in dims for a in _mesh_axes(entries[i]))  # noqa: E731
+    short_axes, long_axes = (used(out), used(red)) if flip else (used(red), used(out))
+    if mesh is not None:
+        short_axes = tuple(a for a in short_axes if mesh.shape[a] > 1)
+        long_axes = tuple(a for a in long_axes if mesh.shape[a] > 1)
+
+    def local(block: jax.Array) -> jax.Array:
+        shape = [block.shape[i] for i in order]
+        sizes = [
+            math.prod(shape[: len(batch)]),
+            math.prod(shape[len(batch) : len(batch) + len(red)]),
+        ]
+        mat = block.transpose(order).reshape(sizes[0], sizes[1], -1)
+        mat = mat.swapaxes(1, 2) if flip else mat
+        # Move each axis that splits the short side onto the long side (all-to-all); where
+        # the long side's shard does not divide, gather the short side over it instead.
+        moves = []
+        for a in short_axes:
+            if mat.shape[2] % mesh.shape[a] == 0:
+                mat = jax.lax.all_to_all(mat, a, split_axis=2, concat_axis=1, tiled=True)
+                moves.append((a, True))
+            else:
+                mat = jax.lax.all_gather(mat, a, axis=1, tiled=True)
+                moves.append((a, False))
+        split = long_axes + tuple(a for a, moved in moves if moved)
+        mat = jax.lax.map(lambda m: newton_schulz(m, steps, eps, split), mat)
+        for a, moved in reversed(moves):
+            if moved:
+                mat = jax.lax.all_to_all(mat, a, split_axis=1, concat_axis=2, tiled=True)
+            else:
+                rows = mat.shape[1] // mesh.shape[a]
+                mat = jax.lax.dynamic_slice_in_dim(mat, jax.lax.axis_index(a) * rows, rows, 1)
+        mat = mat.swapaxes(1, 2) if flip else mat
+        return mat.reshape(shape).transpose(inverse)
+
+    if mesh is None or not short_axes + long_axes:
+        return local(x)
+    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(x)
 
 
 def _shape_scale(x: jax.Array, dims: MuonDimensionNumbers) -> float:
@@ -131,11 +151,8 @@ def scale_by_muon(
 
         def one(v: nnx.Variable) -> nnx.Variable:
             x, dims = v.get_value(), dims_of(v)
-            n = max(
-                math.prod(x.shape[i] for i in dims.reduction_axis),
-                math.prod(x.shape[i] for i in dims.output_axis),
-            )
-            ortho = orthogonalize(x, dims, steps, eps, mesh, long_side_axes(v, mesh, n))
+            spec = None if mesh is None else logical_spec(v.get_metadata()["axes"], x.shape, mesh)
+            ortho = orthogonalize(x, dims, steps, eps, mesh, spec)
             return v.replace(ortho * _shape_scale(x, dims))
 
         updates = jax.tree.map(one, mu_hat, is_leaf=_is_variable)

@@ -10,11 +10,13 @@ shardings, donation, loss), for N devices, and XLA's own memory and cost analyse
 Per device: `state_bytes_per_device` (parameters + optimizer state, from the shardings),
 `temp_bytes_per_device` (XLA's temporaries), `peak_bytes_per_device` (XLA's own peak where the
 backend reports one; on CPU, which does not, arguments + outputs - donated + temporaries: all
-live at once, an upper bound).
+live at once, an upper bound). `collectives`: per kind, the compiled step's instructions and
+its largest result (what moves between devices, and the most one device receives at once).
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import re
@@ -122,6 +124,7 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
         "peak_bytes_per_device": peak,
         "peak_source": peak_source,
         "compiled_flops_per_device": _compiled_flops(compiled),
+        "collectives": collectives(compiled.as_text()),
         "fits": None if limit is None else peak <= limit,
     }
 
@@ -154,6 +157,35 @@ def compile_step(s):
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_batch) for k, v in batch.items()}
     with jax.set_mesh(mesh):
         return make_train_step(s).lower(s.abstract, batch).compile()
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4}
+_BYTES |= {"s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def collective_shapes(hlo: str) -> collections.Counter:
+    """(op, dtype, shape) -> how many instructions of a compiled HLO module make that result;
+    a combined (tuple-shaped) collective counts once per element. Static counts: an
+    instruction inside a loop (the layers of a scanned stack) counts once."""
+    out = collections.Counter()
+    ops = "|".join(COLLECTIVES)
+    for m in re.finditer(rf"= (\(.*?\)|\S+) ({ops})(?:-start)?\(", hlo):
+        for dtype, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", m.group(1)):
+            out[m.group(2), dtype, tuple(int(d) for d in dims.split(",") if d)] += 1
+    return out
+
+
+def collectives(hlo: str) -> dict:
+    """Per collective kind: instructions and the largest result in bytes. The largest
+    all-gather says what the step puts whole on one device (a layer's weights under fsdp)."""
+    out = {}
+    for (op, dtype, shape), n in collective_shapes(hlo).items():
+        size = math.prod(shape) * _BYTES.get(dtype, 4)
+        entry = out.setdefault(op, {"ops": 0, "largest_bytes": 0})
+        entry["ops"] += n
+        entry["largest_bytes"] = max(entry["largest_bytes"], size)
+    return dict(sorted(out.items()))
 
 
 def _compiled_flops(compiled) -> float | None:

@@ -41,6 +41,9 @@ def test_plan_llama_7b_on_64_devices():
     assert plan["peak_bytes_per_device"] > plan["state_bytes_per_device"]
     assert plan["device_memory_bytes"] == 141 * 10**9 and isinstance(plan["fits"], bool)
     assert plan["flops_per_step"] > 6 * plan["params"] * 256 * 4096
+    # fsdp gathers one weight at a time, never a stack of 32 layers: the largest is the
+    # 32000 x 4096 embedding / head table
+    assert plan["collectives"]["all-gather"]["largest_bytes"] == 32000 * 4096 * 4, plan
 
 
 def test_chunked_loss_never_holds_the_full_logits():
