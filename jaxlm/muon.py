@@ -83,7 +83,7 @@ def orthogonalize(
     flip = math.prod(x.shape[i] for i in red) > math.prod(x.shape[i] for i in out)
     spec = PartitionSpec(*([None] * x.ndim)) if spec is None else spec
     entries = tuple(spec) + (None,) * (x.ndim - len(spec))
-    used = lambda dims: tuple(a for i in dims for a in _mesh_axes(entries[i]))  # noqa: E731
+    used = lambda ix: tuple(a for i in ix for a in _mesh_axes(entries[i]))  # noqa: E731
     short_axes, long_axes = (used(out), used(red)) if flip else (used(red), used(out))
     if mesh is not None:
         short_axes = tuple(a for a in short_axes if mesh.shape[a] > 1)
