@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -156,8 +157,14 @@ def generate(
     return results
 
 
+@dataclasses.dataclass
+class _Decoder:
+    run: Any  # jit(decode_ids) for one model and one set of decoding settings
+    shapes: set = dataclasses.field(default_factory=set)  # prompt shapes compiled so far
+
+
 @functools.lru_cache(maxsize=16)
-def _decoder(graphdef, mesh, max_new_tokens, cache_length, eos, sampling, vocab_size):
+def _decoder(graphdef, mesh, max_new_tokens, cache_length, eos, sampling, vocab_size) -> _Decoder:
     """The jitted decoding of one model and one set of decoding settings, kept so that the
     batches of an evaluation reuse it (each new prompt shape compiles once). Its outputs are
     whole on every process: under jax.distributed each reads them back."""
@@ -177,7 +184,7 @@ def _decoder(graphdef, mesh, max_new_tokens, cache_length, eos, sampling, vocab_
             vocab_size=vocab_size,
         )
 
-    return run
+    return _Decoder(run)
 
 
 def generate_ids(
@@ -201,19 +208,22 @@ def generate_ids(
     for i, ids in enumerate(encoded):
         padded[i, : len(ids)] = ids
     cache_length = min(cfg.model.seq_len, width + max_new_tokens)
-    run = _decoder(
+    decoder = _decoder(
         s.graphdef, s.mesh, max_new_tokens, cache_length, tok.eos_id, sampling, tok.vocab_size
     )
+    compiling = padded.shape not in decoder.shapes
+    decoder.shapes.add(padded.shape)
     with jax.set_mesh(s.mesh):
         start = time.perf_counter()
-        tokens, counts, _ = run(loaded.params, padded, lengths, jax.random.key(seed))
+        tokens, counts, _ = decoder.run(loaded.params, padded, lengths, jax.random.key(seed))
         tokens, counts = np.asarray(tokens)[:n], np.asarray(counts)[:n]
     seconds = time.perf_counter() - start
     log.info(
-        "%d prompts: %d tokens in %.2f s, %.1f tokens/s (a new prompt shape: compiling too)",
+        "%d prompts: %d tokens in %.2f s, %.1f tokens/s%s",
         n,
         int(counts.sum()),
         seconds,
         counts.sum() / seconds,
+        f" (compiling for {padded.shape} included)" if compiling else "",
     )
     return [[int(i) for i in row[:c]] for row, c in zip(tokens, counts, strict=True)]
