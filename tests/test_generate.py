@@ -122,6 +122,13 @@ def test_generate_command_on_a_trained_checkpoint(tiny_lm, tmp_path, capsys):
     loaded = load(tiny_lm)
     want = generate(loaded, ["ROMEO:", "KING HENRY:", "To be"], max_new_tokens=6)
     assert lines == want
+    # the same prompts again reuse the jitted decoder: nothing is traced and lowered anew
+    lowered = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: lowered.append(event) if "jaxpr_to_mlir" in event else None
+    )
+    assert generate(loaded, ["ROMEO:", "KING HENRY:", "To be"], max_new_tokens=6) == want
+    assert not lowered, lowered
     for r in lines:
         assert len(r["tokens"]) <= 6 and loaded.tokenizer.eos_id not in r["tokens"]
         assert r["completion"] == loaded.tokenizer.decode(r["tokens"])
