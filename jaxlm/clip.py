@@ -86,9 +86,10 @@ def loss_fn(model: Model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]
     del rng
     img = model.embed_images(batch["images"])
     txt = model.embed_texts(batch["text"], batch["text_segments"])
-    loss, logits = contrastive_loss(
-        img, txt, model.log_scale[...], model.bias[...], model.loss_kind
-    )
+    with jax.named_scope("loss"):
+        loss, logits = contrastive_loss(
+            img, txt, model.log_scale[...], model.bias[...], model.loss_kind
+        )
     n = img.shape[0]
     accuracy = (jnp.argmax(logits, 1) == jnp.arange(n)).mean()  # image -> its own caption
     return loss, {"loss": loss, "accuracy": accuracy, "tokens": jnp.asarray(n, jnp.float32)}

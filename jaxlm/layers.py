@@ -54,6 +54,7 @@ class Norm(nnx.Module):
         has_bias = cfg.norm == "layernorm" and cfg.use_bias
         self.bias = nnx.data(param(rngs, (cfg.d_model,), ("norm",), "zeros") if has_bias else None)
 
+    @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x.astype(jnp.float32)
         if self.kind == "layernorm":
@@ -89,6 +90,7 @@ class Attention(nnx.Module):
         self.bv = nnx.data(param(rngs, (n, k), ("kv_heads", "kv"), "zeros") if bias else None)
         self.bo = nnx.data(param(rngs, (d,), ("norm",), "zeros") if bias else None)
 
+    @jax.named_scope("attention")
     def __call__(
         self,
         x: jax.Array,
@@ -111,10 +113,11 @@ class Attention(nnx.Module):
             )
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        if cache is None:
-            out = attention.attend(q, k, v, mask, causal, cfg.attention)
-        else:
-            out, cache = attention.cached(q, k, v, cache, positions)
+        with jax.named_scope("attention_kernel"):
+            if cache is None:
+                out = attention.attend(q, k, v, mask, causal, cfg.attention)
+            else:
+                out, cache = attention.cached(q, k, v, cache, positions)
         y = jnp.einsum("BTHK,HKD->BTD", out, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
@@ -135,6 +138,7 @@ class Mlp(nnx.Module):
         self.bi = nnx.data(param(rngs, (f,), ("mlp",), "zeros") if bias else None)
         self.bo = nnx.data(param(rngs, (d,), ("norm",), "zeros") if bias else None)
 
+    @jax.named_scope("mlp")
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
         h = jnp.einsum("BTD,DF->BTF", x, self.wi[...].astype(dt))
@@ -251,6 +255,7 @@ class Embed(nnx.Module):
         self.types = nnx.data(param(rngs, (types, d), ("table", "embed"), std) if types else None)
         self.norm = nnx.data(Norm(cfg, rngs) if cfg.embed_norm else None)
 
+    @jax.named_scope("embed")
     def __call__(
         self, ids: jax.Array, positions: jax.Array, types: jax.Array | None = None
     ) -> jax.Array:

@@ -184,9 +184,11 @@ def chunked_cross_entropy(
 
 def loss_fn(model: Model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     del rng  # no dropout
-    loss, tokens = chunked_cross_entropy(
-        model.hidden(batch), model.logits, batch["targets"], batch["weights"], model.loss_chunk
-    )
+    hidden = model.hidden(batch)
+    with jax.named_scope("loss"):  # the head's projection and the cross-entropy
+        loss, tokens = chunked_cross_entropy(
+            hidden, model.logits, batch["targets"], batch["weights"], model.loss_chunk
+        )
     return loss, {"loss": loss, "tokens": tokens}
 
 

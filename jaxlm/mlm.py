@@ -146,10 +146,12 @@ def data_spec(cfg: Config, tokenizer) -> data.DataSpec:
 
 def loss_fn(model: Model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     del rng  # the masking is drawn on the host
-    logits = model.predict(model(batch), batch["mask_positions"])
-    targets, weights = batch["mask_targets"], batch["mask_weights"]
-    loss, tokens = cross_entropy(logits, targets, weights)
-    correct = (jnp.argmax(logits, -1) == targets) * weights
+    hidden = model(batch)
+    with jax.named_scope("loss"):  # the prediction head and the cross-entropy
+        logits = model.predict(hidden, batch["mask_positions"])
+        targets, weights = batch["mask_targets"], batch["mask_weights"]
+        loss, tokens = cross_entropy(logits, targets, weights)
+        correct = (jnp.argmax(logits, -1) == targets) * weights
     return loss, {"loss": loss, "accuracy": correct.sum() / tokens, "tokens": tokens}
 
 

@@ -135,8 +135,9 @@ def make_train_step(s: Setup):
             metrics = {k: v / tokens for k, v in metrics.items() if k != "tokens"} | {
                 "tokens": metrics["tokens"]
             }
-        updates, opt_state = s.tx.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
+        with jax.named_scope("optimizer"):  # clipping included
+            updates, opt_state = s.tx.update(grads, state["opt_state"], params)
+            params = optax.apply_updates(params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, metrics

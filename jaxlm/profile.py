@@ -1,0 +1,105 @@
+"""Where a train step's device time goes, from a jax.profiler trace: `jaxlm bench --profile`.
+
+The model names its parts with `jax.named_scope` (`attention`, `attention_kernel`, `mlp`,
+`norm`, `embed`, `loss`, `optimizer`); XLA keeps the scope path of each operation in the
+compiled HLO's `op_name` metadata, forward and backward alike ("transpose(jvp(mlp))"). The
+trace gives each executed operation's duration by its HLO name; joining the two sums the
+device time per part. Where the device is idle between operations (`host_gap`: the step's
+wall time not covered by any operation) the host, not the device, is the limit.
+
+Read with `jax.profiler.ProfileData` (no TensorFlow): the device planes of a GPU or TPU
+trace (`/device:...`, their "XLA Ops" line); on CPU, the host threads that run the XLA
+program's operations, as one device (their times add up over threads, so a part's
+milliseconds can exceed the wall time there)."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+
+SCOPES = ("attention_kernel", "attention", "mlp", "norm", "embed", "loss", "optimizer")
+
+
+def op_scopes(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> the innermost of SCOPES in its op_name ("other" if none)."""
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo, re.M):
+        tokens = [t for t in re.findall(r"[A-Za-z_]+", m.group(2)) if t in SCOPES]
+        out[m.group(1)] = tokens[-1] if tokens else "other"
+    return out
+
+
+def _device_lines(data) -> list[list]:
+    """Groups of trace lines whose events are the XLA program's operations: one group per
+    device (its "XLA Ops" line); on CPU one group of the threads that run them."""
+    device = [
+        [line]
+        for plane in data.planes
+        if plane.name.startswith("/device:")
+        for line in plane.lines
+        if line.name == "XLA Ops"
+    ]
+    if device:
+        return device
+    return [
+        [
+            line
+            for plane in data.planes
+            if plane.name == "/host:CPU"
+            for line in plane.lines
+            if "XLAEigen" in line.name or "CpuClient" in line.name
+        ]
+    ]
+
+
+def summarize(trace_dir: str | os.PathLike, hlo: str, steps: int, module: str) -> dict:
+    """Milliseconds per step in each part (SCOPES, "other"), the traced wall time per step
+    and the share of it no operation covered (`host_gap`), from the newest trace in
+    trace_dir, averaged over devices. `module`: the jitted function's name (its HLO module is
+    jit_<module>)."""
+    import jax
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    data = jax.profiler.ProfileData.from_file(files[-1])
+    scopes = op_scopes(hlo)
+    per_scope = collections.Counter()
+    busy = wall = 0.0
+    devices = 0
+    for group in _device_lines(data):
+        intervals = []
+        for line in group:
+            for event in line.events:
+                stats = dict(event.stats)
+                if "hlo_op" not in stats or module not in str(stats.get("hlo_module", "")):
+                    continue
+                per_scope[scopes.get(str(stats["hlo_op"]), "other")] += event.duration_ns
+                intervals.append((event.start_ns, event.start_ns + event.duration_ns))
+        if intervals:
+            devices += 1
+            busy += _covered(intervals)
+            wall += max(e for _, e in intervals) - min(s for s, _ in intervals)
+    if not devices:
+        raise ValueError(f"the trace in {trace_dir} holds no operation of module {module!r}")
+    return {
+        "ms_per_step": {
+            k: round(per_scope[k] / devices / steps / 1e6, 3)
+            for k in (*SCOPES, "other")
+            if per_scope[k]
+        },
+        "traced_ms_per_step": round(wall / devices / steps / 1e6, 3),
+        "host_gap": round(1 - busy / wall, 4),
+    }
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of intervals (operations may overlap on a line's threads)."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total

@@ -1,0 +1,50 @@
+"""`jaxlm bench --profile`: the trace of a few steps, and where their device time went by part
+of the model (named scopes joined to the trace through the compiled HLO)."""
+
+import json
+
+from conftest import run_python, tiny_overrides
+
+from jaxlm.profile import op_scopes
+
+BENCH = """
+import json, sys
+from jaxlm import config
+from jaxlm.bench import bench
+cfg = config.load("configs/gpt.py:tiny", {overrides!r})
+print(json.dumps(bench(cfg, steps=2, warmup=1, profile={trace!r})))
+"""
+
+
+def test_op_scopes_take_the_innermost_part_forward_and_backward():
+    hlo = "\n".join(
+        [
+            '  %fusion.1 = f32[4]{0} fusion(%p), metadata={op_name="jit(train_step)/jvp(mlp)/dot"}',
+            '  %dot.2 = f32[4]{0} dot(%a, %b), metadata={op_name="jit(train_step)/transpose('
+            'jvp())/while/body/attention/attention_kernel/exp"}',
+            '  ROOT %add.3 = f32[] add(%x, %y), metadata={op_name="jit(train_step)/optimizer/add"}',
+            '  %copy.4 = f32[4]{0} copy(%z), metadata={op_name="jit(f)/while/body/squeeze"}',
+            "  %copy.5 = f32[4]{0} copy(%z)",
+        ]
+    )
+    assert op_scopes(hlo) == {
+        "fusion.1": "mlp",
+        "dot.2": "attention_kernel",
+        "add.3": "optimizer",
+        "copy.4": "other",
+    }
+
+
+def test_bench_profile_says_where_the_step_time_goes(tmp_path):
+    """One device (no collectives): each part of the causal LM shows up with device time, the
+    named parts hold most of it, and the host gap is a share."""
+    overrides = tiny_overrides(**{"train.batch_size": 4})
+    code = BENCH.format(overrides=overrides, trace=str(tmp_path / "trace"))
+    proc = run_python(code, devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = result["profile"]["ms_per_step"]
+    named = ("attention_kernel", "attention", "mlp", "norm", "embed", "loss", "optimizer")
+    assert all(parts.get(k, 0) > 0 for k in named), parts
+    assert sum(parts[k] for k in named) > parts.get("other", 0), parts
+    assert 0 <= result["profile"]["host_gap"] < 1
