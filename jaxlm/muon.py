@@ -2,10 +2,11 @@
 
 `optax.contrib.muon` leaves the layout of its Newton-Schulz iteration to the compiler. On a
 (data, fsdp, tensor) mesh that gathers parts of each matrix inside the iteration, and on a pod
-(llama_7b, fsdp 64) the compiler cannot move a q/k/v projection from embed-split to
-heads-split and replicates it whole ("involuntary full rematerialization"). Here the layout is
-explicit (`shard_map`). A weight is a matrix X of m x n with m <= n (a scanned stack: a batch
-of them), and each iteration is
+(llama_7b, fsdp 64) whole 32-layer stacks of matrices onto every device. Sharding
+constraints alone did not do: asked to move a q/k/v projection from embed-split to
+heads*kv-split, the partitioner replicated it whole ("involuntary full rematerialization").
+Here the layout is explicit (`shard_map`). A weight is a matrix X of m x n with m <= n (a
+scanned stack: a batch of them), and each iteration is
 
     A = X X^T                                 (m x m: the Gram matrix)
     X = a X + b (A X) + c (A (A X))           (= a X + (b A + c A A) X, optax's form)
