@@ -55,15 +55,16 @@ class ImageTower(nnx.Module):
         quarter less work per image."""
         b, h, w, c = images.shape
         p = self.patch
-        images = images.astype(jnp.float32) * SCALE[:c] + OFFSET[:c]
-        x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
-        x = jnp.einsum("BNP,PD->BND", x, self.patch_embed[...].astype(self.dtype))
-        x = x + self.patch_bias[...].astype(self.dtype)
-        if self.cls is not None:
-            cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (b, 1, x.shape[-1]))
-            x = jnp.concatenate([cls, x], axis=1)
-        x = x + self.positions[...].astype(self.dtype)
+        with jax.named_scope("embed"):  # normalisation, patches, their embedding, positions
+            images = images.astype(jnp.float32) * SCALE[:c] + OFFSET[:c]
+            x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+            x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
+            x = jnp.einsum("BNP,PD->BND", x, self.patch_embed[...].astype(self.dtype))
+            x = x + self.patch_bias[...].astype(self.dtype)
+            if self.cls is not None:
+                cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (b, 1, x.shape[-1]))
+                x = jnp.concatenate([cls, x], axis=1)
+            x = x + self.positions[...].astype(self.dtype)
         t = x.shape[1]
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x = self.transformer(x, Mask(), positions, causal=False)  # every patch sees every other
