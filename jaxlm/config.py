@@ -104,7 +104,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    # adamw; muon (optax.contrib.muon: weight matrices by Newton-Schulz, the rest by AdamW);
+    # adamw; muon (jaxlm/muon.py: weight matrices by Newton-Schulz, the rest by AdamW);
     # lion; adafactor. All with the same clipping, schedule and weight-decay mask.
     name: str = "adamw"
     lr: float = 3e-4

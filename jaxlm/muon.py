@@ -86,9 +86,9 @@ def orthogonalize(
     entries = tuple(spec) + (None,) * (x.ndim - len(spec))
     used = lambda ix: tuple(a for i in ix for a in _mesh_axes(entries[i]))  # noqa: E731
     short_axes, long_axes = (used(out), used(red)) if flip else (used(red), used(out))
-    if mesh is not None:
-        short_axes = tuple(a for a in short_axes if mesh.shape[a] > 1)
-        long_axes = tuple(a for a in long_axes if mesh.shape[a] > 1)
+    # axes of size 1 split nothing; without a mesh, x is one whole array here
+    short_axes = tuple(a for a in short_axes if mesh is not None and mesh.shape[a] > 1)
+    long_axes = tuple(a for a in long_axes if mesh is not None and mesh.shape[a] > 1)
 
     def local(block: jax.Array) -> jax.Array:
         shape = [block.shape[i] for i in order]
@@ -119,7 +119,7 @@ def orthogonalize(
         mat = mat.swapaxes(1, 2) if flip else mat
         return mat.reshape(shape).transpose(inverse)
 
-    if mesh is None or not short_axes + long_axes:
+    if not short_axes + long_axes:
         return local(x)
     return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(x)
 

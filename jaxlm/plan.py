@@ -160,8 +160,6 @@ def compile_step(s):
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4}
-_BYTES |= {"s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 
 
 def collective_shapes(hlo: str) -> collections.Counter:
@@ -181,11 +179,23 @@ def collectives(hlo: str) -> dict:
     all-gather says what the step puts whole on one device (a layer's weights under fsdp)."""
     out = {}
     for (op, dtype, shape), n in collective_shapes(hlo).items():
-        size = math.prod(shape) * _BYTES.get(dtype, 4)
+        size = math.ceil(math.prod(shape) * _bits(dtype) / 8)
         entry = out.setdefault(op, {"ops": 0, "largest_bytes": 0})
         entry["ops"] += n
         entry["largest_bytes"] = max(entry["largest_bytes"], size)
     return dict(sorted(out.items()))
+
+
+def _bits(dtype: str) -> int:
+    """Bits per element of an HLO element type, from its name (f32, bf16, s8, f8e4m3fn, c64,
+    ...); pred takes a byte, a token none. Any other type raises, rather than a guessed size
+    in the report."""
+    if dtype in ("pred", "token"):
+        return 8 if dtype == "pred" else 0
+    bits = re.match(r"[a-z]+(\d+)", dtype)
+    if not bits:
+        raise ValueError(f"HLO element type {dtype!r}: no bit width to size a collective by")
+    return int(bits.group(1))
 
 
 def _compiled_flops(compiled) -> float | None:

@@ -121,7 +121,7 @@ def test_muon_update_equals_numpy_newton_schulz():
     np.testing.assert_allclose(got["wo"], -lr * want_o, rtol=2e-3, atol=2e-5)
     want_i = np.stack([_newton_schulz(m) for m in g["wi"]])  # 6 x 4: fan_out < fan_in
     np.testing.assert_allclose(got["wi"], -lr * want_i, rtol=2e-3, atol=2e-5)
-    nesterov = 1 + 0.9 / 1.9  # optax.contrib.muon's AdamW is Nesterov's: m-hat on step 1
+    nesterov = 1 + 0.9 / 1.9  # Muon's AdamW part is Nesterov's (as optax.contrib.muon's)
     np.testing.assert_allclose(got["scale"], -lr * nesterov * np.sign(g["scale"]), rtol=1e-5)
 
 
