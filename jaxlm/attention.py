@@ -11,7 +11,12 @@ sequence lengths were refused too. jaxlm never hands cuDNN what it refuses:
 - rows without a mask (a ViT's patches), with causal masking alone (a causal LM with
   `model.document_mask=false`) or with one right-padded sequence each (CLIP captions: lengths)
   go to cuDNN without a bias: is_causal and sequence lengths are cuDNN's own mask types;
-- packed documents need their mask (a bias for cuDNN);
+- packed documents need their mask: a dense bias for cuDNN, or, with `model.max_segments`
+  on a Hopper GPU, cuDNN's packed layout (each row's documents as sequences of their own,
+  given by their starts and lengths: no bias); a batch with a row of more documents than
+  that runs the dense bias instead (same result, slower). JAX has no public argument for the
+  packed layout: jaxlm calls the function jax.nn.dot_product_attention calls, with its
+  offsets (jax/_src/cudnn/fused_attention_stablehlo.py, in JAX 0.10.2 and 0.11.2);
 - an odd length is padded by one position, hidden by the lengths (or by a segment of its
   own where there are segment ids), and the pad cut off again;
 - anything else falls back to XLA's attention, with the reason logged once; and should cuDNN
@@ -59,6 +64,7 @@ class Choice:
     implementation: str  # "cudnn" | "xla" (jax.nn.dot_product_attention's) | "splash"
     reason: str
     pad: int = 0  # positions appended to T and S (to an even length for cuDNN's bias rule)
+    packed: int = 0  # cuDNN's packed layout for up to this many documents a row (0: not)
 
 
 def choose(
@@ -70,10 +76,11 @@ def choose(
     masked: bool,
     training: bool = True,
     hopper: bool = False,
+    max_segments: int = 0,
 ) -> Choice:
     """The implementation for q, k, v of `length` positions and `head_size`, in `dtype`.
-    masked: a mask (packed documents or padding) goes with the call; hopper: compute
-    capability >= 9.0 (larger head sizes)."""
+    masked: packed documents go with the call; hopper: compute capability >= 9.0 (larger
+    head sizes, the packed layout); max_segments: model.max_segments."""
     if setting == "xla":
         return Choice("xla", "model.attention=xla")
     if backend == "tpu" and setting in ("auto", "splash"):
@@ -95,7 +102,12 @@ def choose(
         return Choice(
             "xla", f"cuDNN takes head sizes that are multiples of 8 up to {limit}: {head_size}"
         )
+    if masked and max_segments and hopper:
+        kind = f"cuDNN fused attention, packed layout of up to {max_segments} documents a row"
+        return Choice("cudnn", kind, pad=length % 2 if training else 0, packed=max_segments)
     kind = "cuDNN fused attention" + (" with a mask" if masked else "")
+    if masked and max_segments:
+        kind += " (model.max_segments: the packed layout needs compute capability 9.0)"
     if training and length % 2:
         return Choice("cudnn", f"{kind}; odd length {length} padded to even", pad=1)
     return Choice("cudnn", kind)
@@ -129,8 +141,10 @@ def attend(
     mask: Mask,
     causal: bool,
     setting: str = "auto",
+    max_segments: int = 0,
 ) -> jax.Array:
-    """Attention of q [B, T, H, K] over k, v [B, S, N, K] (N divides H), masked by `mask`."""
+    """Attention of q [B, T, H, K] over k, v [B, S, N, K] (N divides H), masked by `mask`;
+    setting, max_segments: model.attention, model.max_segments."""
     b, t, h, size = q.shape
     segment_ids, platform = mask.segment_ids, _platform()
     choice = choose(
@@ -141,6 +155,7 @@ def attend(
         t,
         segment_ids is not None,
         hopper=platform == "gpu" and _hopper(),
+        max_segments=max_segments,
     )
     what = f"{h} heads x {size}, length {t}, {q.dtype}"
     _logged(choice, what)
@@ -156,27 +171,72 @@ def attend(
             segment_ids = jnp.pad(segment_ids, ((0, 0), (0, choice.pad)), constant_values=pad_id)
         elif lengths is None:  # the lengths hide the pad (cuDNN's own mask, no bias)
             lengths = jnp.full((b,), t, jnp.int32)
-    dense = None
-    if segment_ids is not None:
-        dense = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # B 1 T S
-    call = functools.partial(
-        jax.nn.dot_product_attention,
-        q,
-        k,
-        v,
-        mask=dense,
-        is_causal=causal,
-        query_seq_lengths=lengths,
-        key_value_seq_lengths=lengths,
-    )
-    try:
-        out = call(implementation=choice.implementation)
-    except (NotImplementedError, ValueError, RuntimeError) as refusal:  # JAX's cuDNN checks
-        if choice.implementation != "cudnn":
-            raise
-        _logged(Choice("xla", f"cuDNN refused the call: {refusal}"), what)
-        out = call(implementation="xla")
+
+    def call(q, k, v, implementation: str) -> jax.Array:
+        dense = None
+        if segment_ids is not None:
+            dense = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # B 1 T S
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=dense,
+            is_causal=causal,
+            query_seq_lengths=lengths,
+            key_value_seq_lengths=lengths,
+            implementation=implementation,
+        )
+
+    # what was chosen, then what is left should cuDNN refuse it while it is traced
+    attempts = [(choice.implementation, choice.packed)]
+    attempts += [("cudnn", 0)] if choice.packed else []
+    attempts += [("xla", 0)] if choice.implementation == "cudnn" else []
+    for i, (implementation, packed) in enumerate(attempts):
+        try:
+            if packed:
+                out = _packed(q, k, v, segment_ids, causal, packed, call)
+            else:
+                out = call(q, k, v, implementation)
+            break
+        except (NotImplementedError, ValueError, RuntimeError) as refusal:  # JAX's checks
+            if i == len(attempts) - 1:
+                raise
+            _logged(Choice(attempts[i + 1][0], f"cuDNN refused the call: {refusal}"), what)
     return out[:, :t] if choice.pad else out
+
+
+def segment_runs(segment_ids: jax.Array, most: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each row's runs of equal segment ids (its documents, padding included, as jaxlm packs
+    them) in the form of cuDNN's packed layout: (lengths [B, most], starts [B, most + 1],
+    count [B]), -1 past a row's last run; a row with more than `most` runs does not fit."""
+    b, t = segment_ids.shape
+    first = jnp.ones((b, 1), bool)
+    new = jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    starts = jax.vmap(lambda row: jnp.nonzero(row, size=most + 1, fill_value=-1)[0])(new)
+    starts = starts.astype(jnp.int32)
+    ends = jnp.concatenate([starts[:, 1:], jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    lengths = jnp.where(starts < 0, -1, jnp.where(ends < 0, t, ends) - starts)
+    return lengths[:, :most], starts, new.sum(axis=1)
+
+
+def _packed(q, k, v, segment_ids, causal: bool, most: int, dense) -> jax.Array:
+    """cuDNN's packed layout: each document a sequence of its own, no bias; the dense mask
+    (`dense`, jax.nn.dot_product_attention with it) when a row holds more than `most`."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    lengths, starts, count = segment_runs(segment_ids, most)
+    mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+    packed = functools.partial(
+        cudnn.dot_product_attention,
+        q_seqlen=lengths,
+        kv_seqlen=lengths,
+        q_offsets=starts,
+        kv_offsets=starts,
+        scale=q.shape[-1] ** -0.5,
+        mask_type=mask_type,
+    )
+    fits = jnp.all(count <= most)
+    return jax.lax.cond(fits, packed, functools.partial(dense, implementation="cudnn"), q, k, v)
 
 
 def cached(

@@ -52,6 +52,9 @@ class ModelConfig:
     # packed documents see only themselves (a dense mask); false (causal LM only): each row
     # is one causal sequence, as GPT-2 and nanoGPT train, and cuDNN runs without a bias
     document_mask: bool = True
+    # GPU (Hopper on): cuDNN's packed layout for rows of up to this many documents instead of
+    # the dense mask's bias; a batch with a fuller row runs the dense mask (0: always it)
+    max_segments: int = 0
 
     @property
     def kv_heads(self) -> int:
@@ -337,6 +340,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.document_mask=false is for the causal LM only: a {cfg.objective} model "
             "would see across padding and documents"
+        )
+    if not 0 <= m.max_segments <= m.seq_len:
+        raise ConfigError(
+            f"model.max_segments must be in [0, model.seq_len={m.seq_len}] (0: the dense mask), "
+            f"got {m.max_segments}"
         )
     unknown = set(t.track) - {"tensorboard", "jsonl", "wandb"}
     if unknown:

@@ -115,7 +115,7 @@ class Attention(nnx.Module):
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         with jax.named_scope("attention_kernel"):
             if cache is None:
-                out = attention.attend(q, k, v, mask, causal, cfg.attention)
+                out = attention.attend(q, k, v, mask, causal, cfg.attention, cfg.max_segments)
             else:
                 out, cache = attention.cached(q, k, v, cache, positions)
         y = jnp.einsum("BTHK,HKD->BTD", out, self.wo[...].astype(dt))

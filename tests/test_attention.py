@@ -116,3 +116,105 @@ def test_a_refused_cudnn_call_falls_back_to_xla(monkeypatch, caplog):
         got = attention.attend(q, k, v, attention.Mask(), True, "auto")
     assert "xla (cuDNN refused the call: cuDNN is not detected" in caplog.text
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_segment_runs_are_cudnn_packed_layout():
+    segment_ids = jnp.array(
+        [
+            [1, 1, 1, 2, 2, 3, 0, 0],  # two documents, a third cut short, padding
+            [1, 1, 1, 1, 1, 1, 1, 1],  # one document
+            [1, 2, 3, 4, 5, 6, 7, 8],  # more documents than fit
+        ]
+    )
+    lengths, starts, count = attention.segment_runs(segment_ids, 4)
+    np.testing.assert_array_equal(lengths, [[3, 2, 1, 2], [8, -1, -1, -1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(starts, [[0, 3, 5, 6, -1], [0, -1, -1, -1, -1], [0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(count, [4, 1, 8])
+
+
+XLA_ATTENTION = jax.nn.dot_product_attention  # before a test patches it
+
+
+def _cudnn_packed_as_documented(
+    q, k, v, q_seqlen, kv_seqlen, q_offsets, kv_offsets, *, scale, mask_type
+):
+    """cuDNN's packed layout as JAX documents it (jax.nn's cuDNN function): row b's sequence
+    m is positions q_offsets[b, m] .. + q_seqlen[b, m], attending only within itself; -1:
+    no sequence. Run here on XLA with a mask built from those arrays alone."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    assert q_seqlen is kv_seqlen or np.array_equal(q_seqlen, kv_seqlen)
+    t = q.shape[1]
+    pos = jnp.arange(t)
+    starts, lengths = q_offsets[:, :-1], q_seqlen
+    inside = (
+        (pos[None, :, None] >= starts[:, None])
+        & (pos[None, :, None] < starts[:, None] + lengths[:, None])
+        & (starts[:, None] >= 0)
+    )  # B T M: which sequence a position is in
+    same = jnp.einsum("btm,bsm->bts", inside.astype(jnp.int32), inside.astype(jnp.int32)) > 0
+    causal = mask_type in (cudnn.MaskType.CAUSAL, cudnn.MaskType.PADDING_CAUSAL)
+    return XLA_ATTENTION(
+        q, k, v, mask=same[:, None], is_causal=causal, scale=scale, implementation="xla"
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("most", [5, 3])  # 3: the second row's 5 runs do not fit
+def test_cudnn_packed_layout_equals_the_dense_mask(monkeypatch, causal, most):
+    """model.max_segments on a Hopper GPU: each document a sequence of cuDNN's packed layout,
+    here run through that layout's documented meaning; outputs and gradients equal the dense
+    mask's, odd length (padded) and grouped kv heads included. A batch with a row of more
+    documents than `most` runs the dense mask (traced both ways, chosen on the device)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    keys = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(keys[0], (2, 7, 4, 8))
+    k, v = (jax.random.normal(key, (2, 7, 2, 8)) for key in keys[1:])
+    mask = attention.Mask(segment_ids=jnp.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 2, 3, 3, 0, 0]]))
+
+    def loss(q, k, v):
+        return (attention.attend(q, k, v, mask, causal, "auto", most) ** 2).sum()
+
+    want, want_grads = jax.value_and_grad(
+        lambda q, k, v: (attention.attend(q, k, v, mask, causal, "xla") ** 2).sum(), (0, 1, 2)
+    )(q, k, v)
+    ran, dense_calls = [], []  # which ran on the device; the dense calls' implementation
+
+    def packed(q, k, v, **kw):
+        jax.debug.callback(lambda: ran.append("packed"))
+        return _cudnn_packed_as_documented(q, k, v, **kw)
+
+    def dense(*args, implementation=None, **kw):  # cuDNN's dense mask, on XLA here
+        jax.debug.callback(lambda: ran.append("dense"))
+        dense_calls.append(implementation)
+        return XLA_ATTENTION(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(cudnn, "dot_product_attention", packed)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", dense)
+    choice = attention.choose("auto", "gpu", "bfloat16", 8, 7, True, True, True, most)
+    assert choice.packed == most and choice.pad == 1
+    monkeypatch.setattr(attention, "choose", lambda *a, **kw: choice)
+    got, got_grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+    assert dense_calls == ["cudnn"]  # traced once, in the cond's other branch
+    assert set(ran) == ({"packed"} if most == 5 else {"dense"}), ran
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_a_refused_packed_layout_falls_back_to_the_dense_mask(caplog):
+    """On a CPU JAX's cuDNN functions refuse (no cuDNN): the packed layout's refusal is
+    logged and the dense mask tried next, then XLA."""
+    keys = jax.random.split(jax.random.key(4), 3)
+    # (a shape of its own: each message is logged once per shape)
+    q, k, v = (jax.random.normal(key, (2, 8, 2, 64), jnp.bfloat16) for key in keys)
+    mask = attention.Mask(segment_ids=jnp.array([[1] * 4 + [2] * 4, [1] * 8]))
+    want = attention.attend(q, k, v, mask, True, "xla")
+    choice = attention.Choice("cudnn", "as if on a Hopper GPU", packed=4)
+    with pytest.MonkeyPatch.context() as m, caplog.at_level("INFO", logger="jaxlm"):
+        m.setattr(attention, "choose", lambda *a, **kw: choice)
+        got = attention.attend(q, k, v, mask, True, "auto", 4)
+    assert "cudnn (cuDNN refused the call: cuDNN is not detected" in caplog.text
+    assert "xla (cuDNN refused the call: cuDNN is not detected" in caplog.text
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
