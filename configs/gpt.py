@@ -11,7 +11,8 @@ Variants:
   against an eval_unigram_loss of 5.98 (the context-free baseline).
 - gpt2_124m: GPT-2 small (12 layers, d 768, 12 heads, seq 1024, vocab 50304, tied embeddings,
   learned positions, LayerNorm, tanh-approximated GELU): 124M parameters. Batch 12 x 1024 per
-  step, as nanoGPT's benchmark; layers unrolled (1.36x faster than lax.scan on an H200).
+  step, as nanoGPT's benchmark; layers unrolled (1.36x faster than lax.scan on an H200) and
+  the loss over whole logits (train.loss_chunk=0: 1.15x faster there).
 - llama_160m: Llama-style (RoPE, RMSNorm, SwiGLU, grouped-query attention 12 heads / 4 kv heads,
   untied output head, no biases).
 - llama_1b, llama_7b, llama_70b: the shapes of Llama-3.2-1B (1.24B parameters: 16 layers,
@@ -85,7 +86,7 @@ def _pretraining(model: ModelConfig, steps: int, batch_size: int) -> Config:
 
 
 def gpt2_124m() -> Config:
-    return _pretraining(
+    cfg = _pretraining(
         ModelConfig(
             vocab_size=50304,
             seq_len=1024,
@@ -98,6 +99,9 @@ def gpt2_124m() -> Config:
         steps=600_000,
         batch_size=12,
     )
+    # whole [B, T, V] logits (2.5 GB in float32 here): the chunked loss's recomputation cost
+    # 13% of the step on an H200 (31.60 vs 27.48 ms, BENCHMARKS.md)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss_chunk=0))
 
 
 def llama_160m() -> Config:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import choices, data
+from jaxlm import choices, data, shards
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.attention import Mask
 from jaxlm.config import Config, ModelConfig
@@ -218,13 +218,8 @@ def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> di
 
 
 def synthetic_batch(cfg: Config, batch_size: int, rng: np.random.Generator) -> dict:
-    """Random tokens, one unpacked document per row."""
+    """Random tokens in packed documents (shards.synthetic_segments)."""
     t = cfg.model.seq_len
     tokens = rng.integers(0, cfg.model.vocab_size, (batch_size, t + 1), dtype=np.int32)
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "weights": np.ones((batch_size, t), np.float32),
-        "segment_ids": np.ones((batch_size, t), np.int32),
-        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (batch_size, t)).copy(),
-    }
+    rows = shards.row_example(tokens, shards.synthetic_segments(batch_size, t + 1, rng))
+    return to_example(rows, cfg.model.document_mask)

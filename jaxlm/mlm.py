@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import data
+from jaxlm import data, shards
 from jaxlm.attention import Mask
 from jaxlm.config import Config, ConfigError, MlmConfig, ModelConfig
 from jaxlm.layers import Embed, Norm, Transformer, param, stack_flops_per_token
@@ -176,14 +176,16 @@ def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> di
 
 
 def synthetic_batch(cfg: Config, batch_size: int, rng: np.random.Generator) -> dict:
-    """Random tokens, one document per row, max_predictions distinct positions per row."""
+    """Random tokens in packed documents (shards.synthetic_segments), max_predictions
+    distinct positions per row."""
     t, p = cfg.model.seq_len, max_predictions(cfg)
     tokens = rng.integers(0, cfg.model.vocab_size, (batch_size, t), dtype=np.int32)
+    rows = shards.row_example(tokens, shards.synthetic_segments(batch_size, t, rng))
     where = np.sort(np.argsort(rng.random((batch_size, t)), axis=1)[:, :p], axis=1)
     return {
         "inputs": tokens,
-        "segment_ids": np.ones((batch_size, t), np.int32),
-        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (batch_size, t)).copy(),
+        "segment_ids": rows["tokens_segment_ids"],
+        "positions": rows["tokens_positions"],
         "mask_positions": where.astype(np.int32),
         "mask_targets": np.take_along_axis(tokens, where, axis=1),
         "mask_weights": np.ones((batch_size, p), np.float32),

@@ -170,3 +170,16 @@ def row_example(tokens: np.ndarray, segments: np.ndarray) -> dict:
     starts[..., 1:] = segments[..., 1:] != segments[..., :-1]
     positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
     return {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions}
+
+
+def synthetic_segments(rows: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """Segment ids [rows, length] of documents packed as `jaxlm data prepare` packs them (one
+    after another, the last cut at the row's end), of geometric lengths with mean length / 4:
+    benchmark batches, since what attention costs with the document mask can depend on how
+    many documents a row holds (cuDNN's packed layout)."""
+    lengths = rng.geometric(4 / length, (rows, length))  # more than a row can hold
+    new = np.zeros((rows, length), bool)
+    ends = np.cumsum(lengths, axis=1)
+    for row, row_ends in zip(new, ends, strict=True):
+        row[row_ends[row_ends < length]] = True
+    return (1 + np.cumsum(new, axis=1)).astype(np.int32)

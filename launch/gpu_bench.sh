@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Everything a lent GPU session measures, in one call of about 8 minutes: the most important
-# figures first, each command under its own timeout, each result written to $OUT as soon as it
-# is there (so a session that runs out of time still returns what finished). jaxlm runs from
-# the source tree (the GPU image has jax, flax, optax, orbax and sentencepiece, but no Grain,
-# which the bench path does not need). Copy ../shared/bench/peers.py into gpu/ (git-ignored):
-#   run(command="bash launch/gpu_bench.sh", carry=["gpu"], timeout_s=600)
-# If jaxlm's first benchmark fails outright (not a timeout), the script stops there and prints
-# the log's end, so that a second call, after the fix, still has the time for everything.
+# Everything a lent GPU session measures, in one call of about 9 minutes (a task gets 15 of
+# device time, start-up included): the most important first, each command under its own
+# timeout, each result written to $OUT as soon as it is there (a call cut short still returns
+# what finished). jaxlm runs from the source tree (the GPU image has jax, flax, optax, orbax
+# and sentencepiece, no Grain: the bench path needs none). Copy ../shared/bench/peers.py
+# into gpu/ (git-ignored):   run(command="bash launch/gpu_bench.sh", carry=["gpu"], timeout_s=590)
+# Order: the attention kernels checked and timed alone; then per model a profile (`jaxlm bench
+# --profile`: the timing, then device ms per step by part and the host gap), the candidate
+# change beside it, and the peer; last, MaxText's XLA flags. If jaxlm's first step benchmark
+# fails outright (not a timeout), the script stops there and prints the log's end.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_results}
@@ -35,22 +37,32 @@ peers=gpu/peers.py
 [ -f $peers ] || echo "no $peers: peers not run" | tee -a "$OUT/results.jsonl"
 peer() { [ -f $peers ] && step "hf_$1" "$2" python3 $peers "$1"; }
 
-# GPT-2 124M as nanoGPT trains it (a row is one causal sequence: cuDNN without a bias), then
-# with jaxlm's default document mask (packed documents: a dense mask, a bias for cuDNN).
-step gpt2_124m_causal 100 $bench configs/gpt.py:gpt2_124m --steps 30 model.document_mask=false
+# One attention layer, every way jaxlm runs the document mask: errors against float32 XLA,
+# forward + backward ms (all its lines, not only the last)
+echo "== attention $(date +%T)"
+timeout 60 python3 launch/gpu_attention.py > "$OUT/attention.log" 2>&1
+grep -E '^\{|attention for' "$OUT/attention.log" | tee -a "$OUT/results.jsonl"
+
+# GPT-2 124M with jaxlm's default packed-document mask (a dense bias for cuDNN), profiled
+step gpt2_124m 100 $bench configs/gpt.py:gpt2_124m --steps 30 --profile /tmp/trace_gpt2
 rc=$?
 if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
   echo "jaxlm's first benchmark failed (rc=$rc); stopping. Its log ends:"
-  tail -40 "$OUT/gpt2_124m_causal.log"
+  tail -40 "$OUT/gpt2_124m.log"
   exit 1
 fi
+step gpt2_124m_packed 70 $bench configs/gpt.py:gpt2_124m --steps 30 model.max_segments=16
 peer gpt2 100
-step gpt2_124m 80 $bench configs/gpt.py:gpt2_124m --steps 30
-step bert_base 80 $bench configs/bert.py:bert_base --steps 30
+step bert_base 90 $bench configs/bert.py:bert_base --steps 30 --profile /tmp/trace_bert
+step bert_base_packed 70 $bench configs/bert.py:bert_base --steps 30 model.max_segments=16
 peer bert 90
-step vit_b16 80 $bench configs/clip.py:vit_b16 --steps 30
+step vit_b16 100 $bench configs/clip.py:vit_b16 --steps 30 --profile /tmp/trace_vit
 peer clip 110
-# XLA's attention (materialised scores) against cuDNN on the same model, and lax.scan layers
-step gpt2_124m_xla_attention 60 $bench configs/gpt.py:gpt2_124m --steps 20 model.attention=xla
-step gpt2_124m_scanned 60 $bench configs/gpt.py:gpt2_124m --steps 20 model.scan_layers=true
+# MaxText's GPU flags, one group at a time, beside the default gpt2_124m above
+lhs="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_highest_priority_async_stream=true"
+XLA_FLAGS="$lhs" step flags_lhs_gpt2_124m 60 $bench configs/gpt.py:gpt2_124m --steps 20
+XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" step flags_no_triton_gemm_gpt2_124m 60 \
+  $bench configs/gpt.py:gpt2_124m --steps 20
+XLA_FLAGS="--xla_gpu_enable_command_buffer=" step flags_no_cmdbuf_gpt2_124m 60 \
+  $bench configs/gpt.py:gpt2_124m --steps 20
 echo "== done $(date +%T)"

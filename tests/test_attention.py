@@ -218,3 +218,20 @@ def test_a_refused_packed_layout_falls_back_to_the_dense_mask(caplog):
     assert "cudnn (cuDNN refused the call: cuDNN is not detected" in caplog.text
     assert "xla (cuDNN refused the call: cuDNN is not detected" in caplog.text
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_benchmark_batches_pack_several_documents_a_row():
+    """`jaxlm bench` times the document mask on rows as a corpus packs them (what cuDNN's
+    packed layout costs depends on it), not one document a row."""
+    from jaxlm import config, lm, shards
+
+    segments = shards.synthetic_segments(64, 1025, np.random.default_rng(0))
+    steps = np.diff(segments, axis=1)
+    assert set(np.unique(steps)) == {0, 1}  # one document after another, ids from 1
+    assert np.all(segments[:, 0] == 1)
+    assert 3 < (steps.sum(axis=1) + 1).mean() < 8  # about 1025 / 256 + 1 a row
+    cfg = config.load("configs/gpt.py:tiny")
+    batch = lm.synthetic_batch(cfg, 4, np.random.default_rng(0))
+    starts = np.flatnonzero(np.diff(batch["segment_ids"][0]) != 0) + 1
+    assert len(starts) and np.all(batch["positions"][0][starts] == 0)  # positions restart
+    assert np.all(batch["weights"][0][starts - 1] == 0)  # no target across documents
