@@ -153,6 +153,7 @@ from jaxlm.step import build, make_train_step
 for accum in (1, 2):
     cfg = config.load({config!r}, {overrides!r} + [f"train.grad_accum={{accum}}"])
     batch = lm.synthetic_batch(cfg, 8, np.random.default_rng(0))
+    batch["weights"][:] = 1  # (synthetic rows pack documents: no target across them)
     batch["weights"][0::2, 3:] = 0  # micro-batch 0's rows: 3 targets each; micro-batch 1's: 32
     mesh = sharding.make_mesh(cfg.mesh)
     s = build(cfg, mesh)
