@@ -289,6 +289,7 @@ RESUMABLE_KEYS = (
     "model.remat",
     "model.scan_layers",
     "model.attention",
+    "model.max_segments",
     "train.steps",
     "train.log_every",
     "train.eval_every",
