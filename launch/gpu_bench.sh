@@ -8,22 +8,28 @@
 # Order: the attention kernels checked and timed alone; then per model a profile (`jaxlm bench
 # --profile`: the timing, then device ms per step by part and the host gap), the candidate
 # change beside it, and the peer; last, MaxText's XLA flags. If jaxlm's first step benchmark
-# fails outright (not a timeout), the script stops there and prints the log's end.
+# fails outright (not a timeout), the script stops there and prints the log's end. Steps get
+# what is left of BUDGET seconds (default 570) at most; one with under 20 s left is skipped.
 set -u
+BUDGET=${BUDGET:-570}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_results}
-mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/gpu_logs}  # each step's log stays on the machine (few files come back)
+mkdir -p "$OUT" "$LOGS"
 
-step() {  # step NAME SECONDS COMMAND...: one measurement, its output in $OUT/NAME.log
-  local name=$1 limit=$2 rc
+step() {  # step NAME SECONDS COMMAND...: one measurement, its output in $LOGS/NAME.log
+  local name=$1 limit=$2 rc left=$((BUDGET - SECONDS))
   shift 2
+  if [ $left -lt 20 ]; then echo "== $name skipped: ${left}s of the budget left"; return 124; fi
+  [ $limit -gt $left ] && limit=$left
   echo "== $name (limit ${limit}s) $(date +%T)"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   rc=$?
-  echo "rc=$rc" >> "$OUT/$name.log"
-  grep -h "attention for" "$OUT/$name.log" | sed 's/^.*attention for/  attention for/' | sort -u
-  grep -E '^\{' "$OUT/$name.log" | tail -1 | sed "s/^{/{\"run\": \"$name\", /" \
+  echo "rc=$rc" >> "$LOGS/$name.log"
+  grep -h "attention for" "$LOGS/$name.log" | sed 's/^.*attention for/  attention for/' | sort -u
+  grep -E '^\{' "$LOGS/$name.log" | tail -1 | sed "s/^{/{\"run\": \"$name\", /" \
     | tee -a "$OUT/results.jsonl"
+  [ $rc -ne 0 ] && { echo "  rc=$rc; the log ends:"; tail -12 "$LOGS/$name.log" | cut -c1-300; }
   return $rc
 }
 
@@ -40,29 +46,30 @@ peer() { [ -f $peers ] && step "hf_$1" "$2" python3 $peers "$1"; }
 # One attention layer, every way jaxlm runs the document mask: errors against float32 XLA,
 # forward + backward ms (all its lines, not only the last)
 echo "== attention $(date +%T)"
-timeout 60 python3 launch/gpu_attention.py > "$OUT/attention.log" 2>&1
-grep -E '^\{|attention for' "$OUT/attention.log" | tee -a "$OUT/results.jsonl"
+timeout 75 python3 launch/gpu_attention.py > "$LOGS/attention.log" 2>&1
+grep -E '^\{|attention for' "$LOGS/attention.log" | tee -a "$OUT/results.jsonl"
 
 # GPT-2 124M with jaxlm's default packed-document mask (a dense bias for cuDNN), profiled
 step gpt2_124m 100 $bench configs/gpt.py:gpt2_124m --steps 30 --profile /tmp/trace_gpt2
 rc=$?
 if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
   echo "jaxlm's first benchmark failed (rc=$rc); stopping. Its log ends:"
-  tail -40 "$OUT/gpt2_124m.log"
+  tail -40 "$LOGS/gpt2_124m.log"
   exit 1
 fi
 step gpt2_124m_packed 70 $bench configs/gpt.py:gpt2_124m --steps 30 model.max_segments=16
 peer gpt2 100
 step bert_base 90 $bench configs/bert.py:bert_base --steps 30 --profile /tmp/trace_bert
-step bert_base_packed 70 $bench configs/bert.py:bert_base --steps 30 model.max_segments=16
 peer bert 90
 step vit_b16 100 $bench configs/clip.py:vit_b16 --steps 30 --profile /tmp/trace_vit
 peer clip 110
-# MaxText's GPU flags, one group at a time, beside the default gpt2_124m above
+# lower priority, in what the budget leaves: BERT's packed layout; MaxText's GPU flags and
+# XLA's cuDNN layer norm, one group at a time, beside the default gpt2_124m above
+step bert_base_packed 70 $bench configs/bert.py:bert_base --steps 30 model.max_segments=16
 lhs="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_highest_priority_async_stream=true"
-XLA_FLAGS="$lhs" step flags_lhs_gpt2_124m 60 $bench configs/gpt.py:gpt2_124m --steps 20
-XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" step flags_no_triton_gemm_gpt2_124m 60 \
-  $bench configs/gpt.py:gpt2_124m --steps 20
-XLA_FLAGS="--xla_gpu_enable_command_buffer=" step flags_no_cmdbuf_gpt2_124m 60 \
-  $bench configs/gpt.py:gpt2_124m --steps 20
+for flags in "$lhs" --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cudnn_layer_norm=true \
+    --xla_gpu_enable_command_buffer=; do
+  name=$(echo "$flags" | sed 's/--xla_gpu_enable_//g; s/[= ]/_/g; s/_*$//')
+  XLA_FLAGS="$flags" step "flags_$name" 60 $bench configs/gpt.py:gpt2_124m --steps 20
+done
 echo "== done $(date +%T)"
