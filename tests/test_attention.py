@@ -235,3 +235,39 @@ def test_benchmark_batches_pack_several_documents_a_row():
     starts = np.flatnonzero(np.diff(batch["segment_ids"][0]) != 0) + 1
     assert len(starts) and np.all(batch["positions"][0][starts] == 0)  # positions restart
     assert np.all(batch["weights"][0][starts - 1] == 0)  # no target across documents
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_packed_layout_lowers_to_cudnns_packed_kernels(monkeypatch, causal):
+    """JAX's own cuDNN functions take jaxlm's starts and lengths: the step lowers for CUDA here
+    (no GPU needed to lower), forward and backward, to cuDNN's packed kernels (lengths and
+    offsets operands, at most `most` documents a row) beside the dense mask's (a bias)."""
+    import re
+
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)  # what an H200 reports
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    choice = attention.choose("auto", "gpu", "bfloat16", 64, 15, True, True, True, 4)
+    monkeypatch.setattr(attention, "choose", lambda *a, **kw: choice)
+    q = jnp.zeros((2, 15, 4, 64), jnp.bfloat16)
+    segment_ids = jnp.array([[1] * 5 + [2] * 10, [1] * 12 + [0] * 3])
+    mask = attention.Mask(segment_ids=segment_ids)
+
+    def loss(q, k, v):
+        return attention.attend(q, k, v, mask, causal, "auto", 4).astype(jnp.float32).sum()
+
+    step = jax.jit(jax.grad(loss, (0, 1, 2)))
+    text = step.trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @__cudnn\$(\w+)\(", text)
+    configs = re.findall(r"mask_type\\22: \\22(\w+)\\22.*?max_seg_per_batch\\22: (\d+)", text)
+    packed = "PADDING_CAUSAL" if causal else "PADDING"
+    assert sorted(calls) == [
+        "fmhaScaleBiasSoftmax",  # the dense mask: a bias (rows with more documents)
+        "fmhaScaleBiasSoftmaxBackward",
+        "fmhaSoftmax",  # the packed layout: no bias
+        "fmhaSoftmaxBackward",
+    ]
+    assert sorted(configs) == sorted(2 * [(packed, "4"), ("CAUSAL" if causal else "NO_MASK", "1")])
+    assert "tensor<2x4xi32>" in text and "tensor<2x5xi32>" in text  # lengths, starts
