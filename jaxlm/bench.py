@@ -55,12 +55,16 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
                     state, metrics = train_step(state, batch)
                 jax.block_until_ready(metrics)
             log.info("profile of 3 steps in %s", profile)
-            parts = summarize(profile, train_step.as_text(), 3, "train_step")
-            log.info(
-                "device time per step (ms): %s; host gap %.1f%%",
-                parts["ms_per_step"],
-                100 * parts["host_gap"],
-            )
+            try:  # the timing above stands whatever the trace holds
+                parts = summarize(profile, train_step.as_text(), 3, "train_step")
+                log.info(
+                    "device time per step (ms): %s; host gap %.1f%%",
+                    parts["ms_per_step"],
+                    100 * parts["host_gap"],
+                )
+            except Exception as error:  # noqa: BLE001 (an unread trace must not lose the timing)
+                log.error("could not read the profile in %s: %s", profile, error)
+                parts = {"error": f"{type(error).__name__}: {error}"}
     unit, per_example = s.objective.UNIT, s.objective.items_per_example(cfg)
     per_s = cfg.train.batch_size * per_example / step_s
     peak, source = peak_flops(cfg.train.peak_flops)

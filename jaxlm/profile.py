@@ -5,7 +5,9 @@ The model names its parts with `jax.named_scope` (`attention`, `attention_kernel
 compiled HLO's `op_name` metadata, forward and backward alike ("transpose(jvp(mlp))"). The
 trace gives each executed operation's duration by its HLO name; joining the two sums the
 device time per part. Where the device is idle between operations (`host_gap`: the step's
-wall time not covered by any operation) the host, not the device, is the limit.
+wall time not covered by any operation) the host, not the device, is the limit. The most
+expensive operations (`top_ops`: name, kind, result shape, part, ms per step) say which
+fusion or kernel to look at, after the machine that ran them is gone.
 
 Read with `jax.profiler.ProfileData` (no TensorFlow): the device planes of a GPU or TPU
 trace (`/device:...`, their "XLA Ops" line); on CPU, the host threads that run the XLA
@@ -31,18 +33,34 @@ def op_scopes(hlo: str) -> dict[str, str]:
     return out
 
 
+def op_kinds(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> what it is: the opcode and result shape, with a fusion's kind
+    or a custom call's target (a cuDNN or cuBLAS kernel)."""
+    out = {}
+    pattern = r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$"
+    for m in re.finditer(pattern, hlo, re.M):
+        name, shape, opcode, rest = m.groups()
+        detail = re.search(r"kind=(k\w+)|custom_call_target=\"([^\"]+)\"", rest)
+        what = opcode + (f" {detail.group(1) or detail.group(2)}" if detail else "")
+        out[name] = f"{what} {shape[:80]}"
+    return out
+
+
 def _device_lines(data) -> list[list]:
     """Groups of trace lines whose events are the XLA program's operations: one group per
-    device (its "XLA Ops" line); on CPU one group of the threads that run them."""
-    device = [
-        [line]
-        for plane in data.planes
-        if plane.name.startswith("/device:")
-        for line in plane.lines
-        if line.name == "XLA Ops"
-    ]
-    if device:
-        return device
+    device (its "XLA Ops" line where the trace has one, as TPU traces do; else its CUDA
+    streams' lines, whose kernel events carry the same hlo_op and hlo_module stats); on CPU
+    one group of the threads that run them."""
+    groups = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        lines = list(plane.lines)
+        ops = [line for line in lines if line.name == "XLA Ops"]
+        streams = [line for line in lines if line.name.startswith("Stream")]
+        groups.append(ops or streams or lines)
+    if groups:
+        return groups
     return [
         [
             line
@@ -54,19 +72,21 @@ def _device_lines(data) -> list[list]:
     ]
 
 
-def summarize(trace_dir: str | os.PathLike, hlo: str, steps: int, module: str) -> dict:
-    """Milliseconds per step in each part (SCOPES, "other"), the traced wall time per step
-    and the share of it no operation covered (`host_gap`), from the newest trace in
-    trace_dir, averaged over devices. `module`: the jitted function's name (its HLO module is
-    jit_<module>)."""
+def summarize(
+    trace_dir: str | os.PathLike, hlo: str, steps: int, module: str, top: int = 15
+) -> dict:
+    """Milliseconds per step in each part (SCOPES, "other"), the traced wall time per step,
+    the share of it no operation covered (`host_gap`) and the `top` most expensive operations,
+    from the newest trace in trace_dir, averaged over devices. `module`: the jitted
+    function's name (its HLO module is jit_<module>)."""
     import jax
 
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
     if not files:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
     data = jax.profiler.ProfileData.from_file(files[-1])
-    scopes = op_scopes(hlo)
-    per_scope = collections.Counter()
+    scopes, kinds = op_scopes(hlo), op_kinds(hlo)
+    per_scope, per_op = collections.Counter(), collections.Counter()
     busy = wall = 0.0
     devices = 0
     for group in _device_lines(data):
@@ -77,6 +97,7 @@ def summarize(trace_dir: str | os.PathLike, hlo: str, steps: int, module: str) -
                 if "hlo_op" not in stats or module not in str(stats.get("hlo_module", "")):
                     continue
                 per_scope[scopes.get(str(stats["hlo_op"]), "other")] += event.duration_ns
+                per_op[str(stats["hlo_op"])] += event.duration_ns
                 intervals.append((event.start_ns, event.start_ns + event.duration_ns))
         if intervals:
             devices += 1
@@ -92,6 +113,15 @@ def summarize(trace_dir: str | os.PathLike, hlo: str, steps: int, module: str) -
         },
         "traced_ms_per_step": round(wall / devices / steps / 1e6, 3),
         "host_gap": round(1 - busy / wall, 4),
+        "top_ops": [
+            {
+                "op": op,
+                "kind": kinds.get(op, "?"),
+                "part": scopes.get(op, "other"),
+                "ms": round(ns / devices / steps / 1e6, 3),
+            }
+            for op, ns in per_op.most_common(top)
+        ],
     }
 
 

@@ -5,7 +5,7 @@ import json
 
 from conftest import run_python
 
-from jaxlm.profile import op_scopes
+from jaxlm.profile import op_kinds, op_scopes
 
 BENCH = """
 import json, sys
@@ -13,6 +13,11 @@ from jaxlm import config
 from jaxlm.bench import bench
 cfg = config.load("configs/gpt.py:tiny", {overrides!r})
 print(json.dumps(bench(cfg, steps=2, warmup=1, profile={trace!r})))
+import jaxlm.bench
+def unreadable(*args, **kwargs):
+    raise ValueError("no operation of module 'train_step'")
+jaxlm.bench.summarize = unreadable  # a trace this reader does not understand
+print(json.dumps(bench(cfg, steps=1, warmup=0, profile={trace!r})))
 """
 
 
@@ -35,6 +40,22 @@ def test_op_scopes_take_the_innermost_part_forward_and_backward():
     }
 
 
+def test_op_kinds_name_the_kernel():
+    hlo = "\n".join(
+        [
+            "  %fusion.7 = bf16[12,1024,768]{2,1,0} fusion(%a, %b), kind=kLoop, calls=%fused_7",
+            "  %custom-call.3 = (bf16[12,12,1024,64]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k), "
+            'custom_call_target="__cudnn$fmhaSoftmax", backend_config={}',
+            "  ROOT %dot.1 = f32[8,8]{1,0} dot(%x, %y), lhs_contracting_dims={1}",
+        ]
+    )
+    assert op_kinds(hlo) == {
+        "fusion.7": "fusion kLoop bf16[12,1024,768]{2,1,0}",
+        "custom-call.3": "custom-call __cudnn$fmhaSoftmax (bf16[12,12,1024,64]{3,1,2,0}, u8[0]{0})",
+        "dot.1": "dot f32[8,8]{1,0}",
+    }
+
+
 def test_bench_profile_says_where_the_step_time_goes(tmp_path):
     """One device (no collectives), configs/gpt.py:tiny as it is (16 x 128 tokens: at the
     test configs' size the layer stack's bookkeeping, "other", outweighs the model): each
@@ -43,9 +64,17 @@ def test_bench_profile_says_where_the_step_time_goes(tmp_path):
     code = BENCH.format(overrides=[], trace=str(tmp_path / "trace"))
     proc = run_python(code, devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, unread = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    # a trace that cannot be read costs the profile, never the timing
+    assert unread["step_ms"] > 0 and unread["profile"] == {
+        "error": "ValueError: no operation of module 'train_step'"
+    }
     parts = result["profile"]["ms_per_step"]
     named = ("attention_kernel", "attention", "mlp", "norm", "embed", "loss", "optimizer")
     assert all(parts.get(k, 0) > 0 for k in named), parts
     assert sum(parts[k] for k in named) > parts.get("other", 0), parts
     assert 0 <= result["profile"]["host_gap"] < 1
+    top = result["profile"]["top_ops"]
+    assert len(top) == 15 and all(op["kind"] != "?" for op in top), top
+    assert top == sorted(top, key=lambda op: -op["ms"])
+    assert sum(op["ms"] for op in top) <= sum(parts.values()) + 1e-6
