@@ -198,7 +198,8 @@ def attend(
             else:
                 out = call(q, k, v, implementation)
             break
-        except (NotImplementedError, ValueError, RuntimeError) as refusal:  # JAX's checks
+        # JAX's cuDNN checks; ImportError: a JAX without the packed layout's private module
+        except (NotImplementedError, ValueError, RuntimeError, ImportError) as refusal:
             if i == len(attempts) - 1:
                 raise
             _logged(Choice(attempts[i + 1][0], f"cuDNN refused the call: {refusal}"), what)
