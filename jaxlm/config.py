@@ -125,6 +125,9 @@ class OptimConfig:
     clip_norm: float = 1.0
     muon_beta: float = 0.95  # Muon's momentum (Nesterov)
     muon_ns_steps: int = 5  # Newton-Schulz iterations
+    # Newton-Schulz's matmuls and Gram all-reduces in this dtype (bfloat16, as modded-nanogpt
+    # runs it: half the traffic on a pod); the momentum and the update stay float32
+    muon_dtype: str = "float32"
     muon_adam_lr: float = 0.0  # peak rate of Muon's AdamW part (0: optim.lr)
     lion_b2: float = 0.99  # Lion's second interpolation factor (its b1 is optim.b1)
 
@@ -224,6 +227,7 @@ CHOICES = {
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "optim.name": ("adamw", "muon", "lion", "adafactor"),
+    "optim.muon_dtype": ("float32", "bfloat16"),
     "optim.decay_shape": ("linear", "1-sqrt"),
 }
 

@@ -54,17 +54,21 @@ def _mesh_axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def newton_schulz(x: jax.Array, steps: int, eps: float, axes: tuple[str, ...] = ()) -> jax.Array:
+def newton_schulz(
+    x: jax.Array, steps: int, eps: float, axes: tuple[str, ...] = (), dtype: str = "float32"
+) -> jax.Array:
     """Orthogonalize one m x n matrix (m <= n) whose columns are split over mesh `axes` (inside
-    shard_map; none: the whole matrix here)."""
+    shard_map; none: the whole matrix here); the iteration in `dtype` (the norm in float32),
+    the result in x's dtype."""
     total = (lambda y: jax.lax.psum(y, axes)) if axes else (lambda y: y)
-    x = x / (jnp.sqrt(total(jnp.sum(jnp.square(x)))) + eps)
+    norm = jnp.sqrt(total(jnp.sum(jnp.square(x.astype(jnp.float32)))))
+    out_dtype, x = x.dtype, (x / (norm + eps).astype(x.dtype)).astype(dtype)
     a, b, c = NS_COEFFS
     for _ in range(steps):
         gram = total(x @ x.T)
         ax = gram @ x
         x = a * x + b * ax + c * (gram @ ax)
-    return x
+    return x.astype(out_dtype)
 
 
 def orthogonalize(
@@ -74,9 +78,11 @@ def orthogonalize(
     eps: float,
     mesh: Mesh | None = None,
     spec: PartitionSpec | None = None,
+    dtype: str = "float32",
 ) -> jax.Array:
-    """Newton-Schulz on each matrix of x as `dims` reads it. With a mesh and x's partition spec
-    the work stays in x's shards (module docstring); without, x is one array here."""
+    """Newton-Schulz (in `dtype`) on each matrix of x as `dims` reads it. With a mesh and x's
+    partition spec the work stays in x's shards (module docstring); without, x is one array
+    here."""
     red, out = tuple(dims.reduction_axis), tuple(dims.output_axis)
     batch = tuple(i for i in range(x.ndim) if i not in red + out)
     order = batch + red + out
@@ -109,7 +115,7 @@ def orthogonalize(
                 mat = jax.lax.all_gather(mat, a, axis=1, tiled=True)
                 moves.append((a, False))
         split = long_axes + tuple(a for a, moved in moves if moved)
-        mat = jax.lax.map(lambda m: newton_schulz(m, steps, eps, split), mat)
+        mat = jax.lax.map(lambda m: newton_schulz(m, steps, eps, split, dtype), mat)
         for a, moved in reversed(moves):
             if moved:
                 mat = jax.lax.all_to_all(mat, a, split_axis=1, concat_axis=2, tiled=True)
@@ -131,11 +137,12 @@ def _shape_scale(x: jax.Array, dims: MuonDimensionNumbers) -> float:
 
 
 def scale_by_muon(
-    dims_of, beta: float, steps: int, eps: float, mesh: Mesh | None
+    dims_of, beta: float, steps: int, eps: float, mesh: Mesh | None, dtype: str = "float32"
 ) -> optax.GradientTransformation:
-    """Momentum, then each matrix orthogonalized and scaled by its shape. `dims_of` maps a
-    parameter (an nnx.Variable) to its MuonDimensionNumbers; every parameter reaching this
-    transform has some (the others are masked out by `optax.transforms.partition`)."""
+    """Momentum, then each matrix orthogonalized (Newton-Schulz in `dtype`) and scaled by its
+    shape. `dims_of` maps a parameter (an nnx.Variable) to its MuonDimensionNumbers; every
+    parameter reaching this transform has some (the others are masked out by
+    `optax.transforms.partition`)."""
 
     def init(params):
         return MuonState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))
@@ -153,7 +160,7 @@ def scale_by_muon(
         def one(v: nnx.Variable) -> nnx.Variable:
             x, dims = v.get_value(), dims_of(v)
             spec = None if mesh is None else logical_spec(v.get_metadata()["axes"], x.shape, mesh)
-            ortho = orthogonalize(x, dims, steps, eps, mesh, spec)
+            ortho = orthogonalize(x, dims, steps, eps, mesh, spec, dtype)
             return v.replace(ortho * _shape_scale(x, dims))
 
         updates = jax.tree.map(one, mu_hat, is_leaf=_is_variable)

@@ -112,7 +112,9 @@ def _muon(cfg: OptimConfig, steps: int, rate: optax.Schedule, mesh: Mesh | None)
         )
 
     matrices = optax.chain(
-        muon.scale_by_muon(muon_dims, cfg.muon_beta, cfg.muon_ns_steps, cfg.eps, mesh),
+        muon.scale_by_muon(
+            muon_dims, cfg.muon_beta, cfg.muon_ns_steps, cfg.eps, mesh, cfg.muon_dtype
+        ),
         optax.add_decayed_weights(cfg.weight_decay),
         optax.scale_by_learning_rate(rate),
     )

@@ -2,7 +2,9 @@
 axes), its update against a direct NumPy Newton-Schulz and against optax.contrib.muon, what
 its compiled step moves between devices, exact resumes with each optimizer."""
 
+import collections
 import math
+import re
 import shutil
 
 import jax
@@ -15,7 +17,7 @@ from flax import nnx
 
 from jaxlm import config, optim, plan, sharding
 from jaxlm.config import OptimConfig
-from jaxlm.step import build
+from jaxlm.step import build, make_train_step
 from jaxlm.train import train
 
 BLOCK = {  # the shared stack's matrices, [layers, ...]: (reduction axes, output axes)
@@ -205,6 +207,47 @@ def test_muon_keeps_sharded_matrices_sharded():
     assert all(s in grams or len(s) <= 1 for s in reduces), (reduces, grams)
     moves = [shape for (op, shape) in added if op in ("collective-permute", "all-to-all")]
     assert all(math.prod(s) <= shard for s in moves), (moves, shard)
+
+    # optim.muon_dtype=bfloat16: the step asks for the same Gram all-reduces in bfloat16 (half
+    # the bytes). The lowered program is read: XLA's CPU compiler runs bfloat16 collectives in
+    # float32 (its float normalisation), where TPUs and GPUs (NCCL) run them as asked.
+    f32_grams = {
+        shape: n
+        for (op, dtype, shape), n in (hlo["muon"] - hlo["adamw"]).items()
+        if op == "all-reduce" and shape in grams and dtype == "f32"
+    }
+    overrides = {**mesh, "optim.name": "muon", "optim.muon_dtype": "bfloat16"}
+    s = plan.setup(load_tiny(**overrides), jax.devices())
+    batch = s.objective.synthetic_batch(s.cfg, s.cfg.train.batch_size, np.random.default_rng(0))
+    rows = jax.sharding.NamedSharding(s.mesh, sharding.logical_spec(("batch", None)))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in batch.items()}
+    with jax.set_mesh(s.mesh):
+        lowered = make_train_step(s).lower(s.abstract, batch).as_text()
+    asked = collections.Counter(
+        re.findall(r"stablehlo.all_reduce.*?\) : \(tensor<(\w+)xbf16>", lowered, re.S)
+    )
+    bf16_grams = {tuple(int(d) for d in dims.split("x")): n for dims, n in asked.items()}
+    assert f32_grams and bf16_grams == f32_grams, (bf16_grams, f32_grams)
+
+
+def test_bfloat16_newton_schulz_stays_close_to_float32():
+    """optim.muon_dtype=bfloat16 runs the iteration in bfloat16 (as modded-nanogpt does): the
+    result is as orthogonal as the float32 iteration's (Newton-Schulz's quintic leaves the
+    singular values in about [0.68, 1.13] either way) and points the same way, in x's dtype;
+    the float32 setting is the float32 iteration itself."""
+    from jaxlm import muon
+
+    d = optax.contrib.MuonDimensionNumbers((1,), (2,))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((3, 64, 96)), jnp.float32)
+    f32 = muon.orthogonalize(x, d, 5, 1e-7)
+    bf16 = muon.orthogonalize(x, d, 5, 1e-7, dtype="bfloat16")
+    assert bf16.dtype == jnp.float32
+    for values in (np.linalg.svd(np.asarray(y), compute_uv=False) for y in (f32, bf16)):
+        assert 0.6 < values.min() and values.max() < 1.25, (values.min(), values.max())
+    cosine = float(jnp.sum(bf16 * f32) / jnp.linalg.norm(bf16) / jnp.linalg.norm(f32))
+    relative = float(jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32))
+    assert cosine > 0.99 and relative > 1e-3, (cosine, relative)  # bfloat16's rounding
+    np.testing.assert_array_equal(muon.orthogonalize(x, d, 5, 1e-7, dtype="float32"), f32)
 
 
 @pytest.mark.parametrize(
