@@ -46,30 +46,28 @@ def op_kinds(hlo: str) -> dict[str, str]:
     return out
 
 
-def _device_lines(data) -> list[list]:
-    """Groups of trace lines whose events are the XLA program's operations: one group per
-    device (its "XLA Ops" line where the trace has one, as TPU traces do; else its CUDA
-    streams' lines, whose kernel events carry the same hlo_op and hlo_module stats); on CPU
-    one group of the threads that run them."""
-    groups = []
+def _line_groups(data) -> list[list[list]]:
+    """Where the XLA program's operations may be, in the order to try: the devices' lines,
+    one group per device (its "XLA Ops" line where the trace has one, as TPU traces do; else
+    its CUDA streams' lines, whose kernel events carry the same hlo_op and hlo_module stats);
+    then, where no device holds any (a CPU run: other "/device:" planes may be there, empty),
+    the host threads that run them, as one device."""
+    devices = []
     for plane in data.planes:
         if not plane.name.startswith("/device:"):
             continue
         lines = list(plane.lines)
         ops = [line for line in lines if line.name == "XLA Ops"]
         streams = [line for line in lines if line.name.startswith("Stream")]
-        groups.append(ops or streams or lines)
-    if groups:
-        return groups
-    return [
-        [
-            line
-            for plane in data.planes
-            if plane.name == "/host:CPU"
-            for line in plane.lines
-            if "XLAEigen" in line.name or "CpuClient" in line.name
-        ]
+        devices.append(ops or streams or lines)
+    host = [
+        line
+        for plane in data.planes
+        if plane.name == "/host:CPU"
+        for line in plane.lines
+        if "XLAEigen" in line.name or "CpuClient" in line.name
     ]
+    return [devices, [host]]
 
 
 def summarize(
@@ -89,20 +87,23 @@ def summarize(
     per_scope, per_op = collections.Counter(), collections.Counter()
     busy = wall = 0.0
     devices = 0
-    for group in _device_lines(data):
-        intervals = []
-        for line in group:
-            for event in line.events:
-                stats = dict(event.stats)
-                if "hlo_op" not in stats or module not in str(stats.get("hlo_module", "")):
-                    continue
-                per_scope[scopes.get(str(stats["hlo_op"]), "other")] += event.duration_ns
-                per_op[str(stats["hlo_op"])] += event.duration_ns
-                intervals.append((event.start_ns, event.start_ns + event.duration_ns))
-        if intervals:
-            devices += 1
-            busy += _covered(intervals)
-            wall += max(e for _, e in intervals) - min(s for s, _ in intervals)
+    for groups in _line_groups(data):
+        for group in groups:
+            intervals = []
+            for line in group:
+                for event in line.events:
+                    stats = dict(event.stats)
+                    if "hlo_op" not in stats or module not in str(stats.get("hlo_module", "")):
+                        continue
+                    per_scope[scopes.get(str(stats["hlo_op"]), "other")] += event.duration_ns
+                    per_op[str(stats["hlo_op"])] += event.duration_ns
+                    intervals.append((event.start_ns, event.start_ns + event.duration_ns))
+            if intervals:
+                devices += 1
+                busy += _covered(intervals)
+                wall += max(e for _, e in intervals) - min(s for s, _ in intervals)
+        if devices:
+            break
     if not devices:
         raise ValueError(f"the trace in {trace_dir} holds no operation of module {module!r}")
     return {

@@ -5,9 +5,11 @@ import json
 
 from conftest import run_python
 
-from jaxlm.profile import op_kinds, op_scopes
+from jaxlm.profile import _line_groups, op_kinds, op_scopes
 
 BENCH = """
+import os
+os.environ.pop("JAX_PLATFORMS", None)  # as `jaxlm bench` runs: libtpu looks for a TPU first
 import json, sys
 from jaxlm import config
 from jaxlm.bench import bench
@@ -38,6 +40,30 @@ def test_op_scopes_take_the_innermost_part_forward_and_backward():
         "add.3": "optimizer",
         "copy.4": "other",
     }
+
+
+def test_device_lines_are_found_on_each_platform():
+    """Which trace lines hold the program's operations: a TPU's "XLA Ops" line; a GPU's CUDA
+    streams (not its other lines); on a CPU the host's XLA threads, even where an empty
+    "/device:" plane is there too (libtpu installed adds "/device:CUSTOM:Megascale Trace")."""
+    from types import SimpleNamespace as NS
+
+    def plane(name, *lines):
+        return NS(name=name, lines=[NS(name=line, events=[]) for line in lines])
+
+    def names(groups):
+        return [[[line.name for line in group] for group in g] for g in groups]
+
+    host = plane("/host:CPU", "python", "XLAEigen/1", "CpuClient/2")
+    tpu = plane("/device:TPU:0", "Steps", "XLA Modules", "XLA Ops")
+    gpu = plane("/device:GPU:0", "Stream #13(compute)", "Stream #14(memcpy)", "Launch Stats")
+    empty = plane("/device:CUSTOM:Megascale Trace")
+    assert names(_line_groups(NS(planes=[tpu, host])))[0] == [["XLA Ops"]]
+    assert names(_line_groups(NS(planes=[gpu, host])))[0] == [
+        ["Stream #13(compute)", "Stream #14(memcpy)"]
+    ]
+    cpu = names(_line_groups(NS(planes=[empty, host])))
+    assert cpu == [[[]], [["XLAEigen/1", "CpuClient/2"]]]  # the empty device, then the host
 
 
 def test_op_kinds_name_the_kernel():
