@@ -93,7 +93,8 @@ def summarize(
             for line in group:
                 for event in line.events:
                     stats = dict(event.stats)
-                    if "hlo_op" not in stats or module not in str(stats.get("hlo_module", "")):
+                    # (an event without its module named is taken: the trace runs one program)
+                    if "hlo_op" not in stats or module not in str(stats.get("hlo_module", module)):
                         continue
                     per_scope[scopes.get(str(stats["hlo_op"]), "other")] += event.duration_ns
                     per_op[str(stats["hlo_op"])] += event.duration_ns
