@@ -38,15 +38,15 @@ step() {  # step NAME SECONDS COMMAND...: one measurement, its output in $LOGS/N
 "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
 } 2>&1 | tee "$OUT/device.txt"
 
-bench="python3 -m jaxlm.cli bench"
-peers=gpu/peers.py
+bench=${BENCH:-python3 -m jaxlm.cli bench}  # BENCH, ATTENTION_ARGS: a CPU dry run (tests)
+peers=${PEERS:-gpu/peers.py}
 [ -f $peers ] || echo "no $peers: peers not run" | tee -a "$OUT/results.jsonl"
 peer() { [ -f $peers ] && step "hf_$1" "$2" python3 $peers "$1"; }
 
 # One attention layer, every way jaxlm runs the document mask: errors against float32 XLA,
 # forward + backward ms (all its lines, not only the last)
 echo "== attention $(date +%T)"
-timeout 75 python3 launch/gpu_attention.py > "$LOGS/attention.log" 2>&1
+timeout 75 python3 launch/gpu_attention.py ${ATTENTION_ARGS:-} > "$LOGS/attention.log" 2>&1
 grep -E '^\{|attention for' "$LOGS/attention.log" | tee -a "$OUT/results.jsonl"
 
 # GPT-2 124M with jaxlm's default packed-document mask (a dense bias for cuDNN), profiled

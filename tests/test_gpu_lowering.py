@@ -49,3 +49,38 @@ def test_gpu_benchmark_steps_lower_to_cudnn(monkeypatch, case):
     layers = cfg.model.num_layers + (cfg.vision.num_layers if cfg.objective == "clip" else 0)
     forward = len(re.findall(r"custom_call @__cudnn\$fmha\w*Softmax\(", text))
     assert forward == layers * (2 if want == DENSE + OWN else 1)  # every layer, both branches
+
+
+def test_the_gpu_call_runs_end_to_end_as_a_dry_run(tmp_path):
+    """launch/gpu_bench.sh, the one call a lent GPU gets, run here with a stand-in for `jaxlm
+    bench` (it echoes its arguments) and a short attention check: every step runs in order,
+    each result lands in results.jsonl, and the attention script prints its six ways. A shell
+    mistake found here costs no GPU minutes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.update(
+        OUT=str(tmp_path / "out"),
+        LOGS=str(tmp_path / "logs"),
+        ATTENTION_ARGS="64 1",
+        PEERS=str(tmp_path / "no_peers.py"),
+        PATH=f"{os.path.dirname(sys.executable)}:{env['PATH']}",
+    )
+    fake = tmp_path / "bench.py"
+    fake.write_text("import json, sys\nprint(json.dumps({'args': sys.argv[1:]}))\n")
+    env["BENCH"] = f"{sys.executable} {fake}"
+    proc = subprocess.run(
+        ["bash", "launch/gpu_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    ways = [json.loads(line)["way"] for line in lines if line.startswith('{"way"')]
+    assert len(ways) == 6 and all("error" not in line for line in lines), lines
+    runs = [json.loads(line) for line in lines if line.startswith('{"run"')]
+    assert [r["run"] for r in runs][:3] == ["gpt2_124m", "gpt2_124m_packed", "bert_base"]
+    assert runs[0]["args"][:2] == ["configs/gpt.py:gpt2_124m", "--steps"]
+    assert "--profile" in runs[0]["args"] and "model.max_segments=16" in runs[1]["args"]
+    assert len(runs) == 10 and "== done" in proc.stdout, proc.stdout
