@@ -50,21 +50,7 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - start) / steps
         if profile:
-            with jax.profiler.trace(profile):
-                for _ in range(3):
-                    state, metrics = train_step(state, batch)
-                jax.block_until_ready(metrics)
-            log.info("profile of 3 steps in %s", profile)
-            try:  # the timing above stands whatever the trace holds
-                parts = summarize(profile, train_step.as_text(), 3, "train_step")
-                log.info(
-                    "device time per step (ms): %s; host gap %.1f%%",
-                    parts["ms_per_step"],
-                    100 * parts["host_gap"],
-                )
-            except Exception as error:  # noqa: BLE001 (an unread trace must not lose the timing)
-                log.error("could not read the profile in %s: %s", profile, error)
-                parts = {"error": f"{type(error).__name__}: {error}"}
+            parts = _profile(train_step, state, batch, profile)
     unit, per_example = s.objective.UNIT, s.objective.items_per_example(cfg)
     per_s = cfg.train.batch_size * per_example / step_s
     peak, source = peak_flops(cfg.train.peak_flops)
@@ -82,6 +68,28 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
         "compile_s": round(compile_s, 1),
         "loss": round(float(metrics["loss"]), 4),
     } | ({"profile": parts} if profile else {})
+
+
+def _profile(train_step, state: dict, batch: dict, trace_dir: str, steps: int = 3) -> dict:
+    """Trace `steps` more steps into trace_dir and say where their device time went
+    (jaxlm/profile.py). A trace that cannot be taken or read (no CUPTI, a trace format this
+    reader does not know) costs the profile, `{"error": ...}`, never the timing before it."""
+    try:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(steps):
+                state, metrics = train_step(state, batch)
+            jax.block_until_ready(metrics)
+        log.info("profile of %d steps in %s", steps, trace_dir)
+        parts = summarize(trace_dir, train_step.as_text(), steps, "train_step")
+    except Exception as error:  # noqa: BLE001 (whatever the profiler raises)
+        log.error("no profile from %s: %s", trace_dir, error)
+        return {"error": f"{type(error).__name__}: {error}"}
+    log.info(
+        "device time per step (ms): %s; host gap %.1f%%",
+        parts["ms_per_step"],
+        100 * parts["host_gap"],
+    )
+    return parts
 
 
 def bench_data(cfg: Config, steps: int, workdir: str) -> dict:
