@@ -42,6 +42,24 @@ def test_op_scopes_take_the_innermost_part_forward_and_backward():
     }
 
 
+def test_the_models_scopes_are_the_profiles_parts():
+    """The parts `bench --profile` reports (profile.SCOPES) are the names the code gives its
+    jax.named_scope calls, no more and no fewer: a renamed scope fails here, not silently in
+    a GPU profile as "other"."""
+    import re
+
+    from conftest import ROOT
+
+    from jaxlm.profile import SCOPES
+
+    used = {
+        name
+        for path in (ROOT / "jaxlm").glob("*.py")
+        for name in re.findall(r"named_scope\(\"(\w+)\"\)", path.read_text())
+    }
+    assert used == set(SCOPES), (used, SCOPES)
+
+
 def test_device_lines_are_found_on_each_platform():
     """Which trace lines hold the program's operations: a TPU's "XLA Ops" line; a GPU's CUDA
     streams (not its other lines); on a CPU the host's XLA threads, even where an empty
