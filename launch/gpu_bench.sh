@@ -40,14 +40,16 @@ step() {  # step NAME SECONDS COMMAND...: one measurement, its output in $LOGS/N
 
 bench=${BENCH:-python3 -m jaxlm.cli bench}  # BENCH, ATTENTION_ARGS: a CPU dry run (tests)
 peers=${PEERS:-gpu/peers.py}
-[ -f $peers ] || echo "no $peers: peers not run" | tee -a "$OUT/results.jsonl"
+[ -f $peers ] || echo "no $peers: peers not run"
 peer() { [ -f $peers ] && step "hf_$1" "$2" python3 $peers "$1"; }
 
 # One attention layer, every way jaxlm runs the document mask: errors against float32 XLA,
 # forward + backward ms (all its lines, not only the last)
 echo "== attention $(date +%T)"
 timeout 75 python3 launch/gpu_attention.py ${ATTENTION_ARGS:-} > "$LOGS/attention.log" 2>&1
-grep -E '^\{|attention for' "$LOGS/attention.log" | tee -a "$OUT/results.jsonl"
+grep "attention for" "$LOGS/attention.log" | sort -u
+grep -E '^\{' "$LOGS/attention.log" | tee -a "$OUT/results.jsonl"
+grep -E "Error|error" "$LOGS/attention.log" | grep -v '^{' | tail -3
 
 # GPT-2 124M with jaxlm's default packed-document mask (a dense bias for cuDNN), profiled
 step gpt2_124m 100 $bench configs/gpt.py:gpt2_124m --steps 30 --profile /tmp/trace_gpt2
