@@ -146,6 +146,13 @@ def setup(cfg, devices: list):
 
 
 def compile_step(s):
+    return lower_step(s).compile()
+
+
+def lower_step(s, platforms: tuple[str, ...] | None = None):
+    """The train step lowered from abstract arrays (a synthetic batch's shapes, split over the
+    batch axes), for this process's platform or for `platforms` (("cuda",): a GPU's program,
+    lowered on a machine without one)."""
     import jax
 
     from jaxlm import sharding
@@ -156,7 +163,8 @@ def compile_step(s):
     in_batch = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("batch", None)))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_batch) for k, v in batch.items()}
     with jax.set_mesh(mesh):
-        return make_train_step(s).lower(s.abstract, batch).compile()
+        traced = make_train_step(s).trace(s.abstract, batch)
+        return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")

@@ -130,6 +130,21 @@ def train_killed_after_save(
     return run_python(code, devices=devices)
 
 
+@pytest.fixture
+def h200_cudnn(monkeypatch):
+    """JAX's cuDNN checks and jaxlm's attention chooser answer as on an H200 (cuDNN 9.10,
+    compute capability 9.0), so GPU programs lower for CUDA here (lowering needs no GPU)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    from jaxlm import attention
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "_hopper", lambda: True)
+
+
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
     """A workdir with a tiny causal LM trained for 2 steps (shared by the tests that only read

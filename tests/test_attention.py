@@ -238,17 +238,12 @@ def test_benchmark_batches_pack_several_documents_a_row():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_the_packed_layout_lowers_to_cudnns_packed_kernels(monkeypatch, causal):
+def test_the_packed_layout_lowers_to_cudnns_packed_kernels(h200_cudnn, monkeypatch, causal):
     """JAX's own cuDNN functions take jaxlm's starts and lengths: the step lowers for CUDA here
     (no GPU needed to lower), forward and backward, to cuDNN's packed kernels (lengths and
     offsets operands, at most `most` documents a row) beside the dense mask's (a bias)."""
     import re
 
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
-    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)  # what an H200 reports
-    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
     choice = attention.choose("auto", "gpu", "bfloat16", 64, 15, True, True, True, 4)
     monkeypatch.setattr(attention, "choose", lambda *a, **kw: choice)
     q = jnp.zeros((2, 15, 4, 64), jnp.bfloat16)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxlm import config, optim, plan, sharding
 from jaxlm.config import OptimConfig
-from jaxlm.step import build, make_train_step
+from jaxlm.step import build
 from jaxlm.train import train
 
 BLOCK = {  # the shared stack's matrices, [layers, ...]: (reduction axes, output axes)
@@ -217,12 +217,7 @@ def test_muon_keeps_sharded_matrices_sharded():
         if op == "all-reduce" and shape in grams and dtype == "f32"
     }
     overrides = {**mesh, "optim.name": "muon", "optim.muon_dtype": "bfloat16"}
-    s = plan.setup(load_tiny(**overrides), jax.devices())
-    batch = s.objective.synthetic_batch(s.cfg, s.cfg.train.batch_size, np.random.default_rng(0))
-    rows = jax.sharding.NamedSharding(s.mesh, sharding.logical_spec(("batch", None)))
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in batch.items()}
-    with jax.set_mesh(s.mesh):
-        lowered = make_train_step(s).lower(s.abstract, batch).as_text()
+    lowered = plan.lower_step(plan.setup(load_tiny(**overrides), jax.devices())).as_text()
     asked = collections.Counter(
         re.findall(r"stablehlo.all_reduce.*?\) : \(tensor<(\w+)xbf16>", lowered, re.S)
     )
