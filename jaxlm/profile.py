@@ -84,29 +84,22 @@ def summarize(
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
     data = jax.profiler.ProfileData.from_file(files[-1])
     scopes, kinds = op_scopes(hlo), op_kinds(hlo)
+    for groups in _line_groups(data):  # the first place that holds the program's operations
+        per_device = [ops for ops in (_operations(group, module) for group in groups) if ops]
+        if per_device:
+            break
+    else:
+        raise ValueError(f"the trace in {trace_dir} holds no operation of module {module!r}")
     per_scope, per_op = collections.Counter(), collections.Counter()
     busy = wall = 0.0
-    devices = 0
-    for groups in _line_groups(data):
-        for group in groups:
-            intervals = []
-            for line in group:
-                for event in line.events:
-                    stats = dict(event.stats)
-                    # (an event without its module named is taken: the trace runs one program)
-                    if "hlo_op" not in stats or module not in str(stats.get("hlo_module", module)):
-                        continue
-                    per_scope[scopes.get(str(stats["hlo_op"]), "other")] += event.duration_ns
-                    per_op[str(stats["hlo_op"])] += event.duration_ns
-                    intervals.append((event.start_ns, event.start_ns + event.duration_ns))
-            if intervals:
-                devices += 1
-                busy += _covered(intervals)
-                wall += max(e for _, e in intervals) - min(s for s, _ in intervals)
-        if devices:
-            break
-    if not devices:
-        raise ValueError(f"the trace in {trace_dir} holds no operation of module {module!r}")
+    for ops in per_device:
+        for op, _, duration in ops:
+            per_scope[scopes.get(op, "other")] += duration
+            per_op[op] += duration
+        intervals = [(start, start + duration) for _, start, duration in ops]
+        busy += _covered(intervals)
+        wall += max(e for _, e in intervals) - min(s for s, _ in intervals)
+    devices = len(per_device)
     return {
         "ms_per_step": {
             k: round(per_scope[k] / devices / steps / 1e6, 3)
@@ -125,6 +118,18 @@ def summarize(
             for op, ns in per_op.most_common(top)
         ],
     }
+
+
+def _operations(lines: list, module: str) -> list[tuple[str, float, float]]:
+    """(HLO op, start ns, duration ns) of every event of `module` on these lines; an event
+    without its module named is taken (the traced steps run one program)."""
+    out = []
+    for line in lines:
+        for event in line.events:
+            stats = dict(event.stats)
+            if "hlo_op" in stats and module in str(stats.get("hlo_module", module)):
+                out.append((str(stats["hlo_op"]), event.start_ns, event.duration_ns))
+    return out
 
 
 def _covered(intervals: list[tuple[float, float]]) -> float:
