@@ -134,6 +134,12 @@ def _logged(choice: Choice, what: str) -> None:
     log.info("attention for %s: %s (%s)", what, choice.implementation, choice.reason)
 
 
+# JAX's cuDNN checks while a call is traced. The packed layout calls a private JAX function,
+# which a JAX version may lack or call differently: that is a refusal too, not a crash.
+REFUSALS = (NotImplementedError, ValueError, RuntimeError)
+PACKED_REFUSALS = (*REFUSALS, ImportError, AttributeError, TypeError)
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -192,14 +198,14 @@ def attend(
     attempts += [("cudnn", 0)] if choice.packed else []
     attempts += [("xla", 0)] if choice.implementation == "cudnn" else []
     for i, (implementation, packed) in enumerate(attempts):
+        refusals = PACKED_REFUSALS if packed else REFUSALS
         try:
             if packed:
                 out = _packed(q, k, v, segment_ids, causal, packed, call)
             else:
                 out = call(q, k, v, implementation)
             break
-        # JAX's cuDNN checks; ImportError: a JAX without the packed layout's private module
-        except (NotImplementedError, ValueError, RuntimeError, ImportError) as refusal:
+        except refusals as refusal:
             if i == len(attempts) - 1:
                 raise
             _logged(Choice(attempts[i + 1][0], f"cuDNN refused the call: {refusal}"), what)

@@ -220,6 +220,28 @@ def test_a_refused_packed_layout_falls_back_to_the_dense_mask(caplog):
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+def test_a_jax_without_the_packed_layout_falls_back_to_the_dense_mask(monkeypatch, caplog):
+    """The packed layout calls a private JAX function: a JAX version whose function takes
+    other arguments (TypeError) or lacks it is a refusal, logged, not a crash."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    def older(query, key, value, bias=None, mask=None, *, scale=1.0):  # no offsets, lengths
+        raise AssertionError("called with arguments it does not take")
+
+    monkeypatch.setattr(cudnn, "dot_product_attention", older)
+    keys = jax.random.split(jax.random.key(5), 3)
+    q, k, v = (jax.random.normal(key, (2, 8, 2, 32), jnp.bfloat16) for key in keys)
+    mask = attention.Mask(segment_ids=jnp.array([[1] * 4 + [2] * 4, [1] * 8]))
+    want = attention.attend(q, k, v, mask, True, "xla")
+    choice = attention.Choice("cudnn", "as if on a Hopper GPU", packed=4)
+    monkeypatch.setattr(attention, "choose", lambda *a, **kw: choice)
+    with caplog.at_level("INFO", logger="jaxlm"):
+        got = attention.attend(q, k, v, mask, True, "auto", 4)
+    assert "cudnn (cuDNN refused the call: " in caplog.text
+    assert "unexpected keyword argument" in caplog.text
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_benchmark_batches_pack_several_documents_a_row():
     """`jaxlm bench` times the document mask on rows as a corpus packs them (what cuDNN's
     packed layout costs depends on it), not one document a row."""
