@@ -1,7 +1,8 @@
 """`jaxlm bench`: time full training steps on synthetic batches; no data pipeline involved,
 so it runs where Grain is not installed (e.g. a bare GPU image). `jaxlm bench --data` times
 the data pipeline alone (no model): prepared shards, and on-the-fly tokenization of the same
-text files beside it for comparison."""
+text files beside it for comparison, and how many documents its rows hold (to choose
+model.max_segments for a corpus)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import numpy as np
 from jaxlm import sharding
 from jaxlm.config import Config
 from jaxlm.profile import summarize
+from jaxlm.shards import document_starts
 from jaxlm.step import build, make_train_step, peak_flops, sync_every
 
 log = logging.getLogger("jaxlm")
+# model.max_segments values `bench --data` reports the share of fitting batches for
+MAX_SEGMENTS_CANDIDATES = (4, 8, 16, 32, 64)
 
 
 def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = None) -> dict:
@@ -112,11 +116,28 @@ def bench_data(cfg: Config, steps: int, workdir: str) -> dict:
         "local_batch": cfg.train.batch_size // jax.process_count(),
         "prepared_tokens_per_s": round(_rate(dataset.train_batches(0), steps, per_batch)),
     }
+    result |= documents_per_row(dataset.train_batches(0), steps, cfg.model.max_segments)
     raw = [e for e in data.entries(cfg.data) if not data.is_prepared(e)]
     if raw:
         it = _tokenize_on_the_fly(raw, tok, cfg)
         result["on_the_fly_tokens_per_s"] = round(_rate(it, steps, per_batch))
     return result
+
+
+def documents_per_row(batches, steps: int, max_segments: int = 0) -> dict:
+    """How many documents the rows of `steps` batches hold, and the share of batches whose
+    every row holds at most M: those run cuDNN's packed layout with model.max_segments=M (on
+    a Hopper GPU), the others the dense mask. This process's rows: with several processes a
+    step needs every process's rows to fit, so the share is an upper bound."""
+    counts = np.stack([document_starts(next(batches)["segment_ids"]).sum(-1) for _ in range(steps)])
+    most = counts.max(axis=1)  # per batch
+    candidates = sorted({*MAX_SEGMENTS_CANDIDATES, max_segments} - {0})
+    return {
+        "documents_per_row": {"mean": round(float(counts.mean()), 2), "max": int(most.max())},
+        "batches_within_max_segments": {
+            str(m): round(float((most <= m).mean()), 4) for m in candidates
+        },
+    }
 
 
 def _rate(batches, steps: int, tokens_per_batch: int) -> float:

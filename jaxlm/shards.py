@@ -163,11 +163,18 @@ class Shards(Records):
         return prepare_lib.decode_rows(records, self.row_length)
 
 
+def document_starts(segments: np.ndarray) -> np.ndarray:
+    """Where each document piece of packed rows [..., R] begins (a run of equal segment ids,
+    padding's included: what attention's packed layout counts too)."""
+    starts = np.ones(segments.shape, bool)
+    starts[..., 1:] = segments[..., 1:] != segments[..., :-1]
+    return starts
+
+
 def row_example(tokens: np.ndarray, segments: np.ndarray) -> dict:
     """Packed rows [..., R] with each token's position within its document piece."""
     index = np.arange(tokens.shape[-1], dtype=np.int32)
-    starts = np.ones(tokens.shape, bool)
-    starts[..., 1:] = segments[..., 1:] != segments[..., :-1]
+    starts = document_starts(segments)
     positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
     return {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions}
 
