@@ -19,64 +19,39 @@ def cli_error(capsys, *args) -> str:
     return err
 
 
+def train_error(capsys, workdir, overrides: dict) -> str:
+    """`jaxlm train` of the tiny GPT with these overrides fails with a message, no trace."""
+    return cli_error(capsys, "train", GPT, "--workdir", str(workdir), *tiny_overrides(**overrides))
+
+
 def test_mesh_that_does_not_match_the_devices(tmp_path, capsys):
-    err = cli_error(
-        capsys,
-        "train",
-        GPT,
-        "--workdir",
-        str(tmp_path),
-        *tiny_overrides(**{"mesh.data": 3, "mesh.fsdp": 2}),
-    )
+    err = train_error(capsys, tmp_path, {"mesh.data": 3, "mesh.fsdp": 2})
     assert "mesh (data=3, fsdp=2, tensor=1) needs 6 devices, but there are 8" in err
     with pytest.raises(ConfigError, match=r"does not divide the 8 devices"):
         train(load_tiny(**{"mesh.data": -1, "mesh.fsdp": 3}), tmp_path)
 
 
 def test_batch_not_divisible_by_data_parallel_size(tmp_path, capsys):
-    err = cli_error(
-        capsys, "train", GPT, "--workdir", str(tmp_path), *tiny_overrides(**{"train.batch_size": 6})
-    )
+    err = train_error(capsys, tmp_path, {"train.batch_size": 6})
     assert "train.batch_size=6 (micro-batch 6 with train.grad_accum=1)" in err
     assert "is not divisible by the data-parallel size 8" in err
 
 
 def test_missing_data_file(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
-    err = cli_error(
-        capsys,
-        "train",
-        GPT,
-        "--workdir",
-        str(tmp_path),
-        *tiny_overrides(**{"data.files": str(missing)}),
-    )
+    err = train_error(capsys, tmp_path, {"data.files": str(missing)})
     assert f"data.files: '{missing}' matches no file" in err
 
 
 def test_empty_data_file(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
-    err = cli_error(
-        capsys,
-        "train",
-        GPT,
-        "--workdir",
-        str(tmp_path / "w"),
-        *tiny_overrides(**{"data.files": str(empty)}),
-    )
+    err = train_error(capsys, tmp_path / "w", {"data.files": str(empty)})
     assert f"data file '{empty}' is empty" in err
 
 
 def test_missing_tokenizer_file(tmp_path, capsys):
-    err = cli_error(
-        capsys,
-        "train",
-        GPT,
-        "--workdir",
-        str(tmp_path),
-        *tiny_overrides(**{"data.tokenizer": "no.model"}),
-    )
+    err = train_error(capsys, tmp_path, {"data.tokenizer": "no.model"})
     assert "tokenizer file 'no.model' not found" in err
 
 
