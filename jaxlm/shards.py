@@ -179,12 +179,14 @@ def row_example(tokens: np.ndarray, segments: np.ndarray) -> dict:
     return {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions}
 
 
-def synthetic_segments(rows: int, length: int, rng: np.random.Generator) -> np.ndarray:
+def synthetic_segments(
+    rows: int, length: int, rng: np.random.Generator, per_row: float = 4.0
+) -> np.ndarray:
     """Segment ids [rows, length] of documents packed as `jaxlm data prepare` packs them (one
-    after another, the last cut at the row's end), of geometric lengths with mean length / 4:
-    benchmark batches, since what attention costs with the document mask can depend on how
-    many documents a row holds (cuDNN's packed layout)."""
-    lengths = rng.geometric(4 / length, (rows, length))  # more than a row can hold
+    after another, the last cut at the row's end), of geometric lengths with mean length /
+    per_row: benchmark batches, since what attention costs with the document mask can depend
+    on how many documents a row holds (cuDNN's packed layout)."""
+    lengths = rng.geometric(per_row / length, (rows, length))  # more than a row can hold
     new = np.zeros((rows, length), bool)
     ends = np.cumsum(lengths, axis=1)
     for row, row_ends in zip(new, ends, strict=True):

@@ -36,7 +36,7 @@ def test_gpu_benchmark_steps_lower_to_cudnn(h200_cudnn, case):
 def test_the_gpu_call_runs_end_to_end_as_a_dry_run(tmp_path):
     """launch/gpu_bench.sh, the one call a lent GPU gets, run here with a stand-in for `jaxlm
     bench` (it echoes its arguments) and a short attention check: every step runs in order,
-    each result lands in results.jsonl, and the attention script prints its six ways. A shell
+    each result lands in results.jsonl, and the attention script prints its seven ways. A shell
     mistake found here costs no GPU minutes."""
     import json
     import os
@@ -61,7 +61,7 @@ def test_the_gpu_call_runs_end_to_end_as_a_dry_run(tmp_path):
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line a JSON record
     ways = [r["way"] for r in records if "way" in r]
-    assert len(ways) == 6 and not [r for r in records if "error" in r], records
+    assert len(ways) == 7 and not [r for r in records if "error" in r], records
     runs = [r for r in records if "run" in r]
     assert [r["run"] for r in runs][:3] == ["gpt2_124m", "gpt2_124m_packed", "bert_base"]
     assert runs[0]["args"][:2] == ["configs/gpt.py:gpt2_124m", "--steps"]
