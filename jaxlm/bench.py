@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -124,7 +125,7 @@ def bench_data(cfg: Config, steps: int, workdir: str) -> dict:
     return result
 
 
-def documents_per_row(batches, steps: int, max_segments: int = 0) -> dict:
+def documents_per_row(batches: Iterator[dict], steps: int, max_segments: int = 0) -> dict:
     """How many documents the rows of `steps` batches hold, and the share of batches whose
     every row holds at most M: those run cuDNN's packed layout with model.max_segments=M (on
     a Hopper GPU), the others the dense mask. This process's rows: with several processes a

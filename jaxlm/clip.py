@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from functools import partial
 
 import jax
@@ -145,7 +146,7 @@ def check(cfg: Config) -> None:
         )
 
 
-def default_tokenizer(cfg: Config, workdir):
+def default_tokenizer(cfg: Config, workdir: str | os.PathLike) -> tokenizer_lib.AnyTokenizer:
     """Trained on the captions of the first sources' first pairs (and, for labelled pairs
     without one, captions drawn from their templates)."""
     texts, rng = [], np.random.default_rng(0)

@@ -27,6 +27,8 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -36,6 +38,9 @@ from jaxlm import data, images, inputs
 from jaxlm import prepare_images as prep
 from jaxlm.config import Config, ConfigError
 from jaxlm.shards import Records
+
+if TYPE_CHECKING:  # Grain is imported where batches are made
+    import grain
 
 log = logging.getLogger("jaxlm")
 SMALL = ("digits", "tar:", "tfds:")
@@ -245,7 +250,7 @@ def zeroshot_set(
 
 def ordered_batches(
     cfg: Config, tokenizer, source: ImageSource, split: str, n: int, labelled: bool = False
-):
+) -> grain.MapDataset:
     """Global batches of pairs 0, 1, ..., n - 1, 0, 1, ... of a split (centre crops), with
     labels and global indices if labelled: this process's share, as a MapDataset."""
     import grain
@@ -285,7 +290,7 @@ class ClipData:
 
     def train_batches(
         self, start_step: int, process_index: int | None = None, process_count: int | None = None
-    ):
+    ) -> Iterator[dict]:
         """This process's share of global batches start_step, start_step + 1, ..."""
         lengths = [s.manifest["train"]["pairs"] for s in self.sources]
         rows = data.mixed_rows(lengths, self.weights, self.cfg.train.seed)

@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -37,6 +38,9 @@ from jaxlm import prepare as prepare_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config, ConfigError, DataConfig
 from jaxlm.shards import Prepared, Shards, row_example
+
+if TYPE_CHECKING:  # Grain is imported where batches are made (bench runs without it)
+    import grain
 
 log = logging.getLogger("jaxlm")
 
@@ -98,7 +102,7 @@ def sample_texts(cfg: DataConfig) -> Iterator[str]:
             yield from inputs.documents(unit, cfg.text_field)
 
 
-def prepared_tokenizer(cfg: DataConfig):
+def prepared_tokenizer(cfg: DataConfig) -> tokenizer_lib.AnyTokenizer | None:
     """The tokenizer of the first prepared entry, or None."""
     for entry in entries(cfg):
         if is_prepared(entry):
@@ -245,7 +249,7 @@ class TextData:
         mixed = sum(c / max(c.sum(), 1.0) * w for c, w in zip(counts, self.weights, strict=True))
         return mixed * total
 
-    def rows(self, split: str = "train", entry: int = 0):
+    def rows(self, split: str = "train", entry: int = 0) -> grain.MapDataset:
         """The endless, seeded order of examples as a Grain MapDataset of (shards, row):
         example i reads row `row` of `self.shards(split)[shards]`."""
         import grain
@@ -280,7 +284,7 @@ class TextData:
         process_index: int | None = None,
         process_count: int | None = None,
         entry: int = 0,
-    ):
+    ) -> grain.MapDataset:
         """This process's share of the global batches from start_step on (a MapDataset): of
         the training mixture, or of entry `entry`'s held-out rows."""
         seed = self.cfg.train.seed + (0 if split == "train" else 1)
@@ -358,7 +362,7 @@ def mixture_weights(given: tuple[float, ...], sizes: list[float], names: list[st
     return [w / sum(given) for w in given]
 
 
-def mixed_rows(lengths: list[int], weights: list[float], seed: int):
+def mixed_rows(lengths: list[int], weights: list[float], seed: int) -> grain.MapDataset:
     """The endless training order of several entries as a MapDataset of (entry, row): each
     entry's rows shuffled by a seed of its own (a new permutation each epoch), repeated, and
     mixed by weight with Grain's `mix` (entries of weight 0 left out)."""
@@ -386,13 +390,13 @@ def _collate_with_index(collate: Callable, b: int, j: int, items: list) -> dict:
 
 
 def global_batches(
-    ds,
+    ds: grain.MapDataset | list,
     batch_size: int,
     start_step: int,
     process_index: int | None = None,
     process_count: int | None = None,
     collate: Callable[[int, list], dict] | None = None,
-):
+) -> grain.MapDataset:
     """Examples [s * B, (s + 1) * B) form global batch s; process p of n gets the p-th
     contiguous B / n of them, stacked, or passed to collate(index of the first, examples).
     Returns this process's batches from start_step on."""
@@ -412,7 +416,7 @@ def global_batches(
     return ds[start_step * n + p :: n]
 
 
-def read_options():
+def read_options() -> grain.ReadOptions:
     import grain
 
     # One read thread (one batch in flight) per core: more threads only contend for the GIL

@@ -141,7 +141,7 @@ def from_jaxlm(table: list[Tensor], params: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
-def read_tokenizer(src: Path, arch: Architecture, model: ModelConfig):
+def read_tokenizer(src: Path, arch: Architecture, model: ModelConfig) -> tokenizer_lib.AnyTokenizer:
     """BERT: WordPiece from vocab.txt. Others: tokenizer.json through `tokenizers`, with
     [bos] prepended only where the source says so (`tokenizer.load`'s rule)."""
     settings = src / "tokenizer_config.json"

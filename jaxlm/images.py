@@ -11,8 +11,12 @@ from __future__ import annotations
 import io
 import json
 import struct
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # decoding imports PIL when first used
+    import PIL.Image
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Captions of training pairs; zero-shot evaluation uses EVAL_TEMPLATES, none of which is here.
@@ -84,7 +88,7 @@ def decode_pair(record: bytes) -> dict:
     return json.loads(record[4 : 4 + n]) | {"image": record[4 + n :]}
 
 
-def decode(image: bytes):
+def decode(image: bytes) -> PIL.Image.Image | None:
     """Encoded bytes -> a PIL RGB image, decoded; None if unreadable. (Kept as PIL: the crop
     and resize that follow then copy nothing through NumPy.)"""
     from PIL import Image, UnidentifiedImageError

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 
 import jax
@@ -77,7 +78,9 @@ def check(cfg: Config) -> None:
     del cfg  # nothing beyond config.validate
 
 
-def default_tokenizer(cfg: Config, workdir=None):
+def default_tokenizer(
+    cfg: Config, workdir: str | os.PathLike | None = None
+) -> tokenizer_lib.AnyTokenizer:
     """A prepared entry's tokenizer, else one trained on a bounded sample of the text files."""
     found = data.prepared_tokenizer(cfg.data)
     if found is not None:
@@ -147,7 +150,9 @@ def _summed_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Ar
     return ((logz - picked) * weights).sum()
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Weighted mean next-token cross-entropy, computed in float32; also returns the weight."""
     total = jnp.maximum(weights.sum(), 1.0)
     return _summed_cross_entropy(logits, targets, weights) / total, total

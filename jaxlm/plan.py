@@ -20,8 +20,15 @@ import collections
 import math
 import os
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # compiling imports JAX and the step where it is asked for
+    import jax
+
+    from jaxlm.config import Config
+    from jaxlm.step import Setup
 
 GIB = 1 << 30
 # Memory of one chip / GPU, bytes. A100 and H100 as their 80 GB parts.
@@ -129,14 +136,15 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
     }
 
 
-def compile_train_step(cfg, devices: list):
+def compile_train_step(cfg: Config, devices: list) -> tuple[Setup, jax.stages.Compiled]:
     """(Setup, compiled train step) for cfg on these devices, as `jaxlm train` jits it, from
     abstract arrays only: nothing is allocated."""
     s = setup(cfg, devices)
     return s, compile_step(s)
 
 
-def setup(cfg, devices: list):
+def setup(cfg: Config, devices: list) -> Setup:
+    """The model, shardings and optimizer of cfg on a mesh of these devices."""
     from jaxlm import sharding
     from jaxlm.step import build
 
@@ -145,11 +153,11 @@ def setup(cfg, devices: list):
     return build(cfg, mesh)
 
 
-def compile_step(s):
+def compile_step(s: Setup) -> jax.stages.Compiled:
     return lower_step(s).compile()
 
 
-def lower_step(s, platforms: tuple[str, ...] | None = None):
+def lower_step(s: Setup, platforms: tuple[str, ...] | None = None) -> jax.stages.Lowered:
     """The train step lowered from abstract arrays (a synthetic batch's shapes, split over the
     batch axes), for this process's platform or for `platforms` (("cuda",): a GPU's program,
     lowered on a machine without one)."""

@@ -390,7 +390,7 @@ class Progress:
             print(file=sys.stderr)
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str) -> tokenizer_lib.AnyTokenizer:
     """--tokenizer: a sentencepiece .model, a Hugging Face tokenizer.json, a prepared
     directory or a jaxlm workdir (its newest checkpoint's tokenizer)."""
     path = epath.Path(spec)

@@ -70,7 +70,9 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
-def logical_spec(names: tuple, shape: tuple | None = None, mesh: Mesh | None = None):
+def logical_spec(
+    names: tuple, shape: tuple | None = None, mesh: Mesh | None = None
+) -> PartitionSpec:
     """Logical names -> PartitionSpec. With a shape and mesh, a dimension that does not divide
     its mesh axes is replicated instead (e.g. a 50257 vocabulary over 4 tensor devices)."""
     spec = []

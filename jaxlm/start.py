@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from types import ModuleType
 
 import jax
 from etils import epath
@@ -20,7 +21,9 @@ from jaxlm.step import Setup, build
 log = logging.getLogger("jaxlm")
 
 
-def fresh_tokenizer(cfg: Config, objective, workdir: epath.Path):
+def fresh_tokenizer(
+    cfg: Config, objective: ModuleType, workdir: epath.Path
+) -> tokenizer_lib.AnyTokenizer:
     """data.tokenizer; else a prepared entry's; else one trained on a bounded sample.
 
     Made on process 0 only and written to WORKDIR/jaxlm_tokenizer.json, which every other

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -88,7 +89,7 @@ def build(cfg: Config, mesh: Mesh) -> Setup:
     return dataclasses.replace(setup, shardings=shardings, abstract=abstract)
 
 
-def make_train_step(s: Setup):
+def make_train_step(s: Setup) -> Callable[[dict, Any], tuple[dict, dict]]:
     """jit(train_step): (state, batch) -> (state, metrics), state donated."""
     cfg, accum = s.cfg, s.cfg.train.grad_accum
     schedule = optim.schedule(cfg.optim, cfg.train.steps)
@@ -150,7 +151,7 @@ def make_train_step(s: Setup):
     )
 
 
-def make_eval_step(s: Setup):
+def make_eval_step(s: Setup) -> Callable[[Any, Any], dict]:
     """jit(eval_step): (params, batch) -> metrics summed over tokens, plus `tokens`."""
 
     def eval_step(params: Any, batch: dict) -> dict:

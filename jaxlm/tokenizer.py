@@ -259,7 +259,11 @@ class HFTokenizer:
         return fast.to_str()
 
 
-def from_dict(d: dict) -> Tokenizer | WordPiece | HFTokenizer:
+# what every loader returns: encode/decode, the special ids, to_dict
+AnyTokenizer = Tokenizer | HFTokenizer | WordPiece
+
+
+def from_dict(d: dict) -> AnyTokenizer:
     if "sentencepiece" in d:
         return Tokenizer(base64.b64decode(d["sentencepiece"]))
     if "hf_tokenizer" in d:
@@ -267,7 +271,7 @@ def from_dict(d: dict) -> Tokenizer | WordPiece | HFTokenizer:
     return WordPiece(d["wordpiece"], d.get("lowercase", True))
 
 
-def hf_files(tokenizer) -> dict[str, str]:
+def hf_files(tokenizer: AnyTokenizer) -> dict[str, str]:
     """The files a Hugging Face directory holds for this tokenizer (name -> text), which
     `AutoTokenizer` loads to give jaxlm's ids: tokenizer.json, or BERT's vocab.txt."""
     if isinstance(tokenizer, WordPiece):
@@ -333,7 +337,7 @@ def train(
     return Tokenizer(out.getvalue())
 
 
-def load(path: str | Path) -> Tokenizer | HFTokenizer | WordPiece:
+def load(path: str | Path) -> AnyTokenizer:
     """A sentencepiece `.model`, a Hugging Face `tokenizer.json`, or a tokenizer jaxlm wrote
     (`jaxlm_tokenizer.json`, e.g. in a prepared directory); local or a URL (`gs://...`)."""
     file = epath.Path(path)

@@ -18,6 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -46,7 +47,9 @@ PREFETCH = 2  # batches put on the devices ahead of the step that needs them
 PROFILE_STEPS = (3, 6)  # --profile traces steps [start + 3, start + 6): compiled and warm
 
 
-def on_devices(batches, mesh, ahead: int = PREFETCH):
+def on_devices(
+    batches: Iterator[dict], mesh: jax.sharding.Mesh, ahead: int = PREFETCH
+) -> Iterator[dict]:
     """Global device batches, each transferred `ahead` steps before it is needed: the copy
     runs while the previous steps compute, so the loop never waits on the host."""
     queue: collections.deque = collections.deque()

@@ -2,11 +2,15 @@
 `custom_dataset`: a YAML's `data_files` would resolve against the current directory)."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the harness brings `datasets`; jaxlm does not need it
+    import datasets
 
 HERE = Path(__file__).resolve().parent
 
 
-def _test_split(name: str, **_):
+def _test_split(name: str, **_) -> "datasets.DatasetDict":
     import datasets
 
     return datasets.DatasetDict(
@@ -14,13 +18,13 @@ def _test_split(name: str, **_):
     )
 
 
-def plays_next_line(**kwargs):
+def plays_next_line(**kwargs) -> "datasets.DatasetDict":
     return _test_split("plays_next_line", **kwargs)
 
 
-def plays_passages(**kwargs):
+def plays_passages(**kwargs) -> "datasets.DatasetDict":
     return _test_split("plays_passages", **kwargs)
 
 
-def plays_complete_line(**kwargs):
+def plays_complete_line(**kwargs) -> "datasets.DatasetDict":
     return _test_split("plays_complete_line", **kwargs)
