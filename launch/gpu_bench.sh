@@ -46,7 +46,7 @@ peer() { [ -f $peers ] && step "hf_$1" "$2" python3 $peers "$1"; }
 # One attention layer, every way jaxlm runs the document mask: errors against float32 XLA,
 # forward + backward ms (all its lines, not only the last)
 echo "== attention $(date +%T)"
-timeout 75 python3 launch/gpu_attention.py ${ATTENTION_ARGS:-} > "$LOGS/attention.log" 2>&1
+timeout 90 python3 launch/gpu_attention.py ${ATTENTION_ARGS:-} > "$LOGS/attention.log" 2>&1
 grep "attention for" "$LOGS/attention.log" | sort -u
 grep -E '^\{' "$LOGS/attention.log" | tee -a "$OUT/results.jsonl"
 grep -E "Error|error" "$LOGS/attention.log" | grep -v '^{' | tail -3
