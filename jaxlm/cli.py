@@ -176,6 +176,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         from jaxlm.bench import bench, bench_data
 
+        if args.steps <= 0:
+            raise ConfigError(f"bench: --steps must be a positive number, got {args.steps}")
         cfg = config.load(args.config, args.overrides)
         if args.data and cfg.objective == "clip":
             from jaxlm.bench_images import bench_image_data

@@ -82,3 +82,9 @@ def test_corrupt_latest_checkpoint_is_skipped_not_loaded_nor_deleted(tmp_path, c
 def test_clip_refuses_text_data_files(tmp_path):
     with pytest.raises(ConfigError, match=r"data.files is for the text objectives.*clip.source"):
         train(load_tiny("clip", **{"data.files": "corpus.txt"}), tmp_path)
+
+
+@pytest.mark.parametrize("data", [[], ["--data"]])
+def test_bench_needs_a_positive_number_of_steps(capsys, data):
+    err = cli_error(capsys, "bench", GPT, "--steps", "0", *data)
+    assert "bench: --steps must be a positive number, got 0" in err
