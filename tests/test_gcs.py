@@ -12,7 +12,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_tiny, tiny_overrides, train_killed_after_save
+from conftest import ROOT, load_tiny, tiny_overrides, train_killed_after_save, xla_flags
 from etils import epath
 
 from jaxlm import cli
@@ -66,7 +66,7 @@ def gcs():
 
 
 def _jaxlm(*args, timeout=300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     return subprocess.run(
         [sys.executable, "-m", "jaxlm.cli", *args],
         cwd=ROOT,

@@ -7,7 +7,7 @@ import logging
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, load_tiny, read_metrics
+from conftest import ROOT, load_tiny, read_metrics, xla_flags
 
 from jaxlm import choices, cli, loglik, sharding
 from jaxlm.evaluate import load
@@ -208,7 +208,7 @@ def test_two_processes_give_the_metrics_of_one(tiny_lm, capsys):
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES="2",
             JAX_PROCESS_ID=str(i),
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            XLA_FLAGS=xla_flags(4),
         )
         cmd = [sys.executable, "-m", "jaxlm.cli", *tasks, "--distributed"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True))

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import portpicker
 import pytest
-from conftest import ROOT, SMALL_CORPUS, load_tiny, read_metrics, tiny_overrides
+from conftest import ROOT, SMALL_CORPUS, load_tiny, read_metrics, tiny_overrides, xla_flags
 
 from jaxlm import prepare, tokenizer
 from jaxlm.train import train
@@ -66,7 +66,7 @@ def launch(workdir, n: int, objective: str = "gpt", timeout: int = 240, env=None
             JAX_NUM_PROCESSES=str(n),
             JAX_PROCESS_ID=str(i),
             JAX_PLATFORMS="cpu",
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n}",
+            XLA_FLAGS=xla_flags(8 // n),
             **(env or {}),
         )
         procs.append(

@@ -1,10 +1,10 @@
-"""Weights & Biases tracking (`train.track=...,wandb`), offline: what W&B wrote is read back
-from its own run files, and a resume continues the same run."""
+"""Tracking: TensorBoard's event files and Weights & Biases (`train.track=...,wandb`,
+offline), each read back from the files they wrote; a W&B resume continues the same run."""
 
 import json
 import struct
 
-from conftest import load_tiny
+from conftest import load_tiny, run_python
 
 from jaxlm.train import train
 
@@ -73,3 +73,47 @@ def test_wandb_offline_run_and_its_resume(tmp_path, monkeypatch):
     got_id, _, rows = history(second)
     assert got_id == run_id and second.name.endswith(run_id)  # the same W&B run
     assert sorted(r["step"] for r in rows if "loss" in r) == [3, 4]
+
+
+TENSORBOARD = """
+import sys
+from etils import epath
+from jaxlm.train import MetricsWriter
+writer = MetricsWriter(epath.Path(sys.argv[1]), start=1, track=("tensorboard",))
+writer.write(2, {"loss": 2.5, "lr": 0.125, "note": "text is not a scalar"})
+writer.write(3, {"loss": 2.0})
+writer.close()
+print("torch loaded by the writer:", "torch" in sys.modules)
+import torch  # still importable after
+print("torch after:", torch.__name__)
+"""
+
+
+def tensorboard_events(path):
+    """The Event protos of a TensorBoard event file: TFRecord framing (length, its CRC, the
+    data, its CRC), read with tensorboardX's own Event message."""
+    from tensorboardX.proto import event_pb2
+
+    raw, pos = path.read_bytes(), 0
+    while pos < len(raw):
+        (length,) = struct.unpack("<Q", raw[pos : pos + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(raw[pos + 12 : pos + 12 + length])
+        pos += 12 + length + 4
+        yield event
+
+
+def test_tensorboard_events_hold_the_scalars_and_the_writer_loads_without_torch(tmp_path):
+    """A fresh process (torch is installed here, through sentence-transformers): the writer
+    never imports torch (3 s of every start), torch imports after, and the events hold each
+    step's scalars plus the resume's purge of steps after the start."""
+    proc = run_python(TENSORBOARD.replace("sys.argv[1]", repr(str(tmp_path))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch loaded by the writer: False" in proc.stdout
+    assert "torch after: torch" in proc.stdout
+    (path,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    events = list(tensorboard_events(path))
+    scalars = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value}
+    assert scalars == {(2, "loss"): 2.5, (2, "lr"): 0.125, (3, "loss"): 2.0}
+    purges = [e.step for e in events if e.HasField("session_log")]
+    assert purges == [2]  # TensorBoard drops what an earlier run logged from step 2 on
