@@ -143,6 +143,37 @@ def test_what_cannot_be_evaluated_says_so_in_one_line(tiny_lm, tmp_path, capsys)
         choices.read_set(str(bad))
 
 
+def test_lm_evals_own_tasks_are_indexed_only_when_a_task_needs_them(tiny_lm, tmp_path, monkeypatch):
+    """Indexing lm-eval's 14,686 tasks takes 25-40 s: the shipped tasks run on an index of
+    their own; a local group of a shipped task and one of lm-eval's (arc_easy) falls back to
+    the whole index, whose error names arc_easy's dataset (offline here)."""
+    from lm_eval import tasks as lm_eval_tasks
+
+    from jaxlm import harness
+    from jaxlm.config import ConfigError
+
+    built = []
+
+    class Recorded(lm_eval_tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs.get("include_defaults", True))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval_tasks, "TaskManager", Recorded)
+    loaded = load(tiny_lm, params_only=True)
+    (line,) = harness.evaluate_tasks(loaded, ["plays_next_line"], limit=2)
+    assert line["task"] == "plays_next_line" and line["samples"] == 2
+    assert built == [False]  # lm-eval's own tasks never indexed
+
+    built.clear()
+    (tmp_path / "group.yaml").write_text(
+        "group: plays_and_arc\ntask:\n  - plays_next_line\n  - arc_easy\n"
+    )
+    with pytest.raises(ConfigError, match="plays_and_arc.*allenai/ai2_arc"):
+        harness.evaluate_tasks(loaded, ["plays_and_arc"], limit=2, include_path=str(tmp_path))
+    assert built == [False, True]
+
+
 GOLDEN = ROOT / "tests" / "golden" / "harness_smollm2.json"
 
 
