@@ -8,14 +8,26 @@ import tempfile
 
 def xla_flags(devices: int) -> str:
     """XLA_FLAGS of this test session and of every process it starts (the same in all: runs
-    compared across processes must compile alike). The tests compile hundreds of tiny programs
-    and run each for milliseconds: LLVM's level-2 optimisation of the generated code was a third
-    of a compile here. Level 1 (the clip/siglip mesh test: 59 s -> 43 s) keeps the speed of the
-    few tests that run SmolLM2 (its greedy generation: 17.4 s -> 16.7 s; level 0: 35 s). A hung
-    CPU collective gives up after 60 s instead of never."""
+    compared across processes must compile alike).
+
+    The tests compile hundreds of tiny programs and run each for milliseconds, so they trade
+    generated-code speed for compile time: LLVM at level 1 without its expensive passes, and
+    the classic loop emitters instead of the MLIR fusion emitters (train_step, init and
+    eval_step of a tiny GPT: ~8 s -> ~6 s; tests/test_train.py + test_optimizers.py: 300 s and
+    262 s -> 252 s and 227 s, runs interleaved; SmolLM2's greedy generation, the one test that
+    runs a real model, unchanged at 14-20 s; level 0 doubled it).
+
+    The concurrency-optimised HLO scheduler is off: with it, a train step with gradient
+    accumulation on a (4, 1, 2) or (4, 2, 1) mesh, loaded from the persistent compilation
+    cache below instead of compiled, deadlocks its collectives (devices wait in different
+    all-reduces until the timeout aborts the process; jax 0.10.2 CPU; compiled fresh it runs).
+    A hung CPU collective gives up after 60 s instead of never."""
     return (
         f"--xla_force_host_platform_device_count={devices}"
         " --xla_backend_optimization_level=1"
+        " --xla_llvm_disable_expensive_passes=true"
+        " --xla_cpu_use_fusion_emitters=false"
+        " --xla_cpu_enable_concurrency_optimized_scheduler=false"
         " --xla_cpu_collective_call_terminate_timeout_seconds=60"
     )
 
