@@ -12,7 +12,7 @@ from jaxlm import config
 from jaxlm.plan import compile_train_step
 import jax
 for chunk in (0, 256):
-    cfg = config.load({config!r}, [f"train.loss_chunk={{chunk}}"])
+    cfg = config.load({config!r}, [f"train.loss_chunk={{chunk}}", "model.num_layers=1"])
     _, compiled = compile_train_step(cfg, jax.devices())
     full_logits = "f32[12,1024,50304]" in compiled.as_text()
     print(chunk, compiled.memory_analysis().temp_size_in_bytes, full_logits)
@@ -48,7 +48,8 @@ def test_plan_llama_7b_on_64_devices():
 
 def test_chunked_loss_never_holds_the_full_logits():
     """gpt2_124m at batch 12 on one CPU device: the plain loss holds [12, 1024, 50304] float32
-    logits, the chunked one does not, and the temporaries fall by more than their 2.4 GB."""
+    logits, the chunked one does not, and the temporaries fall by more than their 2.4 GB. One
+    of its 12 layers: the logits are the same, and the two compiles take 9 s instead of 38."""
     proc = run_python(LOGITS_MEMORY.format(config=str(ROOT / "configs/gpt.py:gpt2_124m")), 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line.split() for line in proc.stdout.strip().splitlines()]
