@@ -217,13 +217,26 @@ def segment_runs(segment_ids: jax.Array, most: int) -> tuple[jax.Array, jax.Arra
     them) in the form of cuDNN's packed layout: (lengths [B, most], starts [B, most + 1],
     count [B]), -1 past a row's last run; a row with more than `most` runs does not fit."""
     b, t = segment_ids.shape
-    first = jnp.ones((b, 1), bool)
-    new = jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    new = _run_starts(segment_ids)
     starts = jax.vmap(lambda row: jnp.nonzero(row, size=most + 1, fill_value=-1)[0])(new)
     starts = starts.astype(jnp.int32)
     ends = jnp.concatenate([starts[:, 1:], jnp.full((b, 1), -1, jnp.int32)], axis=1)
     lengths = jnp.where(starts < 0, -1, jnp.where(ends < 0, t, ends) - starts)
     return lengths[:, :most], starts, new.sum(axis=1)
+
+
+def over_max_segments(segment_ids: jax.Array, most: int) -> jax.Array:
+    """How many of the batches segment_ids [N, B, T] (a step's micro-batches) hold a row of
+    more than `most` documents: with the packed layout (model.max_segments=most, on a Hopper
+    GPU) each of those ran the dense mask, whole, as `_packed` decides per attention call."""
+    runs = _run_starts(segment_ids).sum(axis=-1)  # [N, B]
+    return jnp.sum(jnp.any(runs > most, axis=-1))
+
+
+def _run_starts(segment_ids: jax.Array) -> jax.Array:
+    """Where each run of equal segment ids begins in rows [..., T] (a document, or padding)."""
+    first = jnp.ones((*segment_ids.shape[:-1], 1), bool)
+    return jnp.concatenate([first, segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
 
 
 def _packed(q, k, v, segment_ids, causal: bool, most: int, dense) -> jax.Array:

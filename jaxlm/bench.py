@@ -59,7 +59,7 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
     unit, per_example = s.objective.UNIT, s.objective.items_per_example(cfg)
     per_s = cfg.train.batch_size * per_example / step_s
     peak, source = peak_flops(cfg.train.peak_flops)
-    return {
+    result = {
         "config": cfg.name,
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
@@ -72,7 +72,11 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
         "peak_flops_source": source,
         "compile_s": round(compile_s, 1),
         "loss": round(float(metrics["loss"]), 4),
-    } | ({"profile": parts} if profile else {})
+    }
+    if "max_segments_exceeded" in metrics:  # with model.max_segments: how many of the timed
+        # step's micro-batches ran the dense mask, not cuDNN's packed layout (on a Hopper GPU)
+        result["max_segments_exceeded"] = int(metrics["max_segments_exceeded"])
+    return result | ({"profile": parts} if profile else {})
 
 
 def _profile(train_step, state: dict, batch: dict, trace_dir: str, steps: int = 3) -> dict:

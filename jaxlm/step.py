@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import clip, lm, mlm, optim
+from jaxlm import attention, clip, lm, mlm, optim
 from jaxlm.config import Config
 from jaxlm.sharding import logical_spec
 
@@ -93,6 +93,8 @@ def make_train_step(s: Setup) -> Callable[[dict, Any], tuple[dict, dict]]:
     """jit(train_step): (state, batch) -> (state, metrics), state donated."""
     cfg, accum = s.cfg, s.cfg.train.grad_accum
     schedule = optim.schedule(cfg.optim, cfg.train.steps)
+    # micro-batches whose attention ran the dense mask rather than cuDNN's packed layout
+    counts_fallbacks = bool(cfg.model.max_segments and cfg.model.document_mask)
 
     def grads_of(params, batch, rng):
         def loss(p):
@@ -136,6 +138,10 @@ def make_train_step(s: Setup) -> Callable[[dict, Any], tuple[dict, dict]]:
             metrics = {k: v / tokens for k, v in metrics.items() if k != "tokens"} | {
                 "tokens": metrics["tokens"]
             }
+        if counts_fallbacks and "segment_ids" in batch:  # packed documents (not CLIP's)
+            metrics["max_segments_exceeded"] = attention.over_max_segments(
+                micro["segment_ids"], cfg.model.max_segments
+            )
         with jax.named_scope("optimizer"):  # clipping included
             updates, opt_state = s.tx.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)

@@ -241,6 +241,40 @@ class TimedSaves:
         self.last = time.monotonic()
 
 
+class Fallbacks:
+    """With model.max_segments, how many micro-batches ran the dense mask because a row held
+    more documents (on a Hopper GPU; elsewhere the dense mask is all there is): summed on the
+    device every step (the metric `max_segments_exceeded`), read where the loop logs."""
+
+    def __init__(self, cfg: Config):
+        self.max_segments, self.accum = cfg.model.max_segments, cfg.train.grad_accum
+        self.pending, self.total, self.counted = None, 0, 0
+
+    def add(self, metrics: dict) -> None:
+        n = metrics.pop("max_segments_exceeded", None)
+        if n is not None:
+            self.pending = n if self.pending is None else self.pending + n
+            self.counted += self.accum
+
+    def since_last_log(self) -> dict:
+        if self.pending is None:
+            return {}
+        n, self.pending = int(self.pending), None
+        self.total += n
+        return {"max_segments_exceeded": n}
+
+    def report(self) -> None:
+        if self.counted:
+            self.since_last_log()
+            log.info(
+                "model.max_segments=%d: %d of %d micro-batches held a row of more documents "
+                "(the dense mask ran for them on a Hopper GPU)",
+                self.max_segments,
+                self.total,
+                self.counted,
+            )
+
+
 def train(
     cfg: Config,
     workdir: str | os.PathLike,
@@ -304,17 +338,20 @@ def train(
         every = sync_every()
         last: dict = {}
         timer, timed_steps = time.perf_counter(), 0
+        fallbacks = Fallbacks(cfg)
         try:
             for step in range(start, cfg.train.steps):
                 profiler.before(step)
                 state, metrics = train_step(state, next(batches))
                 profiler.after(step, metrics)
+                fallbacks.add(metrics)
                 done, timed_steps = step + 1, timed_steps + 1
                 final = done == cfg.train.steps
                 late = False
                 if done % cfg.train.log_every == 0 or final or done == start + 1:
                     late = timed.due()
                     metrics = {k: float(v) for k, v in metrics.items() if k != "tokens"}
+                    metrics |= fallbacks.since_last_log()
                     elapsed = time.perf_counter() - timer
                     per_s = timed_steps * cfg.train.batch_size * per_example / elapsed
                     metrics |= {f"{unit}_per_s": per_s, "mfu": per_s * flops_per_item / peak}
@@ -362,6 +399,7 @@ def train(
                     )
                     break
             ckpt.wait()
+            fallbacks.report()
         finally:
             profiler.stop()
             preemption.close()

@@ -1,14 +1,20 @@
 """`jaxlm bench --data`: the training batches' rate without a model, and how many documents
-their rows hold (what model.max_segments must cover for cuDNN's packed layout)."""
+their rows hold (what model.max_segments must cover for cuDNN's packed layout); and the
+training step's own count of the micro-batches over model.max_segments."""
 
 import json
+import logging
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
+from conftest import load_tiny, read_metrics
 
-from jaxlm import attention, bench
+from jaxlm import attention, bench, lm
+from jaxlm.shards import document_starts
+from jaxlm.start import fresh_tokenizer
+from jaxlm.train import train
 
 
 def test_documents_per_row_counts_what_the_packed_layout_counts():
@@ -41,3 +47,30 @@ def test_bench_data_reports_the_built_in_corpus(tmp_path):
     # 1024-token row holds one or two, sometimes three
     assert 1.0 < rows["mean"] < 3.0 and 2 <= rows["max"] <= 4, rows
     assert result["batches_within_max_segments"]["4"] == 1.0
+
+
+def test_training_counts_the_micro_batches_over_max_segments(tmp_path, caplog):
+    """Each step counts its micro-batches with a row of more than model.max_segments
+    documents (those that run the dense mask on a Hopper GPU): the metric, summed between
+    logged steps, and the run's total equal a count made here on the same batches."""
+    steps, accum = 8, 2
+    cfg = load_tiny(
+        **{"model.max_segments": 1, "model.seq_len": 512, "train.log_every": 3},
+        **{"train.steps": steps},
+        **{"train.grad_accum": accum, "mesh.data": 4, "mesh.fsdp": 1, "mesh.tensor": 2},
+    )
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(cfg, tmp_path)
+    batches = lm.load_data(cfg, fresh_tokenizer(cfg, lm, tmp_path), tmp_path).train_batches(0)
+    per_step = []
+    for _ in range(steps):
+        rows = next(batches)["segment_ids"]
+        micro = [rows[a::accum] for a in range(accum)]  # row r * accum + a of micro-batch a
+        per_step.append(sum(int((document_starts(m).sum(-1) > 1).any()) for m in micro))
+    total = sum(per_step)
+    assert 0 < total < steps * accum, per_step  # 32-token rows: some hold two documents
+    logged = {r["step"]: r["max_segments_exceeded"] for r in read_metrics(tmp_path) if "loss" in r}
+    since = {1: per_step[:1], 3: per_step[1:3], 6: per_step[3:6], 8: per_step[6:]}
+    assert logged == {step: sum(counts) for step, counts in since.items()}
+    want = f"model.max_segments=1: {total} of {steps * accum} micro-batches held a row of more"
+    assert want in caplog.text

@@ -3,9 +3,12 @@ of the model (named scopes joined to the trace through the compiled HLO)."""
 
 import json
 
+import numpy as np
 from conftest import run_python
 
+from jaxlm import config, lm
 from jaxlm.profile import _line_groups, op_kinds, op_scopes
+from jaxlm.shards import document_starts
 
 BENCH = """
 import os
@@ -105,7 +108,7 @@ def test_bench_profile_says_where_the_step_time_goes(tmp_path):
     test configs' size the layer stack's bookkeeping, "other", outweighs the model): each
     part of the causal LM shows up with device time, the named parts hold most of it, and
     the host gap is a share."""
-    code = BENCH.format(overrides=[], trace=str(tmp_path / "trace"))
+    code = BENCH.format(overrides=["model.max_segments=4"], trace=str(tmp_path / "trace"))
     proc = run_python(code, devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result, unread = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
@@ -113,6 +116,12 @@ def test_bench_profile_says_where_the_step_time_goes(tmp_path):
     assert unread["step_ms"] > 0 and unread["profile"] == {
         "error": "ValueError: no operation of module 'train_step'"
     }
+    # whether the timed step's batch ran cuDNN's packed layout (of 4 documents a row), as
+    # counted here on the same synthetic batch: its rows hold 4 documents on average
+    cfg = config.load("configs/gpt.py:tiny", ["model.max_segments=4"])
+    batch = lm.synthetic_batch(cfg, cfg.train.batch_size, np.random.default_rng(cfg.train.seed))
+    over = bool((document_starts(batch["segment_ids"]).sum(-1) > 4).any())
+    assert result["max_segments_exceeded"] == over == unread["max_segments_exceeded"]
     parts = result["profile"]["ms_per_step"]
     named = ("attention_kernel", "attention", "mlp", "norm", "embed", "loss", "optimizer")
     assert all(parts.get(k, 0) > 0 for k in named), parts
