@@ -130,12 +130,14 @@ def _records(workdir, key: str) -> dict[int, float]:
 
 def test_preempted_and_resumed_on_2_then_1_then_2_processes(tmp_path, prepared):
     """Training and evaluation: every global batch (train and eval) holds train.batch_size
-    rows whatever the process count, and losses and eval losses equal one process's."""
+    rows whatever the process count, and losses, eval losses and the count of batches over
+    model.max_segments (of the global batch, not one process's rows) equal one process's."""
     opts = {
         "data.files": prepared,
         "train.steps": 12,
         "checkpoint.every": 100,
         "train.eval_every": 4,
+        "model.max_segments": 1,
     }
     train(load_tiny(**opts), tmp_path / "straight")  # 1 process x 8 devices, uninterrupted
     run = tmp_path / "run"
@@ -160,6 +162,9 @@ def test_preempted_and_resumed_on_2_then_1_then_2_processes(tmp_path, prepared):
     got, want = _records(run, "eval_loss"), _records(tmp_path / "straight", "eval_loss")
     assert sorted(got) == sorted(want) == [4, 8, 12]
     np.testing.assert_allclose([got[s] for s in want], list(want.values()), atol=1e-5, rtol=0)
+    got = _records(run, "max_segments_exceeded")
+    want = _records(tmp_path / "straight", "max_segments_exceeded")
+    assert got == want and sum(want.values()) > 0, (got, want)
     got = _records(run, "eval_unigram_loss")
     want = _records(tmp_path / "straight", "eval_unigram_loss")
     np.testing.assert_allclose(list(got.values()), [want[0]] * len(got), atol=1e-5, rtol=0)
