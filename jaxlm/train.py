@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import logging
 import math
 import os
-import shutil
 import signal
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import jax
 import numpy as np
-from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxlm import evaluate as evaluate_lib
@@ -84,115 +78,6 @@ class Profile:
         if self.running:
             jax.profiler.stop_trace()
             self.running = False
-
-
-class MetricsWriter:
-    """metrics.jsonl (one JSON object per line) and TensorBoard events, from process 0 only.
-
-    Cloud objects cannot be appended to: for a `gs://` workdir both are written to a local
-    directory and copied up at every checkpoint and at the end (`sync`).
-
-    A run that starts at step `start` (a resume, or a fresh start after a run that died
-    before its first checkpoint) drops what was logged after that step, and the header
-    record of an earlier start at that same step, so no step is recorded twice; TensorBoard
-    purges its events after `start` the same way. `track` (train.track) chooses among
-    jsonl, tensorboard and wandb (jaxlm.track, given `wandb`: a callable making the tracker)."""
-
-    def __init__(
-        self,
-        workdir: epath.Path,
-        start: int = 0,
-        track: tuple[str, ...] = ("tensorboard", "jsonl"),
-        wandb=None,
-    ):
-        self.enabled = jax.process_index() == 0
-        self.remote = "://" in str(workdir)
-        self.workdir, self.track = workdir, track
-        self.tb = self.wandb = None
-        if not self.enabled:
-            return
-        self.local = (
-            Path(tempfile.mkdtemp(prefix="jaxlm_metrics_")) if self.remote else Path(str(workdir))
-        )
-        self.local.mkdir(parents=True, exist_ok=True)
-        self.path = self.local / "metrics.jsonl"
-        if (workdir / "metrics.jsonl").exists():  # continue the file, up to the start
-            kept, dropped = [], 0
-            for line in (workdir / "metrics.jsonl").read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # the half-written last line of a killed run
-                    dropped += 1
-                    continue
-                later = record["step"] > start
-                header = record["step"] == start and "peak_flops_source" in record
-                if later or header:
-                    dropped += not header
-                else:
-                    kept.append(line + "\n")
-            self.path.write_text("".join(kept))
-            if dropped:
-                log.info("metrics.jsonl: dropped %d records logged after step %d", dropped, start)
-        if "tensorboard" in track:
-            self.tb = _summary_writer(self.local / "tensorboard", purge_step=start + 1)
-        if "wandb" in track and wandb is not None:
-            self.wandb = wandb()
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        if "jsonl" in self.track:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if self.tb and k != "step" and isinstance(v, float | int):
-                self.tb.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log(step, record)
-
-    def sync(self) -> None:
-        if not self.enabled:
-            return
-        if self.tb:
-            self.tb.flush()
-        if self.remote:
-            files = [self.path] if self.path.exists() else []
-            for f in [*files, *sorted((self.local / "tensorboard").glob("*"))]:
-                target = self.workdir / f.relative_to(self.local)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                epath.Path(f).copy(target, overwrite=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.sync()
-            if self.tb:
-                self.tb.close()
-            if self.wandb:
-                self.wandb.close()
-            if self.remote:
-                shutil.rmtree(self.local, ignore_errors=True)
-
-
-def _summary_writer(logdir: Path, purge_step: int):
-    """tensorboardX's writer, loaded without torch. tensorboardX imports torch wherever it is
-    installed, only to accept torch tensors (jaxlm gives it floats): 3 of a start's 8 seconds.
-    While tensorboardX loads, `import torch` fails (a None in sys.modules, as Python's import
-    system defines) and tensorboardX takes its path for no torch; torch stays importable after.
-    """
-    hide = "torch" not in sys.modules
-    if hide:
-        sys.modules["torch"] = None
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        if hide:
-            del sys.modules["torch"]
-    return SummaryWriter(str(logdir), purge_step=purge_step)
-
-
-def _plain(v):
-    return v.item() if hasattr(v, "item") else v
 
 
 class Preemption:
@@ -310,7 +195,7 @@ def train(
         flops_per_item = objective.flops_per_item(cfg)
         peak, peak_source = peak_flops(cfg.train.peak_flops)
         tracker = functools.partial(track.Wandb, workdir, cfg, s.num_params())
-        writer = MetricsWriter(workdir, start, cfg.train.track, tracker)
+        writer = track.MetricsWriter(workdir, start, cfg.train.track, tracker)
         baselines = evaluate_lib.baselines(objective, dataset, tokenizer, eval_sets)
         log.info(
             "%s: %s parameters, mesh %s, %d processes, steps %d..%d of %d x %d %s, workdir %s",

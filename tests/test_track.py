@@ -79,7 +79,7 @@ TENSORBOARD = """
 import sys
 sys.path.insert(0, {fake!r})  # a torch package that says whether it was imported
 from etils import epath
-from jaxlm.train import MetricsWriter
+from jaxlm.track import MetricsWriter
 writer = MetricsWriter(epath.Path({workdir!r}), start=1, track=("tensorboard",))
 writer.write(2, {{"loss": 2.5, "lr": 0.125, "note": "text is not a scalar"}})
 writer.write(3, {{"loss": 2.0}})
