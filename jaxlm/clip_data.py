@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxlm import data, images, inputs
+from jaxlm import batching, data, images, inputs
 from jaxlm import prepare_images as prep
 from jaxlm.config import Config, ConfigError
 from jaxlm.shards import Records
@@ -175,7 +175,7 @@ class Collate:
         self.tokenizer, self.labelled = tokenizer, labelled
 
     def __call__(self, first: int, items: list[tuple[int, int]]) -> dict:
-        rngs = data.row_rngs(self.seed, first + np.arange(len(items)))
+        rngs = batching.row_rngs(self.seed, first + np.arange(len(items)))
         pixels, tokens, segments, labels = [], [], [], []
         for (k, row), rng in zip(items, rngs, strict=True):
             ((shard, position, record),) = self.records[k].get([row])
@@ -255,9 +255,9 @@ def ordered_batches(
     labels and global indices if labelled: this process's share, as a MapDataset."""
     import grain
 
-    rows = grain.MapDataset.range(n).repeat(None).map(functools.partial(data._tagged, 0))
+    rows = grain.MapDataset.range(n).repeat(None).map(functools.partial(batching.tagged, 0))
     collate = Collate(cfg, tokenizer, [source], split, cfg.train.seed + 1, labelled)
-    return data.global_batches(rows, cfg.train.batch_size, 0, collate=collate)
+    return batching.global_batches(rows, cfg.train.batch_size, 0, collate=collate)
 
 
 class ClipData:
@@ -276,7 +276,7 @@ class ClipData:
             if not s.manifest["train"]["pairs"]:
                 raise ConfigError(f"clip.source {entry!r}: no training pairs")
         sizes = [s.manifest["train"]["pairs"] for s in self.sources]
-        self.weights = data.mixture_weights(cfg.data.weights, sizes, self.entries)
+        self.weights = batching.mixture_weights(cfg.data.weights, sizes, self.entries)
         self.zeroshot = self._zeroshot(workdir)
         self._sets, self._held, self._zeroshot_batches = None, {}, None
 
@@ -293,9 +293,9 @@ class ClipData:
     ) -> Iterator[dict]:
         """This process's share of global batches start_step, start_step + 1, ..."""
         lengths = [s.manifest["train"]["pairs"] for s in self.sources]
-        rows = data.mixed_rows(lengths, self.weights, self.cfg.train.seed)
+        rows = batching.mixed_rows(lengths, self.weights, self.cfg.train.seed)
         collate = Collate(self.cfg, self.tokenizer, self.sources, "train", self.cfg.train.seed)
-        ds = data.global_batches(
+        ds = batching.global_batches(
             rows, self.cfg.train.batch_size, start_step, process_index, process_count, collate
         )
         return iter(_iterate(ds, self.cfg.data.workers))
@@ -349,7 +349,7 @@ def _iterate(ds, workers: int):
     """Batches through Grain's read threads, or through `workers` worker processes."""
     import grain
 
-    it = ds.to_iter_dataset(data.read_options())
+    it = ds.to_iter_dataset(batching.read_options())
     if workers > 0:
         from absl import flags
 

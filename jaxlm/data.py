@@ -4,12 +4,13 @@ Every `data.files` entry is either a prepared directory (`jaxlm data prepare`, k
 `manifest.json`) or text files (paths or globs, `.txt` / `.jsonl[.gz|.zst]` / `.parquet`),
 which are prepared once into `WORKDIR/prepared/<key>` at the first start (the key: a hash of
 the files, their sizes and times, the tokenizer and the preparation settings) and reused on
-every resume. Reading is the same for both:
+every resume. Reading is the same for both, in the order of jaxlm/batching.py (shared with
+the image-text pipeline):
 
 - each entry's training rows, permuted by a seeded shuffle that changes every epoch, repeated;
 - entries mixed by `data.weights` (default: proportional to their tokens) with Grain's `mix`;
 - global batch s = examples [s * B, (s + 1) * B); process p takes its contiguous share;
-- a share's rows read together, then the objective's transform over the batch (random
+- a share's rows read together (here), then the objective's transform over the batch (random
   streams keyed by each example's global index, so masking does not depend on p either).
 
 So the global batch at step s depends only on the data, the seed, the batch size and s: a run
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxlm import inputs
+from jaxlm import batching, inputs
 from jaxlm import prepare as prepare_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config, ConfigError, DataConfig
@@ -45,7 +46,6 @@ if TYPE_CHECKING:  # Grain is imported where batches are made (bench runs withou
 log = logging.getLogger("jaxlm")
 
 BUILTIN_CORPUS = Path(__file__).parent / "corpus"
-PREFETCH = 16  # batches Grain's read threads keep ready
 # Text files of a run whose workdir is in the cloud are prepared here, on each host.
 CACHE = epath.Path(os.environ.get("JAXLM_CACHE", "~/.cache/jaxlm")).expanduser() / "prepared"
 
@@ -155,26 +155,6 @@ def entry_name(entry: str) -> str:
     return path.name if is_prepared(entry) else path.name.split(".")[0]
 
 
-def global_sum(values: list[float]) -> np.ndarray:
-    """Sums over every process of per-process values (each process holds its share of the
-    held-out batches)."""
-    out = np.asarray(values, np.float64)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        out = np.asarray(multihost_utils.process_allgather(out), np.float64).sum(0)
-    return out
-
-
-def row_rngs(seed: int, indices: np.ndarray) -> list[np.random.Generator]:
-    """One random stream per row, keyed by the row's global example index: the streams Grain's
-    `random_map(..., seed=seed)` hands out (Philox keyed by the seed, counter [0, 0, 0, index])."""
-    key = np.random.Philox(seed).state["state"]["key"]
-    return [
-        np.random.Generator(np.random.Philox(key=key, counter=[0, 0, 0, int(i)])) for i in indices
-    ]
-
-
 class TextData:
     """Batches of one text objective: `train_batches(step)`, `eval_sets()`, `counts()`."""
 
@@ -185,7 +165,7 @@ class TextData:
         ]
         for s in self.sources:  # rows of seq_len + 1; an objective needing seq_len cuts one
             s.check(tokenizer, cfg.model.seq_len + 1)
-        self.weights = mixture_weights(
+        self.weights = batching.mixture_weights(
             cfg.data.weights, [s.tokens for s in self.sources], entries(cfg.data)
         )
         self.remap = Remap.to_spec(self.sources, spec)
@@ -256,12 +236,12 @@ class TextData:
 
         if split == "train":
             lengths = [len(s) for s in self.shards("train")]
-            return mixed_rows(lengths, self.weights, self.cfg.train.seed)
+            return batching.mixed_rows(lengths, self.weights, self.cfg.train.seed)
         # entry k's held-out rows in order: the same ones at every evaluation
         return (
             grain.MapDataset.range(len(self.shards("eval")[entry]))
             .repeat(None)
-            .map(functools.partial(_tagged, entry))
+            .map(functools.partial(batching.tagged, entry))
         )
 
     def shards(self, split: str) -> list[Shards | None]:
@@ -289,7 +269,7 @@ class TextData:
         the training mixture, or of entry `entry`'s held-out rows."""
         seed = self.cfg.train.seed + (0 if split == "train" else 1)
         collate = functools.partial(self._collate, self.shards(split), seed)
-        return global_batches(
+        return batching.global_batches(
             self.rows(split, entry),
             self.cfg.train.batch_size,
             start_step,
@@ -310,7 +290,7 @@ class TextData:
             tokens[which == k], segments[which == k] = shards[k].read(row[which == k])
         rows = self.remap(row_example(tokens, segments))
         if self.spec.random:
-            return self.spec.transform(rows, row_rngs(seed, index))
+            return self.spec.transform(rows, batching.row_rngs(seed, index))
         return self.spec.transform(rows)
 
     def train_batches(
@@ -318,7 +298,7 @@ class TextData:
     ) -> Iterator[dict]:
         """This process's share of global batches start_step, start_step + 1, ..."""
         ds = self.batches("train", start_step, process_index, process_count)
-        return iter(ds.to_iter_dataset(read_options()))
+        return iter(ds.to_iter_dataset(batching.read_options()))
 
     def eval_sets(self) -> list[EvalSet]:
         """Each entry's first train.eval_steps held-out global batches (this process's share),
@@ -345,81 +325,3 @@ class TextData:
             weight = self.weights[k] / total if total else 1 / len(held)
             sets.append(EvalSet(names[k], weight, [ds[i] for i in range(steps)]))
         return sets
-
-
-def mixture_weights(given: tuple[float, ...], sizes: list[float], names: list[str]) -> list[float]:
-    """`data.weights` normalised, one per entry (default: proportional to `sizes`)."""
-    if not given:
-        return [n / sum(sizes) for n in sizes]
-    if len(given) != len(sizes) or min(given) < 0 or sum(given) <= 0:
-        raise ConfigError(
-            f"data.weights={','.join(map(str, given))}: expected {len(sizes)} "
-            "non-negative weights, one per entry, not all zero"
-        )
-    for entry, w in zip(names, given, strict=True):
-        if w == 0:
-            log.info("data.weights: %s has weight 0: not trained on (still evaluated)", entry)
-    return [w / sum(given) for w in given]
-
-
-def mixed_rows(lengths: list[int], weights: list[float], seed: int) -> grain.MapDataset:
-    """The endless training order of several entries as a MapDataset of (entry, row): each
-    entry's rows shuffled by a seed of its own (a new permutation each epoch), repeated, and
-    mixed by weight with Grain's `mix` (entries of weight 0 left out)."""
-    import grain
-
-    mixed = [(k, w) for k, w in enumerate(weights) if w > 0]
-    parts = [
-        grain.MapDataset.range(lengths[k])
-        .shuffle(seed=seed + k)
-        .repeat(None)
-        .map(functools.partial(_tagged, k))
-        for k, _ in mixed
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return grain.MapDataset.mix(parts, [w for _, w in mixed])
-
-
-def _tagged(k: int, row: int) -> tuple[int, int]:
-    return k, row
-
-
-def _collate_with_index(collate: Callable, b: int, j: int, items: list) -> dict:
-    return collate(j * b, items)
-
-
-def global_batches(
-    ds: grain.MapDataset | list,
-    batch_size: int,
-    start_step: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    collate: Callable[[int, list], dict] | None = None,
-) -> grain.MapDataset:
-    """Examples [s * B, (s + 1) * B) form global batch s; process p of n gets the p-th
-    contiguous B / n of them, stacked, or passed to collate(index of the first, examples).
-    Returns this process's batches from start_step on."""
-    import grain
-
-    p = jax.process_index() if process_index is None else process_index
-    n = jax.process_count() if process_count is None else process_count
-    if not isinstance(ds, grain.MapDataset):
-        ds = grain.MapDataset.source(ds)
-    b = batch_size // n
-    if collate is None:
-        ds = ds.batch(b)
-    else:
-        ds = ds.batch(b, batch_fn=list).map_with_index(
-            functools.partial(_collate_with_index, collate, b)
-        )
-    return ds[start_step * n + p :: n]
-
-
-def read_options() -> grain.ReadOptions:
-    import grain
-
-    # One read thread (one batch in flight) per core: more threads only contend for the GIL
-    # (measured with the row-by-row reader: 16 threads on 2 cores read half as fast as 2).
-    threads = min(16, os.cpu_count() or 1)
-    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=PREFETCH)

@@ -18,8 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxlm import batching, data, sharding, shards
 from jaxlm import config as config_lib
-from jaxlm import data, sharding, shards
 from jaxlm.checkpoint import stored, workdir_path
 from jaxlm.config import Config, ConfigError, MeshConfig
 from jaxlm.step import Setup, build, make_eval_step
@@ -169,7 +169,7 @@ def evaluate_text(
         def batches(rows=rows):
             for r in rows:  # seeded by global row index: the same masks for any batch size
                 index = r.pop("index")
-                rngs = (data.row_rngs(seed, index),) if spec.random else ()
+                rngs = (batching.row_rngs(seed, index),) if spec.random else ()
                 yield spec.transform(r, *rngs)
 
         with jax.set_mesh(s.mesh):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import choices, data, shards
+from jaxlm import batching, choices, data, shards
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.attention import Mask
 from jaxlm.config import Config, ModelConfig
@@ -216,7 +216,7 @@ def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> di
     log_probs = np.log((counts + 1.0) / (counts.sum() + tokenizer.vocab_size))
     total = sum(-float((log_probs[b["targets"]] * b["weights"]).sum()) for b in eval_batches)
     weight = sum(float(b["weights"].sum()) for b in eval_batches)
-    total, weight = data.global_sum([total, weight])  # each process holds its share
+    total, weight = batching.global_sum([total, weight])  # each process holds its share
     tasks = getattr(dataset, "eval_tasks", None)
     chance = tasks.chance() if tasks else {}
     return {"eval_unigram_loss": total / max(weight, 1.0), **chance}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import data, shards
+from jaxlm import batching, data, shards
 from jaxlm.attention import Mask
 from jaxlm.config import Config, ConfigError, MlmConfig, ModelConfig
 from jaxlm.layers import Embed, Norm, Transformer, param, stack_flops_per_token
@@ -171,7 +171,7 @@ def baselines(dataset: data.TextData, tokenizer, eval_batches: list[dict]) -> di
         float(((b["mask_targets"] == majority) * b["mask_weights"]).sum()) for b in eval_batches
     )
     total = sum(float(b["mask_weights"].sum()) for b in eval_batches)
-    hits, total = data.global_sum([hits, total])  # each process holds its share
+    hits, total = batching.global_sum([hits, total])  # each process holds its share
     return {"eval_majority_accuracy": hits / max(total, 1.0)}
 
 
