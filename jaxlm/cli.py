@@ -9,9 +9,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jaxlm import cli_args
 from jaxlm.config import ConfigError
+
+if TYPE_CHECKING:
+    from jaxlm.tokenizer import AnyTokenizer
 
 
 def init_distributed(heartbeat_timeout: int = 100) -> None:
@@ -57,7 +61,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
     if not args.inputs or not args.tokenizer:
         raise ConfigError("jaxlm data prepare: text inputs need --tokenizer (or give --images)")
-    tok = prepare.load_tokenizer(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     manifest = prepare.prepare(
         args.inputs,
         tok,
@@ -69,6 +73,32 @@ def _prepare(args: argparse.Namespace) -> None:
     )
     summary = {k: manifest[k] for k in ("documents", "tokens", "bytes", "row_length")}
     print(json.dumps({"out": args.out, **summary, "shards": len(manifest["shards"])}))
+
+
+def load_tokenizer(spec: str) -> AnyTokenizer:
+    """--tokenizer: a sentencepiece .model, a Hugging Face tokenizer.json, a prepared
+    directory or a jaxlm workdir (its newest checkpoint's tokenizer)."""
+    from etils import epath
+
+    from jaxlm import tokenizer
+
+    path = epath.Path(spec)
+    if path.is_dir():
+        if (path / tokenizer.JAXLM_TOKENIZER).is_file():
+            return tokenizer.load(path / tokenizer.JAXLM_TOKENIZER)
+        if (path / "tokenizer.json").is_file():
+            return tokenizer.load(path / "tokenizer.json")
+        from jaxlm.checkpoint import Checkpointer
+        from jaxlm.config import CheckpointConfig
+
+        ckpt = Checkpointer(spec, CheckpointConfig(async_save=False))
+        steps = ckpt.steps()
+        if not steps:
+            raise ConfigError(
+                f"--tokenizer {spec!r}: a directory with no checkpoint and no tokenizer"
+            )
+        return ckpt.restore_meta(steps[0])[1]
+    return tokenizer.load(spec)
 
 
 def _generate(args: argparse.Namespace) -> None:

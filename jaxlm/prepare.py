@@ -388,25 +388,3 @@ class Progress:
     def close(self) -> None:
         if self.enabled and self.total:
             print(file=sys.stderr)
-
-
-def load_tokenizer(spec: str) -> tokenizer_lib.AnyTokenizer:
-    """--tokenizer: a sentencepiece .model, a Hugging Face tokenizer.json, a prepared
-    directory or a jaxlm workdir (its newest checkpoint's tokenizer)."""
-    path = epath.Path(spec)
-    if path.is_dir():
-        if (path / tokenizer_lib.JAXLM_TOKENIZER).is_file():
-            return tokenizer_lib.load(path / tokenizer_lib.JAXLM_TOKENIZER)
-        if (path / "tokenizer.json").is_file():
-            return tokenizer_lib.load(path / "tokenizer.json")
-        from jaxlm.checkpoint import Checkpointer
-        from jaxlm.config import CheckpointConfig
-
-        ckpt = Checkpointer(spec, CheckpointConfig(async_save=False))
-        steps = ckpt.steps()
-        if not steps:
-            raise ConfigError(
-                f"--tokenizer {spec!r}: a directory with no checkpoint and no tokenizer"
-            )
-        return ckpt.restore_meta(steps[0])[1]
-    return tokenizer_lib.load(spec)

@@ -10,7 +10,7 @@ import pytest
 import zstandard
 from conftest import ROOT, load_tiny
 
-from jaxlm import inputs, lm, mlm, prepare, tokenizer
+from jaxlm import cli, inputs, lm, mlm, prepare, tokenizer
 from jaxlm.config import ConfigError
 from jaxlm.train import train
 
@@ -265,7 +265,7 @@ def test_training_reads_the_prepared_directory_and_its_tokenizer(two_dirs, tmp_p
     want = json.loads((ROOT / two_dirs[0] / "manifest.json").read_text())["tokenizer_fingerprint"]
     assert tokenizer.fingerprint(load(tmp_path).tokenizer) == want
     # --tokenizer WORKDIR: the checkpoint's tokenizer.
-    assert tokenizer.fingerprint(prepare.load_tokenizer(str(tmp_path))) == want
+    assert tokenizer.fingerprint(cli.load_tokenizer(str(tmp_path))) == want
 
 
 def test_hugging_face_tokenizer_json(tmp_path):
@@ -276,7 +276,7 @@ def test_hugging_face_tokenizer_json(tmp_path):
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|endoftext|>"])
     hf.train_from_iterator([PLAYS[0].read_text()], trainer)
     hf.save(str(tmp_path / "tokenizer.json"))
-    tok = prepare.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    tok = cli.load_tokenizer(str(tmp_path / "tokenizer.json"))
     assert tok.bos_id == tok.eos_id == hf.token_to_id("<|endoftext|>")
     docs = _documents(n=50)
     m = prepare.prepare([_write(tmp_path / "d.jsonl", docs)], tok, str(tmp_path / "out"), 32)
