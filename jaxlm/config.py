@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
@@ -31,13 +31,13 @@ class ModelConfig:
     num_kv_heads: int = 0  # 0: as many as num_heads (multi-head); fewer: grouped-query
     head_dim: int = 0  # 0: d_model // num_heads
     mlp_dim: int = 512
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu_tanh"  # gelu_tanh (GPT-2) | gelu (exact erf, BERT) | swiglu
-    norm_position: str = "pre"  # pre (GPT-2, Llama) | post (original BERT: norm after residual)
+    mlp: Literal["gelu_tanh", "gelu", "swiglu"] = "gelu_tanh"  # GPT-2 | exact erf, BERT | Llama
+    norm_position: Literal["pre", "post"] = "pre"  # post: original BERT's, after the residual
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT: 2
     embed_norm: bool = False  # a norm right after the embeddings (BERT)
-    position: str = "learned"  # learned | rope
+    position: Literal["learned", "rope"] = "learned"
     # rows of the learned position table; 0: seq_len (BERT: 512). RoPE: the context a
     # Hugging Face source states (max_position_embeddings), kept for its export
     max_positions: int = 0
@@ -45,10 +45,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     use_bias: bool = True
     init_std: float = 0.02
-    dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
+    # compute dtype; parameters and optimizer state stay float32
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
     scan_layers: bool = True  # lax.scan compiles faster; unrolled runs faster on GPU
-    remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
-    attention: str = "auto"  # auto (jaxlm.attention chooses) | cudnn | splash (TPU) | xla
+    remat: Literal["none", "full", "dots"] = "none"  # dots: keep matmul outputs, recompute the rest
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"  # auto: jaxlm.attention's pick
     # packed documents see only themselves (a dense mask); false (causal LM only): each row
     # is one causal sequence, as GPT-2 and nanoGPT train, and cuDNN runs without a bias
     document_mask: bool = True
@@ -102,22 +103,22 @@ class TrainConfig:
     # scored at every evaluation: eval_<name>_acc and eval_<name>_acc_norm (jaxlm.choices)
     eval_tasks: tuple[str, ...] = ()
     # where metrics go: jsonl (metrics.jsonl), tensorboard, wandb (jaxlm.track; optional extra)
-    track: tuple[str, ...] = ("tensorboard", "jsonl")
+    track: tuple[Literal["tensorboard", "jsonl", "wandb"], ...] = ("tensorboard", "jsonl")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     # adamw; muon (jaxlm/muon.py: weight matrices by Newton-Schulz, the rest by AdamW);
     # lion; adafactor. All with the same clipping, schedule and weight-decay mask.
-    name: str = "adamw"
+    name: Literal["adamw", "muon", "lion", "adafactor"] = "adamw"
     lr: float = 3e-4
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio at train.steps
     # cosine: warmup, then cosine decay over the rest; wsd: warmup, stable at lr, then decay
     # over the last decay_fraction of the steps (decay_shape linear or 1-sqrt); constant
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = 0.2
-    decay_shape: str = "linear"
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -127,7 +128,7 @@ class OptimConfig:
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     # Newton-Schulz's matmuls and Gram all-reduces in this dtype (bfloat16, as modded-nanogpt
     # runs it: half the traffic on a pod); the momentum and the update stay float32
-    muon_dtype: str = "float32"
+    muon_dtype: Literal["float32", "bfloat16"] = "float32"
     muon_adam_lr: float = 0.0  # peak rate of Muon's AdamW part (0: optim.lr)
     lion_b2: float = 0.99  # Lion's second interpolation factor (its b1 is optim.b1)
 
@@ -154,16 +155,16 @@ class VisionConfig:
     d_model: int = 128
     num_heads: int = 4
     mlp_dim: int = 512
-    pool: str = "cls"  # cls | mean
+    pool: Literal["cls", "mean"] = "cls"
 
 
 @dataclass(frozen=True)
 class ClipConfig:
     """Contrastive image-text training; the text tower is `model`, the image tower `vision`."""
 
-    loss: str = "clip"  # clip (softmax over the global batch) | siglip (pairwise sigmoid)
+    loss: Literal["clip", "siglip"] = "clip"  # softmax over the global batch | pairwise sigmoid
     embed_dim: int = 128
-    text_pool: str = "last"  # last (causal text tower, CLIP) | mean (bidirectional)
+    text_pool: Literal["last", "mean"] = "last"  # causal text tower (CLIP) | bidirectional
     # prepared image-text directories (`jaxlm data prepare --images`, local or gs://), or
     # digits (scikit-learn, built in) | tar:GLOB | tfds:NAME[:DATA_DIR], prepared into
     # WORKDIR/prepared at the first start; several, comma-separated, mix by data.weights
@@ -200,7 +201,7 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class Config:
-    objective: str = "lm"
+    objective: Literal["lm", "mlm", "clip"] = "lm"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -211,25 +212,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     name: str = ""  # "gpt:tiny"; set by load()
-
-
-CHOICES = {
-    "objective": ("lm", "mlm", "clip"),
-    "vision.pool": ("cls", "mean"),
-    "clip.loss": ("clip", "siglip"),
-    "clip.text_pool": ("last", "mean"),
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu_tanh", "gelu", "swiglu"),
-    "model.norm_position": ("pre", "post"),
-    "model.position": ("learned", "rope"),
-    "model.dtype": ("bfloat16", "float32"),
-    "model.remat": ("none", "full", "dots"),
-    "model.attention": ("auto", "xla", "cudnn", "splash"),
-    "optim.schedule": ("cosine", "wsd", "constant"),
-    "optim.name": ("adamw", "muon", "lion", "adafactor"),
-    "optim.muon_dtype": ("float32", "bfloat16"),
-    "optim.decay_shape": ("linear", "1-sqrt"),
-}
 
 
 def _all_keys(cls: type, prefix: str = "") -> dict[str, Any]:
@@ -268,10 +250,19 @@ def _parse(key: str, text: str, t: Any) -> Any:
             raise fail() from None
     if t is str:
         return text
+    if typing.get_origin(t) is Literal:  # the choice is checked by validate
+        return text
     if typing.get_origin(t) is tuple:
         item = typing.get_args(t)[0]
         return tuple(_parse(key, s, item) for s in text.split(",") if s)
     raise fail()
+
+
+def _choices(t: Any) -> tuple:
+    """The values a Literal field (or each item of a tuple of them) may take; () if any."""
+    if typing.get_origin(t) is tuple:
+        t = typing.get_args(t)[0]
+    return typing.get_args(t) if typing.get_origin(t) is Literal else ()
 
 
 def _replace(obj: Any, path: list[str], value: Any) -> Any:
@@ -299,10 +290,12 @@ def override(cfg: Config, overrides: list[str]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks that need no devices; mesh and data checks happen where those are known."""
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"config key {key!r} is {value!r}; expected one of {allowed}")
+    for key, t in _all_keys(Config).items():
+        value, allowed = _get(cfg, key), _choices(t)
+        several = isinstance(value, tuple)
+        if allowed and not set(value if several else [value]) <= set(allowed):
+            expected = "expected each to be one of" if several else "expected one of"
+            raise ConfigError(f"config key {key!r} is {value!r}; {expected} {allowed}")
     m, t = cfg.model, cfg.train
     positive = {
         "model.vocab_size": m.vocab_size,
@@ -349,11 +342,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.max_segments must be in [0, model.seq_len={m.seq_len}] (0: the dense mask), "
             f"got {m.max_segments}"
-        )
-    unknown = set(t.track) - {"tensorboard", "jsonl", "wandb"}
-    if unknown:
-        raise ConfigError(
-            f"train.track: {sorted(unknown)} unknown; expected some of tensorboard, jsonl, wandb"
         )
     if not 0 < cfg.optim.decay_fraction <= 1:
         raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {cfg.optim.decay_fraction}")

@@ -28,6 +28,8 @@ def test_wrong_type_names_key_and_expected_type():
 def test_bad_choice_and_unknown_variant():
     with pytest.raises(ConfigError, match=r"'model.norm' is 'batchnorm'; expected one of"):
         config.load(f"{GPT}:tiny", ["model.norm=batchnorm"])
+    with pytest.raises(ConfigError, match=r"'train.track' is \('jsonl', 'tb'\); expected each"):
+        config.load(f"{GPT}:tiny", ["train.track=jsonl,tb"])
     with pytest.raises(ConfigError, match=r"unknown variant 'huge'.*gpt2_124m"):
         config.load(f"{GPT}:huge")
 
