@@ -228,7 +228,8 @@ def segment_runs(segment_ids: jax.Array, most: int) -> tuple[jax.Array, jax.Arra
 def over_max_segments(segment_ids: jax.Array, most: int) -> jax.Array:
     """How many of the batches segment_ids [N, B, T] (a step's micro-batches) hold a row of
     more than `most` documents: with the packed layout (model.max_segments=most, on a Hopper
-    GPU) each of those ran the dense mask, whole, as `_packed` decides per attention call."""
+    GPU) each of those ran the dense mask, whole, as `_packed` decides per attention call.
+    An odd T, which cuDNN's path pads with a segment of its own, is counted without the pad."""
     runs = _run_starts(segment_ids).sum(axis=-1)  # [N, B]
     return jnp.sum(jnp.any(runs > most, axis=-1))
 
