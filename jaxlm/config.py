@@ -259,7 +259,7 @@ def _parse(key: str, text: str, t: Any) -> Any:
 
 
 def _choices(t: Any) -> tuple:
-    """The values a Literal field (or each item of a tuple of them) may take; () if any."""
+    """The values a Literal field (or each item of a tuple of them) may take; (): any value."""
     if typing.get_origin(t) is tuple:
         t = typing.get_args(t)[0]
     return typing.get_args(t) if typing.get_origin(t) is Literal else ()

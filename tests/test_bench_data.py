@@ -68,7 +68,7 @@ def test_training_counts_the_micro_batches_over_max_segments(tmp_path, caplog):
         micro = [rows[a::accum] for a in range(accum)]  # row r * accum + a of micro-batch a
         per_step.append(sum(int((document_starts(m).sum(-1) > 1).any()) for m in micro))
     total = sum(per_step)
-    assert 0 < total < steps * accum, per_step  # 32-token rows: some hold two documents
+    assert 0 < total < steps * accum, per_step  # 512-token rows: some hold two documents
     logged = {r["step"]: r["max_segments_exceeded"] for r in read_metrics(tmp_path) if "loss" in r}
     since = {1: per_step[:1], 3: per_step[1:3], 6: per_step[3:6], 8: per_step[6:]}
     assert logged == {step: sum(counts) for step, counts in since.items()}
