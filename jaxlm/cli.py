@@ -202,7 +202,8 @@ def _run(args: argparse.Namespace) -> int:
 
         cfg, workdir = _train_config(args)
         result = train(cfg, workdir, args.profile, args.init_from)
-        print(json.dumps({k: round(v, 4) for k, v in result.items() if isinstance(v, float)}))
+        # five significant digits, not decimals: a decayed lr (3e-05) must not print as 0.0
+        print(json.dumps({k: float(f"{v:.5g}") for k, v in result.items() if isinstance(v, float)}))
     elif args.command == "bench":
         from jaxlm.bench import bench, bench_data
 

@@ -260,6 +260,10 @@ def test_continued_pretraining_of_smollm2_on_a_play(smollm2, tmp_path, capsys):
     workdir = tmp_path / "othello"
     argv = ["train", "--init-from", str(imported), "--workdir", str(workdir), *overrides]
     assert cli.main(argv) == 0
-    after = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_loss"]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    after = summary["eval_loss"]
     assert after < before - 0.05, (before, after)
+    # the printed summary keeps the last step's lr (1.1e-4 here) to five significant digits
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["lr"] == float(f"{[m for m in logged if 'lr' in m][-1]['lr']:.5g}") > 1e-4
     assert load(workdir, params_only=True).cfg.model.seq_len == 32
