@@ -53,9 +53,15 @@ def _warm(step, warmup: int):
     return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup)
 
 
+def decay_start(cfg: OptimConfig, steps: int) -> int:
+    """The first step of a WSD run's decay: the last step that a run of `steps` steps can be
+    extended from as if it had been longer from the start."""
+    return steps - max(1, round(cfg.decay_fraction * steps))
+
+
 def _wsd(cfg: OptimConfig, steps: int, warmup: int) -> optax.Schedule:
-    decay = max(1, round(cfg.decay_fraction * steps))
-    start, end = steps - decay, cfg.lr * cfg.min_lr_ratio
+    start, end = decay_start(cfg, steps), cfg.lr * cfg.min_lr_ratio
+    decay = steps - start
 
     def rate(step):
         step = jnp.asarray(step, jnp.float32)

@@ -13,6 +13,7 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxlm import optim
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.checkpoint import Checkpointer, NoReadableCheckpoint, check_resume, parse_source, stored
 from jaxlm.config import Config, ConfigError
@@ -82,6 +83,7 @@ def restore_or_init(s: Setup, ckpt: Checkpointer, cfg: Config) -> tuple[dict, in
         for bad, why in damaged:
             ckpt.set_aside(bad, why)
         log.info("resumed from %s/%d", ckpt.root, step)
+        log_rate_change(meta[0], cfg, step)
         return state, step, meta[1]
     if damaged:
         reasons = "; ".join(f"step {k}: {type(e).__name__}: {str(e)[:200]}" for k, e in damaged)
@@ -155,3 +157,33 @@ def _shapes(params) -> dict[str, tuple]:
         jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value"): x.shape
         for path, x in flat
     }
+
+
+def log_rate_change(saved: Config, cfg: Config, step: int) -> None:
+    """A resume with another train.steps or optim.* can change the rate from the checkpoint's
+    step on: say from what to what. A WSD run resumed from inside its decay with a larger
+    train.steps climbs back to the peak, which is not the extension a WSD run allows: warn,
+    naming the last step it could have been extended from."""
+    before = float(optim.schedule(saved.optim, saved.train.steps)(step))
+    after = float(optim.schedule(cfg.optim, cfg.train.steps)(step))
+    if before == after:
+        return
+    log.info(
+        "resume: the learning rate at step %d is %.4g (the checkpoint's schedule had %.4g)",
+        step,
+        after,
+        before,
+    )
+    start = optim.decay_start(saved.optim, saved.train.steps)
+    if saved.optim.schedule == "wsd" and step > start and after > before:
+        log.warning(
+            "resume: step %d is inside the checkpoint's WSD decay (it began at step %d of %d): "
+            "the rate climbs back from %.4g to %.4g. A WSD run extends without a jump from a "
+            "checkpoint at or before step %d",
+            step,
+            start,
+            saved.train.steps,
+            before,
+            after,
+            start,
+        )

@@ -50,12 +50,26 @@ def test_a_wsd_run_extended_from_its_stable_phase_equals_the_longer_run(tmp_path
         train(load_tiny(**wsd, **{"train.steps": 12}), short)
     assert f"resumed from {short}/checkpoints/4" in caplog.text
     assert "the learning-rate schedule now ends at step 12 (it was made for 8)" in caplog.text
+    assert "the learning rate at step 4" not in caplog.text  # the same rate: nothing to say
     train(load_tiny(**wsd, **{"train.steps": 12}), tmp_path / "long")
     extended, long = losses(short), losses(tmp_path / "long")
     assert sorted(long) == list(range(1, 13))
     assert [extended[s] for s in range(1, 13)] == [long[s] for s in range(1, 13)]  # bitwise
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "long") if "lr" in r}
     assert lrs[12] < lrs[11] < lrs[10] == max(lrs.values())  # it did decay at the end
+    # the same extension from inside the decay (step 12; it began at 9) climbs back: a warning
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(load_tiny(**wsd, **{"train.steps": 13}), tmp_path / "long")
+    peak = max(lrs.values())  # 13 steps decay over 10..13: step 12 at 0.1 + 0.9 / 3 of it
+    climbs = [r for r in caplog.records if "inside the checkpoint's WSD decay" in r.message]
+    assert len(climbs) == 1 and climbs[0].levelno == logging.WARNING, caplog.text
+    assert (
+        f"(it began at step 9 of 12): the rate climbs back from {0.1 * peak:.4g} to "
+        f"{0.4 * peak:.4g}. A WSD run extends without a jump from a checkpoint at or before "
+        "step 9" in climbs[0].message
+    )
+    assert 13 in losses(tmp_path / "long")
 
 
 def test_time_based_checkpoints_besides_step_based(tmp_path, monkeypatch, caplog):
