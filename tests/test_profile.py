@@ -14,7 +14,9 @@ BENCH = """
 import os
 os.environ.pop("JAX_PLATFORMS", None)  # as `jaxlm bench` runs: libtpu looks for a TPU first
 import json, sys
-from jaxlm import config
+for absent in ("grain", "tensorflow_datasets", "array_record"):  # as on the GPU image
+    sys.modules[absent] = None  # an import of one raises ImportError
+from jaxlm import cli, config  # `jaxlm bench`'s own imports too
 from jaxlm.bench import bench
 cfg = config.load("configs/gpt.py:tiny", {overrides!r})
 print(json.dumps(bench(cfg, steps=2, warmup=1, profile={trace!r})))
@@ -107,7 +109,8 @@ def test_bench_profile_says_where_the_step_time_goes(tmp_path):
     """One device (no collectives), configs/gpt.py:tiny as it is (16 x 128 tokens: at the
     test configs' size the layer stack's bookkeeping, "other", outweighs the model): each
     part of the causal LM shows up with device time, the named parts hold most of it, and
-    the host gap is a share."""
+    the host gap is a share. Grain and tensorflow-datasets cannot be imported, as on the GPU
+    image: the bench path needs neither."""
     code = BENCH.format(overrides=["model.max_segments=4"], trace=str(tmp_path / "trace"))
     proc = run_python(code, devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
