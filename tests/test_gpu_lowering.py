@@ -67,3 +67,20 @@ def test_the_gpu_call_runs_end_to_end_as_a_dry_run(tmp_path):
     assert runs[0]["args"][:2] == ["configs/gpt.py:gpt2_124m", "--steps"]
     assert "--profile" in runs[0]["args"] and "model.max_segments=16" in runs[1]["args"]
     assert len(runs) == 10 and "== done" in proc.stdout, proc.stdout
+
+
+def test_the_gpu_call_sets_only_flags_xla_knows():
+    """Every XLA flag launch/gpu_bench.sh tries is one this jaxlib parses (XLA aborts on an
+    unknown one, costing that step): GPU flags are parsed on any backend. A flag renamed in
+    the GPU image's newer jaxlib is not caught here."""
+    import os
+    import subprocess
+    import sys
+
+    script = (ROOT / "launch" / "gpu_bench.sh").read_text()
+    flags = sorted(set(re.findall(r"--xla_\w+=\w*", script)))
+    assert len(flags) >= 6, flags
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
+    code = "import jax; print(jax.numpy.ones(2).sum())"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-500:]
