@@ -13,6 +13,7 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxlm import config as config_lib
 from jaxlm import optim
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.checkpoint import Checkpointer, NoReadableCheckpoint, check_resume, parse_source, stored
@@ -69,6 +70,7 @@ def restore_or_init(s: Setup, ckpt: Checkpointer, cfg: Config) -> tuple[dict, in
         meta, error = ckpt.agreed(step, lambda step=step: ckpt.restore_meta(step))
         if error is None:
             check_resume(meta[0], cfg, f"{ckpt.root}/{step}")
+            check_optimizer_state(meta[0], s, f"{ckpt.root}/{step}", f"{ckpt.root.parent}:{step}")
             state, error = ckpt.agreed(step, lambda step=step: ckpt.restore(step, s.abstract))
         if error is not None:
             log.warning(
@@ -99,6 +101,31 @@ def restore_or_init(s: Setup, ckpt: Checkpointer, cfg: Config) -> tuple[dict, in
             "top of them. Move that directory away to start from step 0"
         )
     return s.init(), 0, None
+
+
+def check_optimizer_state(saved: Config, s: Setup, where: str, source: str) -> None:
+    """optim.* may change on resume (the rate, Muon's iterations), but not into an optimizer
+    whose state has another form (optim.name=lion after adamw: one moment, not two): that
+    is a ConfigError naming the changed keys, before Orbax reads anything (its own error is
+    a tree of every parameter)."""
+    if saved.optim == s.cfg.optim:
+        return
+    before = dataclasses.replace(s, tx=optim.make(saved.optim, saved.train.steps, s.mesh))
+    old, new = (jax.eval_shape(x._init_fn, jax.random.key(0))["opt_state"] for x in (before, s))
+    if jax.tree.structure(old) == jax.tree.structure(new) and all(
+        (a.shape, a.dtype) == (b.shape, b.dtype)
+        for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new), strict=True)
+    ):
+        return
+    was, now = config_lib.to_dict(saved)["optim"], config_lib.to_dict(s.cfg)["optim"]
+    changed = "; ".join(
+        f"optim.{k}: {was[k]!r} in the checkpoint, {now[k]!r} now" for k in was if was[k] != now[k]
+    )
+    raise ConfigError(
+        f"cannot resume {where}: its optimizer state does not fit this config's optimizer "
+        f"({changed}). Resume with the checkpoint's values, or train its parameters with the "
+        f"new optimizer in a new workdir: --init-from {source} --workdir NEW"
+    )
 
 
 def init_from(s: Setup, spec: str) -> tuple[dict, object]:

@@ -16,7 +16,7 @@ from conftest import load_tiny, losses
 from flax import nnx
 
 from jaxlm import config, optim, plan, sharding
-from jaxlm.config import OptimConfig
+from jaxlm.config import ConfigError, OptimConfig
 from jaxlm.step import build
 from jaxlm.train import train
 
@@ -286,3 +286,11 @@ def test_each_optimizer_resumes_exactly(tmp_path, name):
     assert losses(tmp_path / "run") == straight
     train(load_tiny(**{"checkpoint.every": 2}), tmp_path / "adamw")
     assert losses(tmp_path / "adamw")[4] != straight[4]
+    if name == "lion":  # another optimizer's state is refused by name, nothing read or moved
+        run = tmp_path / "run"
+        with pytest.raises(ConfigError, match=r"optim.name: 'lion' in the checkpoint, 'adamw' now"):
+            train(load_tiny(**{**opts, "optim.name": "adamw", "train.steps": 5}), run)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+        # a change that keeps the state's form resumes
+        train(load_tiny(**{**opts, "optim.lr": 1e-3, "train.steps": 5}), run)
+        assert sorted(losses(run)) == [1, 2, 3, 4, 5]
