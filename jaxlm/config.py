@@ -123,7 +123,7 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    clip_norm: float = 1.0
+    clip_norm: float = 1.0  # global-norm clipping of the gradients (0: none)
     muon_beta: float = 0.95  # Muon's momentum (Nesterov)
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     # Newton-Schulz's matmuls and Gram all-reduces in this dtype (bfloat16, as modded-nanogpt
@@ -297,24 +297,9 @@ def validate(cfg: Config) -> None:
             expected = "expected each to be one of" if several else "expected one of"
             raise ConfigError(f"config key {key!r} is {value!r}; {expected} {allowed}")
     m, t = cfg.model, cfg.train
-    positive = {
-        "model.vocab_size": m.vocab_size,
-        "model.seq_len": m.seq_len,
-        "model.num_layers": m.num_layers,
-        "model.d_model": m.d_model,
-        "model.num_heads": m.num_heads,
-        "model.mlp_dim": m.mlp_dim,
-        "train.steps": t.steps,
-        "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum,
-        "train.log_every": t.log_every,
-        "train.eval_every": t.eval_every,
-        "checkpoint.every": cfg.checkpoint.every,
-        "checkpoint.keep": cfg.checkpoint.keep,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key {key!r} must be positive, got {value}")
+    for key, interval in RANGES.items():
+        if not _within(value := _get(cfg, key), interval):
+            raise ConfigError(f"config key {key!r} must be {_said(interval)}, got {value}")
     if not m.head_dim and m.d_model % m.num_heads:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}"
@@ -343,20 +328,12 @@ def validate(cfg: Config) -> None:
             f"model.max_segments must be in [0, model.seq_len={m.seq_len}] (0: the dense mask), "
             f"got {m.max_segments}"
         )
-    if not 0 < cfg.optim.decay_fraction <= 1:
-        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {cfg.optim.decay_fraction}")
-    if cfg.checkpoint.every_minutes < 0:
-        raise ConfigError(
-            f"checkpoint.every_minutes must be >= 0 (0: off), got {cfg.checkpoint.every_minutes}"
-        )
     if t.eval_tasks and cfg.objective != "lm":
         raise ConfigError(
             f"train.eval_tasks scores next tokens, for the causal LM only; this config's "
             f"objective is {cfg.objective!r}"
         )
     mlm = cfg.mlm
-    if not 0 < mlm.mask_rate < 1:
-        raise ConfigError(f"mlm.mask_rate must be in (0, 1), got {mlm.mask_rate}")
     if (
         not (0 <= mlm.mask_token_rate and 0 <= mlm.random_token_rate)
         or mlm.mask_token_rate + mlm.random_token_rate > 1
@@ -374,8 +351,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"vision.d_model={v.d_model} is not divisible by vision.num_heads={v.num_heads}"
         )
-    if not 0 < cfg.data.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction must be in (0, 1), got {cfg.data.eval_fraction}")
     if cfg.data.workers < 0 or (cfg.data.workers and cfg.objective != "clip"):
         raise ConfigError(
             f"data.workers={cfg.data.workers}: worker processes decode images (objective clip, "
@@ -386,6 +361,44 @@ def validate(cfg: Config) -> None:
             f"data.tokenizer_sample must be a positive number of lines, got "
             f"{cfg.data.tokenizer_sample}"
         )
+
+
+# Numbers with a range, as intervals: a bracket includes its bound, a parenthesis does not.
+# (An lr < 0 would climb the loss; b2 = 1 divides by zero in Adam's bias correction.)
+RANGES = {
+    **dict.fromkeys(
+        ("model.vocab_size", "model.seq_len", "model.num_layers", "model.d_model"), "(0, inf)"
+    ),
+    **dict.fromkeys(("model.num_heads", "model.mlp_dim", "train.steps"), "(0, inf)"),
+    **dict.fromkeys(("train.batch_size", "train.grad_accum", "train.log_every"), "(0, inf)"),
+    **dict.fromkeys(("train.eval_every", "checkpoint.every", "checkpoint.keep"), "(0, inf)"),
+    "optim.lr": "[0, inf)",
+    "optim.warmup_steps": "[0, inf)",
+    "optim.min_lr_ratio": "[0, 1]",
+    "optim.decay_fraction": "(0, 1]",
+    "optim.b1": "[0, 1)",
+    "optim.b2": "[0, 1)",
+    "optim.eps": "(0, inf)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.clip_norm": "[0, inf)",
+    "optim.muon_beta": "[0, 1)",
+    "optim.muon_ns_steps": "(0, inf)",
+    "optim.muon_adam_lr": "[0, inf)",
+    "optim.lion_b2": "[0, 1)",
+    "checkpoint.every_minutes": "[0, inf)",
+    "mlm.mask_rate": "(0, 1)",
+    "data.eval_fraction": "(0, 1)",
+}
+
+
+def _within(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = low <= value if interval[0] == "[" else low < value
+    return above and (value <= high if interval[-1] == "]" else value < high)
+
+
+def _said(interval: str) -> str:
+    return {"(0, inf)": "positive", "[0, inf)": ">= 0"}.get(interval, f"in {interval}")
 
 
 def _get(cfg: Config, key: str) -> Any:

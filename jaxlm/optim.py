@@ -151,4 +151,7 @@ def make(cfg: OptimConfig, steps: int, mesh: Mesh | None = None) -> optax.Gradie
         tx = optax.adamw(
             rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
         )
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    # clip_norm=0: no clipping (optax's clip to 0 would zero every update); identity keeps
+    # the state's form, so a resume may switch it
+    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
+    return optax.chain(clip, tx)

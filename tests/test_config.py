@@ -34,6 +34,29 @@ def test_bad_choice_and_unknown_variant():
         config.load(f"{GPT}:huge")
 
 
+@pytest.mark.parametrize(
+    "override, said",
+    [
+        ("model.d_model=0", "'model.d_model' must be positive, got 0"),
+        ("optim.lr=-0.001", "'optim.lr' must be >= 0, got -0.001"),
+        ("optim.b2=1", r"'optim.b2' must be in \[0, 1\), got 1.0"),
+        ("optim.min_lr_ratio=1.5", r"'optim.min_lr_ratio' must be in \[0, 1\], got 1.5"),
+        ("optim.eps=0", "'optim.eps' must be positive, got 0.0"),
+        ("optim.muon_ns_steps=0", "'optim.muon_ns_steps' must be positive, got 0"),
+        ("optim.clip_norm=-1", "'optim.clip_norm' must be >= 0, got -1.0"),
+        ("checkpoint.every_minutes=-5", "'checkpoint.every_minutes' must be >= 0, got -5.0"),
+    ],
+)
+def test_numbers_out_of_range_name_the_key_and_the_range(override, said):
+    with pytest.raises(ConfigError, match=said):
+        config.load(f"{GPT}:tiny", [override])
+
+
+def test_range_bounds_are_kept_as_written():
+    for ok in ("optim.lr=0", "optim.b1=0", "optim.clip_norm=0", "optim.decay_fraction=1"):
+        config.load(f"{GPT}:tiny", [ok])  # a bracket's bound is allowed
+
+
 def test_config_round_trips_through_dict():
     cfg = config.load(f"{GPT}:tiny", tiny_overrides())
     assert config.from_dict(config.to_dict(cfg)) == cfg

@@ -127,6 +127,23 @@ def test_muon_update_equals_numpy_newton_schulz():
     np.testing.assert_allclose(got["scale"], -lr * nesterov * np.sign(g["scale"]), rtol=1e-5)
 
 
+def test_clip_norm_zero_means_no_clipping():
+    """optim.clip_norm=0 leaves the gradients as they are (optax's clip to norm 0 would zero
+    every update: a run that trains nothing), and keeps the optimizer state's form, so a
+    resume may switch clipping on or off."""
+    params = nnx.State({"w": nnx.Param(jnp.zeros((4, 3)), axes=("embed", "mlp"))})
+    grads = nnx.State({"w": nnx.Param(jnp.full((4, 3), 50.0), axes=("embed", "mlp"))})
+    base = {"lr": 0.1, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0}
+    got = {}
+    for clip in (0.0, 1e9):
+        tx = optim.make(OptimConfig(**base, clip_norm=clip), 10)
+        got[clip] = np.asarray(tx.update(grads, tx.init(params), params)[0]["w"][...])
+        state = jax.tree.structure(tx.init(params))
+        assert state == jax.tree.structure(optim.make(OptimConfig(**base), 10).init(params))
+    np.testing.assert_allclose(got[0.0], got[1e9])
+    np.testing.assert_allclose(got[0.0], -0.1, rtol=1e-5)  # Adam's first step: -lr * sign(g)
+
+
 def test_muon_equals_optax_contrib_muon_over_steps():
     """Three steps of jaxlm's Muon (its own Newton-Schulz, no mesh) against optax.contrib.muon
     with the same dimension numbers: momentum, Nesterov, bias correction, shape scaling and

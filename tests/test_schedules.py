@@ -35,7 +35,7 @@ def test_schedules_follow_their_formulas():
     assert float(optim.schedule(cfg, 8)(4)) < float(optim.schedule(cfg, 12)(4))
     with pytest.raises(ConfigError, match="optim.schedule"):
         load_tiny(**{"optim.schedule": "linear"})
-    with pytest.raises(ConfigError, match="optim.decay_fraction must be in"):
+    with pytest.raises(ConfigError, match=r"'optim.decay_fraction' must be in \(0, 1\], got 0"):
         load_tiny(**{"optim.schedule": "wsd", "optim.decay_fraction": 0})
 
 
