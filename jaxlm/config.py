@@ -356,36 +356,26 @@ def validate(cfg: Config) -> None:
             f"data.workers={cfg.data.workers}: worker processes decode images (objective clip, "
             "workers >= 0); text rows are read by threads"
         )
-    if cfg.data.tokenizer_sample < 1:
-        raise ConfigError(
-            f"data.tokenizer_sample must be a positive number of lines, got "
-            f"{cfg.data.tokenizer_sample}"
-        )
 
 
 # Numbers with a range, as intervals: a bracket includes its bound, a parenthesis does not.
 # (An lr < 0 would climb the loss; b2 = 1 divides by zero in Adam's bias correction.)
+POSITIVE = """model.vocab_size model.seq_len model.num_layers model.d_model model.num_heads
+    model.mlp_dim model.norm_eps model.rope_theta model.init_std train.steps train.batch_size
+    train.grad_accum train.log_every train.eval_every optim.eps optim.muon_ns_steps
+    checkpoint.every checkpoint.keep vision.image_size vision.patch_size vision.channels
+    vision.num_layers vision.d_model vision.num_heads vision.mlp_dim clip.embed_dim
+    clip.zeroshot_images data.tokenizer_sample""".split()
+AT_LEAST_ZERO = """model.num_kv_heads model.head_dim model.type_vocab_size train.seed
+    train.eval_steps train.peak_flops train.loss_chunk mlm.max_predictions optim.lr
+    optim.warmup_steps optim.weight_decay optim.clip_norm optim.muon_adam_lr
+    checkpoint.every_minutes""".split()
 RANGES = {
-    **dict.fromkeys(
-        ("model.vocab_size", "model.seq_len", "model.num_layers", "model.d_model"), "(0, inf)"
-    ),
-    **dict.fromkeys(("model.num_heads", "model.mlp_dim", "train.steps"), "(0, inf)"),
-    **dict.fromkeys(("train.batch_size", "train.grad_accum", "train.log_every"), "(0, inf)"),
-    **dict.fromkeys(("train.eval_every", "checkpoint.every", "checkpoint.keep"), "(0, inf)"),
-    "optim.lr": "[0, inf)",
-    "optim.warmup_steps": "[0, inf)",
+    **dict.fromkeys(POSITIVE, "(0, inf)"),
+    **dict.fromkeys(AT_LEAST_ZERO, "[0, inf)"),
+    **dict.fromkeys(("optim.b1", "optim.b2", "optim.muon_beta", "optim.lion_b2"), "[0, 1)"),
     "optim.min_lr_ratio": "[0, 1]",
     "optim.decay_fraction": "(0, 1]",
-    "optim.b1": "[0, 1)",
-    "optim.b2": "[0, 1)",
-    "optim.eps": "(0, inf)",
-    "optim.weight_decay": "[0, inf)",
-    "optim.clip_norm": "[0, inf)",
-    "optim.muon_beta": "[0, 1)",
-    "optim.muon_ns_steps": "(0, inf)",
-    "optim.muon_adam_lr": "[0, inf)",
-    "optim.lion_b2": "[0, 1)",
-    "checkpoint.every_minutes": "[0, inf)",
     "mlm.mask_rate": "(0, 1)",
     "data.eval_fraction": "(0, 1)",
 }

@@ -52,6 +52,18 @@ def test_numbers_out_of_range_name_the_key_and_the_range(override, said):
         config.load(f"{GPT}:tiny", [override])
 
 
+def test_every_number_refuses_minus_three_naming_its_key():
+    """No numeric key takes any number: each (but mesh.*, where -1 means "the rest" and the
+    device count decides, sharding.mesh_shape) refuses -3 at load, naming itself."""
+    numbers = [k for k, t in config._all_keys(config.Config).items() if t in (int, float)]
+    assert len(numbers) > 40
+    for key in numbers:
+        if key.startswith("mesh."):
+            continue
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            config.load(f"{GPT}:tiny", [f"{key}=-3"])
+
+
 def test_range_bounds_are_kept_as_written():
     for ok in ("optim.lr=0", "optim.b1=0", "optim.clip_norm=0", "optim.decay_fraction=1"):
         config.load(f"{GPT}:tiny", [ok])  # a bracket's bound is allowed
