@@ -297,6 +297,14 @@ RESUMABLE_KEYS = (
     "train.peak_flops",
     "train.grad_accum",
     "train.loss_chunk",
+    # where metrics go and what evaluation scores, not what training computes: e.g. add
+    # wandb or a zero-shot set to a running job
+    "train.track",
+    "train.eval_tasks",
+    "clip.zeroshot",
+    "clip.zeroshot_images",
+    "clip.classes",
+    "clip.templates",
     "name",
 )
 

@@ -42,13 +42,16 @@ def test_changed_model_is_refused_and_nothing_moves(tmp_path, caplog):
         "model.attention": "xla",
         "model.max_segments": "8",
     }
+    where = {"train.track": "jsonl", "train.eval_tasks": "plays_next_line"}  # metrics, eval
     with caplog.at_level(logging.INFO, logger="jaxlm"):
-        train(load_tiny(**{"train.steps": 4, "train.loss_chunk": 8, **how}), tmp_path)
+        train(load_tiny(**{"train.steps": 4, "train.loss_chunk": 8, **how, **where}), tmp_path)
     assert "resume: model.remat changed from 'none' to 'full'" in caplog.text
     assert "resume: model.scan_layers changed from True to False" in caplog.text
     assert "resume: model.attention changed from 'auto' to 'xla'" in caplog.text
     assert "resume: model.max_segments changed from 0 to 8" in caplog.text
     assert "resume: train.loss_chunk changed from 256 to 8" in caplog.text
+    assert "resume: train.track changed from ['tensorboard', 'jsonl'] to ['jsonl']" in caplog.text
+    assert "resume: train.eval_tasks changed from [] to ['plays_next_line']" in caplog.text
     assert f"resumed from {tmp_path}/checkpoints/3" in caplog.text
 
 
