@@ -68,7 +68,9 @@ def _wsd(cfg: OptimConfig, steps: int, warmup: int) -> optax.Schedule:
         warm = cfg.lr * _warm(step, warmup)
         done = jnp.clip((step - start) / decay, 0.0, 1.0)
         left = 1.0 - (done if cfg.decay_shape == "linear" else jnp.sqrt(done))
-        return jnp.where(step < start, warm, end + (cfg.lr - end) * left)
+        # the lower of the two: the same as warmup-then-decay when they do not overlap, and
+        # no jump up to the peak where a short run's decay begins inside its warmup
+        return jnp.where(step < start, warm, jnp.minimum(warm, end + (cfg.lr - end) * left))
 
     return rate
 

@@ -33,6 +33,14 @@ def test_schedules_follow_their_formulas():
     wsd = OptimConfig(**{**cfg.__dict__, "schedule": "wsd"})
     assert [float(optim.schedule(wsd, 8)(s)) for s in range(6)] == rates["wsd", "linear"][:6]
     assert float(optim.schedule(cfg, 8)(4)) < float(optim.schedule(cfg, 12)(4))
+    # a decay that begins inside the warmup (a short run) goes down from where the warmup is,
+    # never up to the peak first: min(step / 10, 1 - (step - 5) / 5)
+    short = OptimConfig(
+        lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.5, min_lr_ratio=0.0
+    )
+    want = [min(s / 10, 1 - max(0, s - 5) / 5) for s in range(11)]
+    got = [float(optim.schedule(short, 10)(s)) for s in range(11)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     with pytest.raises(ConfigError, match="optim.schedule"):
         load_tiny(**{"optim.schedule": "linear"})
     with pytest.raises(ConfigError, match=r"'optim.decay_fraction' must be in \(0, 1\], got 0"):
