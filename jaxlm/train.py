@@ -210,6 +210,13 @@ def train(
             unit,
             workdir,
         )
+        if start >= cfg.train.steps:  # a finished run rerun (a requeued job), or steps lowered
+            log.warning(
+                "nothing to train: the checkpoint is at step %d and train.steps=%d (raise "
+                "train.steps to train on)",
+                start,
+                cfg.train.steps,
+            )
         log.info(
             "peak %.3g FLOP/s (%s); %s",
             peak,

@@ -54,6 +54,13 @@ def test_changed_model_is_refused_and_nothing_moves(tmp_path, caplog):
     assert "resume: train.eval_tasks changed from [] to ['plays_next_line']" in caplog.text
     assert f"resumed from {tmp_path}/checkpoints/3" in caplog.text
 
+    # fewer steps than the checkpoint has done: nothing trained, and the log says so
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(load_tiny(**{"train.steps": 3, **how, **where}), tmp_path)
+    assert "nothing to train: the checkpoint is at step 4 and train.steps=3" in caplog.text
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
 
 SIGNAL_AT = """
 import logging, os, signal
