@@ -142,7 +142,7 @@ def _plain(v):
 
 
 class Wandb:
-    def __init__(self, workdir: epath.Path, cfg: Config, num_params: int):
+    def __init__(self, workdir: epath.Path, cfg: Config, num_params: int, start: int = 0):
         try:
             import wandb
         except ImportError:
@@ -150,9 +150,15 @@ class Wandb:
                 "train.track includes wandb, which is not installed: pip install 'jaxlm[wandb]'"
             ) from None
         id_file = workdir / RUN_ID
-        resumed = id_file.exists()
+        # a run from step 0 is a new W&B run even where an earlier attempt left its id (it
+        # died before its first checkpoint): W&B keeps a run's steps, so the new attempt's
+        # steps up to the old one's last would be dropped from a continued run
+        resumed = start > 0 and id_file.exists()
         run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)
         if not resumed:
+            if id_file.exists():
+                old = id_file.read_text().strip()
+                log.info("wandb: run %s of this workdir left no checkpoint: a new run", old)
             id_file.write_text(run_id + "\n")
         local = "://" not in str(workdir)
         devices = jax.devices()

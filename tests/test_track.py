@@ -2,6 +2,7 @@
 offline), each read back from the files they wrote; a W&B resume continues the same run."""
 
 import json
+import shutil
 import struct
 
 from conftest import load_tiny, run_python
@@ -73,6 +74,16 @@ def test_wandb_offline_run_and_its_resume(tmp_path, monkeypatch):
     got_id, _, rows = history(second)
     assert got_id == run_id and second.name.endswith(run_id)  # the same W&B run
     assert sorted(r["step"] for r in rows if "loss" in r) == [3, 4]
+
+    # an attempt that died before its first checkpoint: the rerun starts at step 0, so it is
+    # a new W&B run (a continued one would drop its steps up to the old run's last)
+    shutil.rmtree(run / "checkpoints")
+    train(load_tiny(**opts, **{"train.steps": 2}), run)
+    new_id = (run / "wandb_run_id").read_text().strip()
+    (third,) = set((run / "wandb").glob("offline-run-*")) - {first, second}
+    got_id, _, rows = history(third)
+    assert new_id != run_id and got_id == new_id and third.name.endswith(new_id)
+    assert sorted(r["step"] for r in rows if "loss" in r) == [1, 2]
 
 
 TENSORBOARD = """
