@@ -166,7 +166,7 @@ class Wandb:
             "project": os.environ.get("WANDB_PROJECT") or "jaxlm",
             "id": run_id,
             "resume": "allow",
-            "name": str(workdir).rstrip("/").rsplit("/", 1)[-1],
+            "name": os.environ.get("WANDB_NAME") or str(workdir).rstrip("/").rsplit("/", 1)[-1],
             "config": {
                 **config_lib.to_dict(cfg),
                 "num_params": num_params,

@@ -50,6 +50,11 @@ def history(run_dir) -> tuple[str, dict, list[dict]]:
     return run_id, config, rows
 
 
+def run_name(run_dir) -> str:
+    (path,) = run_dir.glob("run-*.wandb")
+    return next(r.run.display_name for kind, r in wandb_records(path) if kind == "run")
+
+
 def test_wandb_offline_run_and_its_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_PROJECT", "jaxlm-test")
@@ -61,6 +66,7 @@ def test_wandb_offline_run_and_its_resume(tmp_path, monkeypatch):
     (first,) = (run / "wandb").glob("offline-run-*")
     got_id, config, rows = history(first)
     assert got_id == run_id and first.name.endswith(run_id)
+    assert run_name(first) == "run"  # the workdir's name
     assert config["num_params"] > 0 and config["devices"] == 8 and config["device"]
     assert config["model"]["d_model"] == 64  # jaxlm's config, whole
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -78,11 +84,13 @@ def test_wandb_offline_run_and_its_resume(tmp_path, monkeypatch):
     # an attempt that died before its first checkpoint: the rerun starts at step 0, so it is
     # a new W&B run (a continued one would drop its steps up to the old run's last)
     shutil.rmtree(run / "checkpoints")
+    monkeypatch.setenv("WANDB_NAME", "second attempt")  # W&B's variable names the run
     train(load_tiny(**opts, **{"train.steps": 2}), run)
     new_id = (run / "wandb_run_id").read_text().strip()
     (third,) = set((run / "wandb").glob("offline-run-*")) - {first, second}
     got_id, _, rows = history(third)
     assert new_id != run_id and got_id == new_id and third.name.endswith(new_id)
+    assert run_name(third) == "second attempt"
     assert sorted(r["step"] for r in rows if "loss" in r) == [1, 2]
 
 
