@@ -4,8 +4,9 @@ TensorBoard events in the workdir (the default), Weights & Biases (optional extr
 
 W&B: the run's config holds jaxlm's whole config, the parameter count and the devices. The
 run id is stored in WORKDIR/wandb_run_id before the run starts, so a resume (a preempted run's
-rerun included) continues the same W&B run instead of starting a new one. WANDB_PROJECT
-(default `jaxlm`), WANDB_ENTITY, WANDB_MODE (`offline`: no server) and WANDB_DIR are W&B's own
+rerun included) continues the same W&B run instead of starting a new one; a run from step 0
+is a new W&B run. WANDB_PROJECT (default `jaxlm`), WANDB_NAME (default: the workdir's name),
+WANDB_ENTITY, WANDB_MODE (`offline`: no server) and WANDB_DIR are W&B's own
 variables and are honoured as W&B honours them; without WANDB_DIR a local workdir holds W&B's
 files (`WORKDIR/wandb/`).
 """
