@@ -250,7 +250,8 @@ def train(
                     if not math.isfinite(metrics["loss"]):
                         raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
                     log.info(
-                        "step %d/%d | loss %.4f | grad_norm %.3f | lr %.3g | %s %s/s | mfu %.2f%%",
+                        "step %d/%d | loss %.4f | grad_norm %.3f | lr %.3g | %s %s/s | mfu "
+                        "%.2f%%%s",
                         done,
                         cfg.train.steps,
                         metrics["loss"],
@@ -259,6 +260,8 @@ def train(
                         f"{per_s:,.0f}",
                         unit,
                         100 * metrics["mfu"],
+                        # logged alone so that the next interval's speed is the steps' own
+                        " (compile included)" if done == start + 1 else "",
                     )
                     writer.write(done, metrics)
                     last |= metrics

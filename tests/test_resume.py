@@ -32,6 +32,8 @@ def test_changed_model_is_refused_and_nothing_moves(tmp_path, caplog):
     assert "resume: optim.lr changed from 0.01 to 0.005" in caplog.text
     assert f"resumed from {tmp_path}/checkpoints/2" in caplog.text
     assert "the learning-rate schedule now ends at step 3 (it was made for 2)" in caplog.text
+    (first,) = [r.message for r in caplog.records if r.message.startswith("step 3/3 |")]
+    assert first.endswith("(compile included)"), first  # the first step after a start
     assert sorted(losses(tmp_path)) == [1, 2, 3]
 
     # How a step runs may change too (more remat on fewer chips): logged, and it resumes.
