@@ -13,7 +13,6 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxlm import config as config_lib
 from jaxlm import optim
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.checkpoint import Checkpointer, NoReadableCheckpoint, check_resume, parse_source, stored
@@ -111,13 +110,14 @@ def check_optimizer_state(saved: Config, s: Setup, where: str, source: str) -> N
     if saved.optim == s.cfg.optim:
         return
     before = dataclasses.replace(s, tx=optim.make(saved.optim, saved.train.steps, s.mesh))
-    old, new = (jax.eval_shape(x._init_fn, jax.random.key(0))["opt_state"] for x in (before, s))
+    old = jax.eval_shape(before._init_fn, jax.random.key(0))["opt_state"]
+    new = s.abstract["opt_state"]  # this config's, as build() derived it
     if jax.tree.structure(old) == jax.tree.structure(new) and all(
         (a.shape, a.dtype) == (b.shape, b.dtype)
         for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new), strict=True)
     ):
         return
-    was, now = config_lib.to_dict(saved)["optim"], config_lib.to_dict(s.cfg)["optim"]
+    was, now = dataclasses.asdict(saved.optim), dataclasses.asdict(s.cfg.optim)
     changed = "; ".join(
         f"optim.{k}: {was[k]!r} in the checkpoint, {now[k]!r} now" for k in was if was[k] != now[k]
     )
