@@ -43,7 +43,7 @@ class MetricsWriter:
     before its first checkpoint) drops what was logged after that step, and the header
     record of an earlier start at that same step, so no step is recorded twice; TensorBoard
     purges its events after `start` the same way. `track` (train.track) chooses among
-    jsonl, tensorboard and wandb (given `wandb`: a callable making a `Wandb`)."""
+    jsonl, tensorboard and wandb (given `wandb`: a callable making a `Wandb` from `start`)."""
 
     def __init__(
         self,
@@ -83,7 +83,7 @@ class MetricsWriter:
         if "tensorboard" in track:
             self.tb = _summary_writer(self.local / "tensorboard", purge_step=start + 1)
         if "wandb" in track and wandb is not None:
-            self.wandb = wandb()
+            self.wandb = wandb(start)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -143,7 +143,7 @@ def _plain(v):
 
 
 class Wandb:
-    def __init__(self, workdir: epath.Path, cfg: Config, num_params: int, start: int = 0):
+    def __init__(self, workdir: epath.Path, cfg: Config, num_params: int, start: int):
         try:
             import wandb
         except ImportError:

@@ -194,7 +194,7 @@ def train(
         train_step, eval_step = make_train_step(s), make_eval_step(s)
         flops_per_item = objective.flops_per_item(cfg)
         peak, peak_source = peak_flops(cfg.train.peak_flops)
-        tracker = functools.partial(track.Wandb, workdir, cfg, s.num_params(), start)
+        tracker = functools.partial(track.Wandb, workdir, cfg, s.num_params())
         writer = track.MetricsWriter(workdir, start, cfg.train.track, tracker)
         baselines = evaluate_lib.baselines(objective, dataset, tokenizer, eval_sets)
         log.info(
