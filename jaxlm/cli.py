@@ -247,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
         from jaxlm import data, tokenizer
 
         texts = data.sample_texts(config.DataConfig(files=tuple(args.input)))
-        tok = tokenizer.train(texts, args.vocab_size, args.model_type)
+        tok = tokenizer.train(texts, args.vocab_size, args.model_type, key="--vocab-size")
         tok.save(args.out)
         print(f"wrote {args.out}: {tok.vocab_size} tokens")
     elif args.command == "data":

@@ -328,6 +328,11 @@ def validate(cfg: Config) -> None:
             f"model.max_segments must be in [0, model.seq_len={m.seq_len}] (0: the dense mask), "
             f"got {m.max_segments}"
         )
+    if cfg.mlm.max_predictions > m.seq_len:
+        raise ConfigError(
+            f"mlm.max_predictions={cfg.mlm.max_predictions} is more than model.seq_len="
+            f"{m.seq_len} (at most one prediction per position; 0: mask_rate * seq_len)"
+        )
     if t.eval_tasks and cfg.objective != "lm":
         raise ConfigError(
             f"train.eval_tasks scores next tokens, for the causal LM only; this config's "

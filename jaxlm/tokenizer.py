@@ -302,11 +302,13 @@ def train(
     vocab_size: int,
     model_type: str = "bpe",
     sample_lines: int = MAX_TRAINING_SENTENCES,
+    key: str = "model.vocab_size",
 ) -> Tokenizer:
     """Train on an iterable of documents (split into lines for sentencepiece). Sentencepiece
     keeps a shuffled sample of at most `sample_lines` lines: memory stays bounded whatever the
     corpus size. The sample is random once there are more lines than that: two trainings on
-    the same text may differ, so a multi-process run trains on process 0 only."""
+    the same text may differ, so a multi-process run trains on process 0 only. `key` names
+    the setting that gave vocab_size, for the error a corpus too small for it raises."""
     lines = (line for text in texts for line in text.split("\n") if line.strip())
     out = io.BytesIO()
     try:
@@ -332,7 +334,7 @@ def train(
         )
     except RuntimeError as e:
         raise ConfigError(
-            f"sentencepiece training with vocab_size={vocab_size} failed: {e}"
+            f"{key}={vocab_size}: training a sentencepiece model of that size failed: {e}"
         ) from None
     return Tokenizer(out.getvalue())
 

@@ -69,6 +69,21 @@ def test_range_bounds_are_kept_as_written():
         config.load(f"{GPT}:tiny", [ok])  # a bracket's bound is allowed
 
 
+def test_more_predictions_than_positions_is_refused_naming_both_keys():
+    """(Once a 100,000-prediction sparse head asked XLA for 138 GB before anything said why.)"""
+    bert = str(ROOT / "configs/bert.py:tiny")
+    config.load(bert, ["model.seq_len=64", "mlm.max_predictions=64"])
+    with pytest.raises(ConfigError, match=r"mlm.max_predictions=65 is more than model.seq_len=64"):
+        config.load(bert, ["model.seq_len=64", "mlm.max_predictions=65"])
+
+
+def test_a_vocabulary_too_large_for_the_corpus_names_its_key():
+    from jaxlm import tokenizer
+
+    with pytest.raises(ConfigError, match=r"^model.vocab_size=10: training a sentencepiece"):
+        tokenizer.train(["the quick brown fox jumps over the lazy dog"] * 10, 10)
+
+
 def test_config_round_trips_through_dict():
     cfg = config.load(f"{GPT}:tiny", tiny_overrides())
     assert config.from_dict(config.to_dict(cfg)) == cfg
