@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from jaxlm.config import ConfigError
-
 if TYPE_CHECKING:  # Grain is imported where batches are made (bench runs without it)
     import grain
 
@@ -29,14 +27,10 @@ PREFETCH = 16  # batches Grain's read threads keep ready
 
 
 def mixture_weights(given: tuple[float, ...], sizes: list[float], names: list[str]) -> list[float]:
-    """`data.weights` normalised, one per entry (default: proportional to `sizes`)."""
+    """`data.weights` (config.validate checked them) normalised, one per entry (default:
+    proportional to `sizes`)."""
     if not given:
         return [n / sum(sizes) for n in sizes]
-    if len(given) != len(sizes) or min(given) < 0 or sum(given) <= 0:
-        raise ConfigError(
-            f"data.weights={','.join(map(str, given))}: expected {len(sizes)} "
-            "non-negative weights, one per entry, not all zero"
-        )
     for entry, w in zip(names, given, strict=True):
         if w == 0:
             log.info("data.weights: %s has weight 0: not trained on (still evaluated)", entry)

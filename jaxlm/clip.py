@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from jaxlm import clip_data, images, sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.attention import Mask
-from jaxlm.config import Config, ConfigError
+from jaxlm.config import Config, ConfigError, source_entries
 from jaxlm.layers import Embed, Transformer, param, stack_flops_per_token
 from jaxlm.vit import ImageTower, tower_config
 
@@ -151,7 +151,7 @@ def default_tokenizer(cfg: Config, workdir: str | os.PathLike) -> tokenizer_lib.
     without one, captions drawn from their templates)."""
     texts, rng = [], np.random.default_rng(0)
     budget = min(cfg.data.tokenizer_sample, 20_000)
-    for entry in clip_data.source_entries(cfg.clip.source):
+    for entry in source_entries(cfg.clip.source):
         source = clip_data.ImageSource(clip_data.resolve(entry, cfg, workdir, sync=False))
         records = source.records("train")
         for _, _, record in records.get(np.arange(min(len(records), budget - len(texts)))):

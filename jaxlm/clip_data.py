@@ -36,7 +36,7 @@ from etils import epath
 
 from jaxlm import batching, data, images, inputs
 from jaxlm import prepare_images as prep
-from jaxlm.config import Config, ConfigError
+from jaxlm.config import Config, ConfigError, source_entries
 from jaxlm.shards import Records
 
 if TYPE_CHECKING:  # Grain is imported where batches are made
@@ -44,23 +44,6 @@ if TYPE_CHECKING:  # Grain is imported where batches are made
 
 log = logging.getLogger("jaxlm")
 SMALL = ("digits", "tar:", "tfds:")
-
-
-def source_entries(spec: str) -> list[str]:
-    """`clip.source` -> its entries: split at commas outside braces (`{a,b}` stays whole)."""
-    out, depth, current = [], 0, ""
-    for c in spec:
-        depth += (c == "{") - (c == "}")
-        if c == "," and depth == 0:
-            out.append(current)
-            current = ""
-        else:
-            current += c
-    out.append(current)
-    entries = [e.strip() for e in out if e.strip()]
-    if not entries:
-        raise ConfigError("clip.source is empty: name a prepared image-text directory or digits")
-    return entries
 
 
 def _small_inputs(entry: str, what: str) -> list[str]:

@@ -347,6 +347,18 @@ def validate(cfg: Config) -> None:
             "mlm.mask_token_rate and mlm.random_token_rate must be >= 0 and sum to at most 1, "
             f"got {mlm.mask_token_rate} and {mlm.random_token_rate}"
         )
+    # before any entry is read or prepared: a mistake here should not wait for a corpus
+    w = cfg.data.weights
+    count = (
+        len(source_entries(cfg.clip.source))
+        if cfg.objective == "clip"
+        else len(cfg.data.files) or 1
+    )
+    if w and (len(w) != count or min(w) < 0 or sum(w) <= 0):
+        raise ConfigError(
+            f"data.weights={','.join(map(str, w))}: expected {count} non-negative weights, one "
+            "per data.files entry (clip.source's for CLIP), not all zero"
+        )
     v = cfg.vision
     if cfg.objective == "clip" and v.image_size % v.patch_size:
         raise ConfigError(
@@ -361,6 +373,23 @@ def validate(cfg: Config) -> None:
             f"data.workers={cfg.data.workers}: worker processes decode images (objective clip, "
             "workers >= 0); text rows are read by threads"
         )
+
+
+def source_entries(spec: str) -> list[str]:
+    """`clip.source` -> its entries: split at commas outside braces (`{a,b}` stays whole)."""
+    out, depth, current = [], 0, ""
+    for c in spec:
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            out.append(current)
+            current = ""
+        else:
+            current += c
+    out.append(current)
+    entries = [e.strip() for e in out if e.strip()]
+    if not entries:
+        raise ConfigError("clip.source is empty: name a prepared image-text directory or digits")
+    return entries
 
 
 # Numbers with a range, as intervals: a bracket includes its bound, a parenthesis does not.

@@ -50,6 +50,14 @@ def test_empty_data_file(tmp_path, capsys):
     assert f"data file '{empty}' is empty" in err
 
 
+def test_mixture_weights_are_checked_before_anything_is_prepared(tmp_path, capsys):
+    text = tmp_path / "plays.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 50)
+    err = train_error(capsys, tmp_path / "w", {"data.files": str(text), "data.weights": "1,2"})
+    assert "data.weights=1.0,2.0: expected 1 non-negative weights, one per data.files" in err
+    assert not (tmp_path / "w" / "prepared").exists()  # refused before the preparation
+
+
 def test_missing_tokenizer_file(tmp_path, capsys):
     err = train_error(capsys, tmp_path, {"data.tokenizer": "no.model"})
     assert "tokenizer file 'no.model' not found" in err
