@@ -150,6 +150,15 @@ def generate(
                 f"model's context of {context} (model.seq_len)"
             )
         encoded.append(ids)
+    room = context - max(len(ids) for ids in encoded)
+    if max_new_tokens > room:
+        log.warning(
+            "--max-new-tokens=%d: the longest prompt leaves room for %d in the model's context "
+            "of %d (model.seq_len); completions stop there",
+            max_new_tokens,
+            room,
+            context,
+        )
     tokens = generate_ids(loaded, encoded, max_new_tokens, sampling, seed)
     results = []
     for text, ids in zip(prompts, tokens, strict=True):

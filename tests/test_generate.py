@@ -152,6 +152,24 @@ def test_generate_command_on_a_trained_checkpoint(tiny_lm, tmp_path, capsys):
     assert "leaves no room in the model's context of" in capsys.readouterr().err
 
 
+def test_more_new_tokens_than_the_context_holds_says_where_completions_stop(tiny_lm, caplog):
+    from jaxlm.evaluate import load
+    from jaxlm.generate import generate
+
+    loaded = load(tiny_lm)
+    context, prompt = loaded.cfg.model.seq_len, [loaded.tokenizer.bos_id]
+    prompt += list(loaded.tokenizer.encode("ROMEO:"))
+    with caplog.at_level("WARNING", logger="jaxlm"):
+        out = generate(loaded, ["ROMEO:"], max_new_tokens=10_000, sampling=Sampling(5.0))
+    room = context - len(prompt)
+    assert f"--max-new-tokens=10000: the longest prompt leaves room for {room}" in caplog.text
+    assert len(out[0]["tokens"]) <= room
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxlm"):
+        generate(loaded, ["ROMEO:"], max_new_tokens=room)
+    assert "max-new-tokens" not in caplog.text  # it fits: nothing to say
+
+
 class FewerPieces:
     """A tokenizer that knows only the first `size` ids of the model's vocabulary (as a
     model padded to 50304 has more rows than GPT-2's 50257 pieces)."""
