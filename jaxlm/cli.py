@@ -246,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "tokenizer":
         from jaxlm import data, tokenizer
 
-        texts = data.sample_texts(config.DataConfig(files=tuple(args.input)))
+        texts = data.sample_texts(config.DataConfig(files=tuple(args.input)), "--input")
         tok = tokenizer.train(texts, args.vocab_size, args.model_type, key="--vocab-size")
         tok.save(args.out)
         print(f"wrote {args.out}: {tok.vocab_size} tokens")

@@ -72,19 +72,19 @@ def is_prepared(entry: str) -> bool:
     )
 
 
-def entry_files(entry: str) -> list[str]:
+def entry_files(entry: str, key: str = "data.files") -> list[str]:
     """The files of a text entry (a glob, a path or a URL), each checked to exist: a listing
-    and a stat, nothing read."""
+    and a stat, nothing read. `key` names where the entry came from, for the error."""
     files = inputs.expand(entry)
     if not files or not all(epath.Path(f).is_file() for f in files):
-        raise ConfigError(f"data.files: {entry!r} matches no file (nor a prepared directory)")
+        raise ConfigError(f"{key}: {entry!r} matches no file (nor a prepared directory)")
     return files
 
 
-def raw_files(entry: str, text_field: str = "text") -> list[str]:
+def raw_files(entry: str, text_field: str = "text", key: str = "data.files") -> list[str]:
     """The files of a text entry, each checked to hold some text (reading up to its first
     document only)."""
-    files = entry_files(entry)
+    files = entry_files(entry, key)
     for f in files:
         docs = (d for u in inputs.plan_units([f]) for d in inputs.documents(u, text_field))
         if not any(d.strip() for d in docs):
@@ -92,13 +92,13 @@ def raw_files(entry: str, text_field: str = "text") -> list[str]:
     return files
 
 
-def sample_texts(cfg: DataConfig) -> Iterator[str]:
+def sample_texts(cfg: DataConfig, key: str = "data.files") -> Iterator[str]:
     """The documents of the text entries, streamed (for training a tokenizer, which keeps a
     bounded sample); prepared entries carry their tokenizer and are skipped."""
     for entry in entries(cfg):
         if is_prepared(entry):
             continue
-        for unit in inputs.plan_units(raw_files(entry, cfg.text_field)):
+        for unit in inputs.plan_units(raw_files(entry, cfg.text_field, key)):
             yield from inputs.documents(unit, cfg.text_field)
 
 

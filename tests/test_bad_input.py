@@ -58,6 +58,19 @@ def test_mixture_weights_are_checked_before_anything_is_prepared(tmp_path, capsy
     assert not (tmp_path / "w" / "prepared").exists()  # refused before the preparation
 
 
+def test_tokenizer_training_names_its_own_flags(tmp_path, capsys):
+    missing, out = str(tmp_path / "nope.txt"), str(tmp_path / "t.model")
+    err = cli_error(
+        capsys, "tokenizer", "train", "--input", missing, "--vocab-size", "300", "--out", out
+    )
+    assert f"--input: '{missing}' matches no file" in err
+    corpus = str(ROOT / "jaxlm/corpus/othello.txt")
+    err = cli_error(
+        capsys, "tokenizer", "train", "--input", corpus, "--vocab-size", "5", "--out", out
+    )
+    assert "--vocab-size=5: training a sentencepiece model of that size failed" in err
+
+
 def test_missing_tokenizer_file(tmp_path, capsys):
     err = train_error(capsys, tmp_path, {"data.tokenizer": "no.model"})
     assert "tokenizer file 'no.model' not found" in err
