@@ -31,12 +31,24 @@ log = logging.getLogger("jaxlm")
 def evaluate(eval_step, params, sets: list[data.EvalSet], mesh) -> dict:
     """Token-weighted means of eval_step's metrics over each set's host batches (each process
     passes its share of every global batch); for a mixture, see `combined`."""
-    per_set = []
+    per_set, fallbacks = [], []
     for s in sets:
         sums = _summed(eval_step, params, s.batches, lambda b: sharding.to_global(b, mesh))
+        fallbacks.append(_fallbacks(sums))
         tokens = max(sums.pop("tokens"), 1.0)
         per_set.append({f"eval_{k}": v / tokens for k, v in sums.items()})
-    return combined(sets, per_set)
+    return combined(sets, per_set) | {f"eval_{k}": v for k, v in _added(fallbacks).items()}
+
+
+def _fallbacks(sums: dict) -> dict:
+    """With model.max_segments, {max_segments_exceeded: how many batches ran the dense mask},
+    taken out of eval_step's sums (a count, not a per-token mean); else {}."""
+    n = sums.pop("max_segments_exceeded", None)
+    return {} if n is None else {"max_segments_exceeded": int(n)}
+
+
+def _added(dicts: list[dict]) -> dict:
+    return {k: sum(d[k] for d in dicts) for k in (dicts[0] if dicts else {})}
 
 
 def combined(sets: list[data.EvalSet], per_set: list[dict]) -> dict:
@@ -158,7 +170,7 @@ def evaluate_text(
     batch_size = batch_size or cfg.train.batch_size
     sharding.check_batch(batch_size, 1, s.mesh)
     eval_step, causal = make_eval_step(s), cfg.objective == "lm"
-    results, sums = [], []
+    results, sums, fallbacks = [], [], []
     for entry in inputs:
         start = time.perf_counter()
         if data.is_prepared(entry):
@@ -180,13 +192,14 @@ def evaluate_text(
             # text: every target once, no padding counted (without the document mask, a
             # document's [bos] is a target too)
             assert summed["tokens"] == targets, summed
+        fallbacks.append(_fallbacks(summed))
         sums.append(summed)
-        results.append({"data": entry, **_text_metrics(summed, causal)})
+        results.append({"data": entry, **_text_metrics(summed, causal), **fallbacks[-1]})
         seconds = time.perf_counter() - start
         rate = summed["tokens"] / seconds
         log.info("%s: %d tokens in %.1f s, %.0f tokens/s", entry, summed["tokens"], seconds, rate)
-    total = {k: sum(x[k] for x in sums) for k in sums[0]}
-    results.append({"data": "total", **_text_metrics(total, causal)})
+    total = _added(sums)
+    results.append({"data": "total", **_text_metrics(total, causal), **_added(fallbacks)})
     return results
 
 

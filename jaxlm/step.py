@@ -159,12 +159,21 @@ def make_train_step(s: Setup) -> Callable[[dict, Any], tuple[dict, dict]]:
 
 
 def make_eval_step(s: Setup) -> Callable[[Any, Any], dict]:
-    """jit(eval_step): (params, batch) -> metrics summed over tokens, plus `tokens`."""
+    """jit(eval_step): (params, batch) -> metrics summed over tokens, plus `tokens` (and, with
+    model.max_segments, `max_segments_exceeded`: a count, not a sum over tokens)."""
+
+    cfg = s.cfg
+    counts_fallbacks = bool(cfg.model.max_segments and cfg.model.document_mask)
 
     def eval_step(params: Any, batch: dict) -> dict:
         _, metrics = s.objective.loss_fn(s.model(params), batch, jax.random.key(0))
         tokens = metrics.pop("tokens")
-        return {**{k: v * tokens for k, v in metrics.items()}, "tokens": tokens}
+        out = {**{k: v * tokens for k, v in metrics.items()}, "tokens": tokens}
+        if counts_fallbacks and "segment_ids" in batch:  # as train_step's: 1 if the dense mask ran
+            out["max_segments_exceeded"] = attention.over_max_segments(
+                batch["segment_ids"][None], cfg.model.max_segments
+            )
+        return out
 
     return jax.jit(
         eval_step,

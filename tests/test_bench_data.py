@@ -61,7 +61,8 @@ def test_training_counts_the_micro_batches_over_max_segments(tmp_path, caplog):
     )
     with caplog.at_level(logging.INFO, logger="jaxlm"):
         train(cfg, tmp_path)
-    batches = lm.load_data(cfg, fresh_tokenizer(cfg, lm, tmp_path), tmp_path).train_batches(0)
+    dataset = lm.load_data(cfg, fresh_tokenizer(cfg, lm, tmp_path), tmp_path)
+    batches = dataset.train_batches(0)
     per_step = []
     for _ in range(steps):
         rows = next(batches)["segment_ids"]
@@ -74,3 +75,9 @@ def test_training_counts_the_micro_batches_over_max_segments(tmp_path, caplog):
     assert logged == {step: sum(counts) for step, counts in since.items()}
     want = f"model.max_segments=1: {total} of {steps * accum} micro-batches held a row of more"
     assert want in caplog.text
+    # the evaluation at the last step counts its batches the same way (a count, not a mean)
+    held_out = [b["segment_ids"] for s in dataset.eval_sets() for b in s.batches]
+    over = sum(int((document_starts(b).sum(-1) > 1).any()) for b in held_out)
+    assert over > 0, len(held_out)
+    (last,) = [r for r in read_metrics(tmp_path) if "eval_loss" in r]
+    assert last["eval_max_segments_exceeded"] == over
