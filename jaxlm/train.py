@@ -160,6 +160,13 @@ class Fallbacks:
             )
 
 
+def _joined(metrics: dict) -> str:
+    """`k v | k v` for a log line: means to 4 decimals, counts (ints) as they are."""
+    return " | ".join(
+        f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items()
+    )
+
+
 def train(
     cfg: Config,
     workdir: str | os.PathLike,
@@ -221,7 +228,7 @@ def train(
             "peak %.3g FLOP/s (%s); %s",
             peak,
             peak_source,
-            " | ".join(f"{k} {v:.4f}" for k, v in baselines.items()),
+            _joined(baselines),
         )
         writer.write(start, {**baselines, "peak_flops": peak, "peak_flops_source": peak_source})
 
@@ -271,9 +278,7 @@ def train(
                 if eval_sets and (done % cfg.train.eval_every == 0 or final):
                     ev = evaluate_lib.evaluate(eval_step, state["params"], eval_sets, mesh)
                     ev |= objective.extra_eval(s, state["params"], dataset, tokenizer)
-                    log.info(
-                        "step %d | %s", done, " | ".join(f"{k} {v:.4f}" for k, v in ev.items())
-                    )
+                    log.info("step %d | %s", done, _joined(ev))
                     writer.write(done, ev)
                     last |= ev
                     timer, timed_steps = time.perf_counter(), 0
