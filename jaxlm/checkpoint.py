@@ -23,6 +23,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
+from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import CheckpointConfig, Config, ConfigError
 from jaxlm.inputs import is_remote
@@ -196,12 +197,13 @@ class Checkpointer:
             error,
             target,
         )
-        if jax.process_index() == 0:
-            if target.exists():
-                target = self.quarantine / f"{step}.{len(list(self.quarantine.iterdir()))}"
-            _move_tree(self.root / str(step), target)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"jaxlm_set_aside_{step}")
+
+        def move() -> None:  # beside an earlier one of the same step, if there is one
+            taken = target.exists()
+            n = len(list(self.quarantine.iterdir())) if taken else 0
+            _move_tree(self.root / str(step), self.quarantine / f"{step}.{n}" if taken else target)
+
+        sharding.on_process_0(f"moving step {step} to {self.quarantine}", move)
         self.manager.reload()
 
     def set_aside_steps(self) -> list[str]:

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxlm import batching, data, images, inputs
+from jaxlm import batching, data, images, inputs, sharding
 from jaxlm import prepare_images as prep
 from jaxlm.config import Config, ConfigError, source_entries
 from jaxlm.shards import Records
@@ -93,16 +93,20 @@ def resolve(
         out = epath.Path(workdir) / "prepared" / key
     else:
         out = data.CACHE / key / f"process_{jax.process_index()}"
-    if (jax.process_index() == 0 or not is_local) and not (out / prep.MANIFEST).exists():
+
+    def prepare() -> None:
+        if (out / prep.MANIFEST).exists():
+            return
         log.info("preparing %s into %s (once)", entry, out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "settings.json").write_text(json.dumps(settings, indent=1))
         split = settings["tfds_split"]
         prep.prepare(files, str(out), eval_count=held, tfds_split=split, progress=False)
-    if sync and is_local and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"jaxlm_prepared_{key}")
+    if is_local and sync:
+        sharding.on_process_0(f"preparing {what} {entry}", prepare)
+    elif jax.process_index() == 0 or not is_local:
+        prepare()
     return str(out)
 
 

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxlm import batching, inputs
+from jaxlm import batching, inputs, sharding
 from jaxlm import prepare as prepare_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config, ConfigError, DataConfig
@@ -197,7 +197,10 @@ class TextData:
             out = epath.Path(workdir) / "prepared" / key
         else:
             out = CACHE / key / f"process_{jax.process_index()}"
-        if (jax.process_index() == 0 or not local) and not (out / prepare_lib.MANIFEST).exists():
+
+        def prepare() -> None:
+            if (out / prepare_lib.MANIFEST).exists():
+                return
             raw_files(entry, self.cfg.data.text_field)  # each file holds some text
             log.info("preparing %d text files of %r into %s (once)", len(files), entry, out)
             out.mkdir(parents=True, exist_ok=True)
@@ -212,10 +215,11 @@ class TextData:
                 seed=self.cfg.train.seed,
                 progress=False,
             )
-        if local and jax.process_count() > 1:
-            from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices(f"jaxlm_prepared_{k}")
+        if local:  # one copy in the workdir, prepared by process 0
+            sharding.on_process_0(f"preparing data.files entry {k} ({entry})", prepare)
+        else:  # each process its own copy on its own disk
+            prepare()
         return Prepared(str(out))
 
     def counts(self) -> np.ndarray:

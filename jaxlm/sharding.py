@@ -7,6 +7,8 @@ Parameters and activations are named by what their dimensions mean (`embed`, `he
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -15,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlm.config import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
+T = TypeVar("T")
 
 # logical name -> mesh axis (or tuple of axes, or None for replicated)
 RULES = (
@@ -133,3 +136,40 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
         raise ConfigError(
             f"train.batch_size={batch_size} is not divisible by the {jax.process_count()} processes"
         )
+
+
+MESSAGE_BYTES = 4096  # what of process 0's error the others print (the rest is in its log)
+
+
+def on_process_0(what: str, work: Callable[[], T]) -> T | None:
+    """`work()` on process 0 only (writing a tokenizer, preparing a corpus, opening W&B), the
+    other processes waiting for it; returns its result there, None elsewhere. If it raises,
+    every process raises at once: process 0 its own error, the others a ConfigError (for a
+    ConfigError, one with the same message) or a RuntimeError naming it. Without this, a
+    mistake found on process 0 alone (a missing data.tokenizer) left the others waiting at the
+    next collective until jax.distributed's shutdown gave up minutes later, with an abort."""
+    if jax.process_count() == 1:
+        return work()
+    from jax.experimental import multihost_utils
+
+    result, error, said = None, None, b""
+    if jax.process_index() == 0:
+        try:
+            result = work()
+        except Exception as e:  # shared with the others below, then raised here as it was
+            error = e
+            kind = "" if isinstance(e, ConfigError) else f"{type(e).__name__}: "
+            said = f"{kind}{e}".encode()[:MESSAGE_BYTES]
+    buffer = np.zeros(MESSAGE_BYTES + 1, np.uint8)  # [0]: 0 ok, 1 a ConfigError, 2 another
+    if error is not None:
+        buffer[0] = 1 if isinstance(error, ConfigError) else 2
+        buffer[1 : 1 + len(said)] = np.frombuffer(said, np.uint8)
+    buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    if error is not None:
+        raise error
+    if buffer[0]:
+        message = bytes(buffer[1:]).rstrip(b"\0").decode(errors="replace")
+        if buffer[0] == 1:
+            raise ConfigError(f"{message} (found on process 0, while {what})")
+        raise RuntimeError(f"process 0 failed while {what}: {message} (its log has the trace)")
+    return result

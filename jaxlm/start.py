@@ -11,9 +11,8 @@ from types import ModuleType
 
 import jax
 from etils import epath
-from jax.experimental import multihost_utils
 
-from jaxlm import optim
+from jaxlm import optim, sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.checkpoint import Checkpointer, NoReadableCheckpoint, check_resume, parse_source, stored
 from jaxlm.config import Config, ConfigError
@@ -31,7 +30,8 @@ def fresh_tokenizer(
     process waits for and loads: a sample of a large corpus differs from one training to the
     next, and every host must map text to the same ids."""
     path = workdir / tokenizer_lib.JAXLM_TOKENIZER
-    if jax.process_index() == 0:
+
+    def make() -> tokenizer_lib.AnyTokenizer:
         if cfg.data.tokenizer:
             tok = tokenizer_lib.load(cfg.data.tokenizer)
         else:
@@ -43,10 +43,11 @@ def fresh_tokenizer(
             tmp = path.parent / f".{path.name}.tmp"
             tmp.write_text(text)
             tmp.replace(path)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlm_tokenizer")
-        if jax.process_index() != 0:
-            tok = tokenizer_lib.load(path)
+        return tok
+
+    tok = sharding.on_process_0("making the tokenizer", make)
+    if tok is None:  # another process: process 0's, once it is written
+        tok = tokenizer_lib.load(path)
     log.info("tokenizer: %d tokens, fingerprint %s", tok.vocab_size, tokenizer_lib.fingerprint(tok))
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(

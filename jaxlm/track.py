@@ -27,6 +27,7 @@ import jax
 from etils import epath
 
 from jaxlm import config as config_lib
+from jaxlm import sharding
 from jaxlm.config import Config, ConfigError
 
 log = logging.getLogger("jaxlm")
@@ -56,8 +57,12 @@ class MetricsWriter:
         self.remote = "://" in str(workdir)
         self.workdir, self.track = workdir, track
         self.tb = self.wandb = None
-        if not self.enabled:
-            return
+        # process 0's files and W&B run; a failure there (W&B not installed, no network)
+        # stops every process at once
+        sharding.on_process_0("opening train.track's writers", lambda: self._open(start, wandb))
+
+    def _open(self, start: int, wandb) -> None:
+        workdir, track = self.workdir, self.track
         self.local = (
             Path(tempfile.mkdtemp(prefix="jaxlm_metrics_")) if self.remote else Path(str(workdir))
         )

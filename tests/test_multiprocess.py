@@ -180,6 +180,27 @@ def test_a_dead_peer_ends_the_survivor_with_an_error(tmp_path, prepared):
     assert "tasks are unhealthy (stopped sending heartbeats):\n1\n" in out0, out0[-3000:]
 
 
+def test_a_mistake_found_on_process_0_alone_stops_every_process_at_once(tmp_path):
+    """Process 0 alone loads the tokenizer and prepares a local workdir's corpus; a user
+    mistake it finds there reaches the others, which used to wait at the next collective
+    until jax.distributed's shutdown gave up (5 minutes, then an abort with a stack dump)."""
+    missing = tmp_path / "no.model"
+    results = launch(tmp_path / "a", 2, timeout=150, **{"data.tokenizer": str(missing)})
+    for rc, out, _ in results:
+        assert rc == 1 and f"ConfigError: tokenizer file '{missing}' not found" in out, out[-3000:]
+    assert "(found on process 0, while making the tokenizer)" in results[1][1]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    tok = tmp_path / "tok.model"
+    tokenizer.train([(ROOT / SMALL_CORPUS[0]).read_text()], 512).save(tok)
+    results = launch(
+        tmp_path / "b", 2, timeout=150, **{"data.files": str(empty), "data.tokenizer": str(tok)}
+    )
+    for rc, out, _ in results:
+        assert rc == 1 and f"data file '{empty}' is empty" in out, out[-3000:]
+    assert "while preparing data.files entry 0" in results[1][1]
+
+
 def test_one_tokenizer_for_all_processes(tmp_path):
     """A fresh run whose corpus has more lines than sentencepiece samples: trained on
     process 0 alone (samples differ from one training to the next), loaded by the others
