@@ -163,6 +163,25 @@ def test_eval_data_gives_zero_shot_on_a_labelled_source(tmp_path, capsys):
 
     assert cli.main(["eval", str(workdir), "--data", "digits", "--classes", "a,b"]) == 2
     assert "labels go up to 9, but 2 class names were given (a, b)" in capsys.readouterr().err
+    # a template that does not name the class would give every class the same prompt
+    bad = tmp_path / "templates.txt"
+    bad.write_text("a photo of a {word}.\na photo of a thing.\n")
+    assert cli.main(["eval", str(workdir), f"clip.templates={bad}", "--data", "digits"]) == 2
+    assert "'a photo of a thing.' does not name the class" in capsys.readouterr().err
+
+
+def test_recall_breaks_ties_at_random_in_expectation():
+    """A partner tied with others (the same caption twice, a collapsed tower) counts as an
+    argsort would land it on average; recall over distinct embeddings is plain recall."""
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(8, 4))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    assert clip.recall(img, img)["eval_i2t_recall_at_1"] == 1.0  # each its own best match
+    collapsed = clip.recall(img, np.ones((8, 4)))  # every caption the same point
+    assert collapsed["eval_i2t_recall_at_1"] == pytest.approx(1 / 8)
+    assert collapsed["eval_i2t_recall_at_5"] == pytest.approx(5 / 8)
+    img[1] = img[0]  # the same pair twice: images 0 and 1 each find 2 equal best texts
+    assert clip.recall(img, img)["eval_i2t_recall_at_1"] == pytest.approx(7 / 8)
 
 
 def _cached(s, params, batch, accum: int):
