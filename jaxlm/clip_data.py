@@ -274,6 +274,18 @@ class ClipData:
                 raise ConfigError(f"clip.source {entry!r}: no training pairs")
         sizes = [s.manifest["train"]["pairs"] for s in self.sources]
         self.weights = batching.mixture_weights(cfg.data.weights, sizes, self.entries)
+        for entry, weight, pairs in zip(self.entries, self.weights, sizes, strict=True):
+            if weight * cfg.train.batch_size > pairs:  # each pair a negative of itself
+                log.warning(
+                    "clip.source %s: %d training pairs, but a batch takes about %d of them "
+                    "(train.batch_size=%d, weight %.3g): a pair will meet its own copy in a "
+                    "batch, as a negative",
+                    entry,
+                    pairs,
+                    round(weight * cfg.train.batch_size),
+                    cfg.train.batch_size,
+                    weight,
+                )
         self.zeroshot = self._zeroshot(workdir)
         self._sets, self._held, self._zeroshot_batches = None, {}, None
 

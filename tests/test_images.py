@@ -2,6 +2,7 @@
 from them: damaged inputs counted or named, reruns that finish the rest, resizing, mixtures,
 and global batches that do not depend on the process count or the step a run resumed at."""
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -148,13 +149,22 @@ def test_global_batches_do_not_depend_on_processes_or_the_resume_step(tmp_path):
     assert not np.array_equal(whole[0]["images"], whole[1]["images"])
 
 
-def test_a_mixture_without_held_out_pairs_and_bad_entries_are_named(tmp_path):
+def test_a_mixture_without_held_out_pairs_and_bad_entries_are_named(tmp_path, caplog):
     write_tar(tmp_path / "a.tar", pairs(0, 6))
     prep.prepare([str(tmp_path / "a.tar")], str(tmp_path / "none"), eval_count=0, progress=False)
     cfg = load_tiny("clip", **{"clip.source": str(tmp_path / "none")})
     tok = tokenizer.train([f"picture number {i}" for i in range(40)], 64)
     with pytest.raises(ConfigError, match=r"holds no held-out pairs"):
         clip_data.ClipData(cfg, tok, tmp_path / "run").eval_sets()
+    # 6 pairs, batches of 8: a pair meets its own copy in a batch (said); 4 per batch: not
+    assert "6 training pairs, but a batch takes about 8 of them" in caplog.text
+    caplog.clear()
+    clip_data.ClipData(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=4)),
+        tok,
+        tmp_path / "run",
+    )
+    assert "training pairs, but a batch takes" not in caplog.text
     cfg = load_tiny("clip", **{"clip.source": str(tmp_path / "nothing")})
     with pytest.raises(ConfigError, match=r"clip.source '.*nothing': not a prepared image-text"):
         clip_data.ClipData(cfg, tok, tmp_path / "run")
