@@ -53,6 +53,9 @@ def plot(workdirs: list[str], out: str | Path) -> dict[str, list[str]]:
     import matplotlib.pyplot as plt
 
     runs = {_name(w): read_metrics(w) for w in workdirs}
+    for w, records in zip(workdirs, runs.values(), strict=True):
+        if not any(r["step"] > 0 for r in records):  # the start's baselines at most
+            raise ConfigError(f"{w}: its metrics.jsonl has no training step yet: nothing to plot")
     fig, axes = plt.subplots(2, 3, figsize=(15, 9), dpi=DPI)
     panels = dict(zip(["loss", "accuracy", "lr", "throughput", "mfu"], axes.flat, strict=False))
     axes.flat[-1].axis("off")

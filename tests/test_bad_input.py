@@ -37,6 +37,13 @@ def test_batch_not_divisible_by_data_parallel_size(tmp_path, capsys):
     assert "is not divisible by the data-parallel size 8" in err
 
 
+def test_a_workdir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "run").write_text("my notes")
+    err = train_error(capsys, tmp_path / "run", {})
+    assert f"--workdir {tmp_path / 'run'}: a file, not a directory" in err
+    assert (tmp_path / "run").read_text() == "my notes"
+
+
 def test_missing_data_file(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
     err = train_error(capsys, tmp_path, {"data.files": str(missing)})

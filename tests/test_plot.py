@@ -49,3 +49,8 @@ def test_plot_overlays_two_runs_with_their_baselines(tmp_path, capsys):
 def test_plot_names_a_directory_without_metrics(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    # a run that has logged its start's baselines only: an empty figure said nothing
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_unigram_loss": 5.9}\n')
+    assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no training step yet: nothing to plot" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
