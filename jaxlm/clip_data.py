@@ -223,13 +223,13 @@ def zeroshot_set(
     templates = tuple(_lines(c.templates, "clip.templates")) if c.templates else ()
     for t in templates:
         try:  # as clip.zeroshot fills them in
-            same = t.format(word="x", digit=0) == t.format(word="y", digit=1)
+            same, why = t.format(word="x", digit=0) == t.format(word="y", digit=1), ""
         except (KeyError, IndexError, ValueError) as e:
-            same, t = True, f"{t}' ({type(e).__name__}: {e})"
+            same, why = True, f" ({type(e).__name__}: {e})"
         if same:
             raise ConfigError(
-                f"clip.templates={c.templates}: '{t}' does not name the class: each line needs "
-                "{word} where the class name goes (and no other {...})"
+                f"clip.templates={c.templates}: {t!r}{why} does not name the class: each line "
+                "needs {word} where the class name goes (and no other {...})"
             )
     if not source.manifest["labels"]:
         raise ConfigError(f"{what} {entry!r}: its pairs carry no labels; zero-shot needs labels")

@@ -168,6 +168,9 @@ def test_eval_data_gives_zero_shot_on_a_labelled_source(tmp_path, capsys):
     bad.write_text("a photo of a {word}.\na photo of a thing.\n")
     assert cli.main(["eval", str(workdir), f"clip.templates={bad}", "--data", "digits"]) == 2
     assert "'a photo of a thing.' does not name the class" in capsys.readouterr().err
+    bad.write_text("a {style} photo of a {word}.\n")  # a placeholder the prompts do not fill
+    assert cli.main(["eval", str(workdir), f"clip.templates={bad}", "--data", "digits"]) == 2
+    assert "photo of a {word}.' (KeyError: 'style') does not name" in capsys.readouterr().err
 
 
 def test_recall_breaks_ties_at_random_in_expectation():
