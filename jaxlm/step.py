@@ -90,12 +90,21 @@ def build(cfg: Config, mesh: Mesh) -> Setup:
     return dataclasses.replace(setup, shardings=shardings, abstract=abstract)
 
 
+def _fallbacks(cfg: Config, segment_ids: jax.Array | None) -> dict:
+    """With model.max_segments over packed documents (not CLIP's), {max_segments_exceeded:
+    how many of the micro-batches segment_ids [N, B, T] ran the dense mask rather than
+    cuDNN's packed layout}; else {}. The one rule for the train and eval steps."""
+    if segment_ids is None or not (cfg.model.max_segments and cfg.model.document_mask):
+        return {}
+    return {
+        "max_segments_exceeded": attention.over_max_segments(segment_ids, cfg.model.max_segments)
+    }
+
+
 def make_train_step(s: Setup) -> Callable[[dict, Any], tuple[dict, dict]]:
     """jit(train_step): (state, batch) -> (state, metrics), state donated."""
     cfg, accum = s.cfg, s.cfg.train.grad_accum
     schedule = optim.schedule(cfg.optim, cfg.train.steps)
-    # micro-batches whose attention ran the dense mask rather than cuDNN's packed layout
-    counts_fallbacks = bool(cfg.model.max_segments and cfg.model.document_mask)
 
     def grads_of(params, batch, rng):
         def loss(p):
@@ -139,10 +148,7 @@ def make_train_step(s: Setup) -> Callable[[dict, Any], tuple[dict, dict]]:
             metrics = {k: v / tokens for k, v in metrics.items() if k != "tokens"} | {
                 "tokens": metrics["tokens"]
             }
-        if counts_fallbacks and "segment_ids" in batch:  # packed documents (not CLIP's)
-            metrics["max_segments_exceeded"] = attention.over_max_segments(
-                micro["segment_ids"], cfg.model.max_segments
-            )
+        metrics |= _fallbacks(cfg, micro.get("segment_ids"))
         with jax.named_scope("optimizer"):  # clipping included
             updates, opt_state = s.tx.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)
@@ -162,18 +168,12 @@ def make_eval_step(s: Setup) -> Callable[[Any, Any], dict]:
     """jit(eval_step): (params, batch) -> metrics summed over tokens, plus `tokens` (and, with
     model.max_segments, `max_segments_exceeded`: a count, not a sum over tokens)."""
 
-    cfg = s.cfg
-    counts_fallbacks = bool(cfg.model.max_segments and cfg.model.document_mask)
-
     def eval_step(params: Any, batch: dict) -> dict:
         _, metrics = s.objective.loss_fn(s.model(params), batch, jax.random.key(0))
         tokens = metrics.pop("tokens")
-        out = {**{k: v * tokens for k, v in metrics.items()}, "tokens": tokens}
-        if counts_fallbacks and "segment_ids" in batch:  # as train_step's: 1 if the dense mask ran
-            out["max_segments_exceeded"] = attention.over_max_segments(
-                batch["segment_ids"][None], cfg.model.max_segments
-            )
-        return out
+        segments = batch.get("segment_ids")  # the batch as one micro-batch
+        fallbacks = _fallbacks(s.cfg, None if segments is None else segments[None])
+        return {**{k: v * tokens for k, v in metrics.items()}, "tokens": tokens, **fallbacks}
 
     return jax.jit(
         eval_step,
