@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from jaxlm import cli_args
 from jaxlm.config import ConfigError
@@ -176,19 +177,50 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return _run(args)
-    except ConfigError as e:
-        print(f"jaxlm: error: {e}", file=sys.stderr)
-        return 2
     except Exception as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        print(
-            f"jaxlm: error: out of device memory ({str(e).splitlines()[0][:200]}). Try "
-            "model.remat=full with model.scan_layers=true, a smaller train.batch_size with "
-            "train.grad_accum, or spread the parameters with mesh.fsdp",
-            file=sys.stderr,
-        )
-        return 1
+        rc = _said(e)
+        if not getattr(args, "distributed", False):
+            if rc is None:
+                raise
+            return rc
+        if rc is None:
+            traceback.print_exc()
+        from jaxlm.sharding import raised_together
+
+        if raised_together(e):  # every process leaves now, through the shutdown barrier
+            return rc or 1
+        _leave_now(rc or 1)
+
+
+def _said(error: Exception) -> int | None:
+    """Print a user's mistake or an out-of-memory error in one line; its exit status, or None
+    for anything else (a traceback is then the useful report)."""
+    if isinstance(error, ConfigError):
+        print(f"jaxlm: error: {error}", file=sys.stderr)
+        return 2
+    if "RESOURCE_EXHAUSTED" not in str(error):
+        return None
+    print(
+        f"jaxlm: error: out of device memory ({str(error).splitlines()[0][:200]}). Try "
+        "model.remat=full with model.scan_layers=true, a smaller train.batch_size with "
+        "train.grad_accum, or spread the parameters with mesh.fsdp",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _leave_now(rc: int) -> NoReturn:
+    """End a process of a multi-process job at once, skipping jax.distributed's shutdown.
+    A normal exit waits in the shutdown barrier for the other processes, which wait in the
+    step's collectives for this one: all stay alive until the barrier's 5-minute timeout,
+    then abort. Gone, this process stops its heartbeats, and JAX's coordination service ends
+    the others with an error naming it (after --heartbeat-timeout seconds; at once when this
+    is process 0, which hosts the service). A checkpoint being written is left incomplete,
+    which a restore skips."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(rc)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -165,11 +165,19 @@ def on_process_0(what: str, work: Callable[[], T]) -> T | None:
         buffer[0] = 1 if isinstance(error, ConfigError) else 2
         buffer[1 : 1 + len(said)] = np.frombuffer(said, np.uint8)
     buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-    if error is not None:
-        raise error
-    if buffer[0]:
+    if error is None and buffer[0]:
         message = bytes(buffer[1:]).rstrip(b"\0").decode(errors="replace")
         if buffer[0] == 1:
-            raise ConfigError(f"{message} (found on process 0, while {what})")
-        raise RuntimeError(f"process 0 failed while {what}: {message} (its log has the trace)")
+            error = ConfigError(f"{message} (found on process 0, while {what})")
+        else:
+            error = RuntimeError(f"process 0 failed while {what}: {message} (see its log)")
+    if error is not None:
+        error.on_every_process = True  # type: ignore[attr-defined]  # see raised_together
+        raise error
     return result
+
+
+def raised_together(error: BaseException) -> bool:
+    """Whether every process of the job raised this error at the same point (on_process_0's),
+    so that all can leave through jax.distributed's shutdown barrier together."""
+    return getattr(error, "on_every_process", False)
