@@ -27,7 +27,7 @@ PREFETCH = 16  # batches Grain's read threads keep ready
 
 
 def mixture_weights(given: tuple[float, ...], sizes: list[float], names: list[str]) -> list[float]:
-    """`data.weights` (config.validate checked them) normalised, one per entry (default:
+    """`data.weights` (checks.validate checked them) normalised, one per entry (default:
     proportional to `sizes`)."""
     if not given:
         return [n / sum(sizes) for n in sizes]

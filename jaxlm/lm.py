@@ -75,7 +75,7 @@ def make_model(cfg: Config, rngs: nnx.Rngs) -> Model:
 
 
 def check(cfg: Config) -> None:
-    del cfg  # nothing beyond config.validate
+    del cfg  # nothing beyond checks.validate
 
 
 def default_tokenizer(
