@@ -102,6 +102,18 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
+def retention(cfg: CheckpointConfig) -> ocp.checkpoint_managers.PreservationPolicy:
+    """Which saves stay: the newest `checkpoint.keep` at multiples of `checkpoint.every`, and
+    the newest save of any kind. A save made by the clock (`checkpoint.every_minutes`), at a
+    preemption or at the end is temporary, as Levanter's time-based saves are: it goes once a
+    newer save exists. Counting every save alike, a slow run's 15-minute saves pushed out its
+    every-N-steps milestones."""
+    managers = ocp.checkpoint_managers
+    return managers.AnyPreservationPolicy(
+        [managers.LatestN(1), managers.EveryNSteps(cfg.every, max_to_keep=cfg.keep)]
+    )
+
+
 class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, cfg: CheckpointConfig):
         _register_array_handler()
@@ -114,7 +126,9 @@ class Checkpointer:
         self.root = self.workdir / "checkpoints"
         self.quarantine = self.workdir / "checkpoints_unreadable"
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True
+            preservation_policy=retention(cfg),
+            enable_async_checkpointing=cfg.async_save,
+            create=True,
         )
         handlers = {
             "state": ocp.StandardCheckpointHandler(use_ocdbt=cfg.ocdbt),

@@ -185,6 +185,8 @@ class CheckpointConfig:
     # also save when this many minutes have passed since the last save (0: steps only), as
     # Levanter's 15-minute default; decided at logging steps by process 0's clock
     every_minutes: float = 0.0
+    # the newest `keep` saves at multiples of `every` stay, and the newest save of any kind
+    # (by the clock, a preemption, the end) until a newer one exists: checkpoint.retention
     keep: int = 3
     async_save: bool = True
     # Orbax's OCDBT layout: few large files per step, Orbax's default and the one to use on

@@ -81,8 +81,10 @@ def test_a_wsd_run_extended_from_its_stable_phase_equals_the_longer_run(tmp_path
 
 
 def test_time_based_checkpoints_besides_step_based(tmp_path, monkeypatch, caplog):
-    """checkpoint.every_minutes with a slowed step: saves come by the clock (checkpoint.every
-    is far away), each logged with the minutes since the last."""
+    """checkpoint.every_minutes with a slowed step: saves come by the clock as well as every
+    3 steps, each logged with the minutes since the last. What stays: the newest
+    checkpoint.keep=1 at a multiple of 3 (6) and the newest save (the final, 7); the clock's
+    saves at other steps went once a newer save existed."""
     make = train_lib.make_train_step
 
     def slowed(s):
@@ -95,11 +97,17 @@ def test_time_based_checkpoints_besides_step_based(tmp_path, monkeypatch, caplog
         return run
 
     monkeypatch.setattr(train_lib, "make_train_step", slowed)
-    opts = {"train.steps": 6, "checkpoint.every": 1000, "checkpoint.keep": 10}
+    opts = {"train.steps": 7, "checkpoint.every": 3, "checkpoint.keep": 1}
     with caplog.at_level(logging.INFO, logger="jaxlm"):
-        train(load_tiny(**opts, **{"checkpoint.every_minutes": 0.015}), tmp_path / "timed")
+        train(load_tiny(**opts, **{"checkpoint.every_minutes": 0.012}), tmp_path / "timed")
+    by_clock = {
+        int(r.message.split("checkpoint at step ")[1].split(":")[0])
+        for r in caplog.records
+        if "minutes since the last" in r.message
+    }
+    assert by_clock - {3, 6, 7}, by_clock  # saved by the clock alone, then let go
     steps = sorted(int(p.name) for p in (tmp_path / "timed" / "checkpoints").iterdir())
-    assert len(steps) >= 3 and steps[-1] == 6, steps  # the final save and 2 or more by time
-    assert "minutes since the last" in caplog.text
-    train(load_tiny(**opts), tmp_path / "steps")  # every_minutes=0: the final save only
-    assert [p.name for p in (tmp_path / "steps" / "checkpoints").iterdir()] == ["6"]
+    assert steps == [6, 7], steps
+    opts |= {"train.steps": 6, "checkpoint.keep": 3}
+    train(load_tiny(**opts), tmp_path / "steps")  # every_minutes=0: every 3 steps only
+    assert sorted(p.name for p in (tmp_path / "steps" / "checkpoints").iterdir()) == ["3", "6"]
