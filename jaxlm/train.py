@@ -294,6 +294,9 @@ def train(
                     writer.sync()  # metrics up to here are stored by the time the step is
                     ckpt.save(done, state, cfg, tokenizer)
                     timed.saved()
+                    # as after an evaluation: the next interval's speed is the steps' own,
+                    # without the save's blocking part (its device-to-host copy)
+                    timer, timed_steps = time.perf_counter(), 0
                 if preempted:
                     ckpt.wait()
                     log.info(

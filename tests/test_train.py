@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -56,6 +57,27 @@ def test_metrics_lines_carry_the_promised_fields(tmp_path, caplog):
     assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"} <= set(steps[-1])
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 6]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tokens_per_s_leaves_out_checkpoint_saves(tmp_path, monkeypatch):
+    """A save that blocks for 2 s at every step: the logged speed is the steps' own (as after
+    an evaluation), not diluted by the saves in the interval."""
+    from jaxlm.checkpoint import Checkpointer
+
+    save = Checkpointer.save
+
+    def slow_save(self, *args):
+        time.sleep(2)
+        save(self, *args)
+
+    monkeypatch.setattr(Checkpointer, "save", slow_save)
+    opts = {"train.steps": 5, "train.log_every": 2, "checkpoint.every": 1}
+    cfg = load_tiny(**opts, **{"train.eval_every": 1000})
+    train(cfg, tmp_path)
+    per_step = cfg.train.batch_size * cfg.model.seq_len
+    speed = {r["step"]: r["tokens_per_s"] for r in read_metrics(tmp_path) if "loss" in r}
+    # with the saves counted, steps 3..4 would take over 4 s: under per_step / 2 tokens/s
+    assert speed[4] > per_step, speed
 
 
 def _killed_at_8(workdir, objective, overrides):
