@@ -199,8 +199,6 @@ def task_metrics(results: dict) -> list[dict]:
 def _check_tasks(names: list[str], manager) -> None:
     """Each task loads (its config and its data) before any is run: a task that cannot fails
     with one line naming it and, where it must be downloaded, its dataset."""
-    from lm_eval.tasks import get_task_dict
-
     known = set(manager.all_tasks)
     for name in names:
         if name not in known:
@@ -209,7 +207,7 @@ def _check_tasks(names: list[str], manager) -> None:
                 "--include-path DIR)"
             )
         try:
-            get_task_dict([name], manager)
+            manager.load([name])
         except Exception as e:  # the datasets library's errors vary by version and cause
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             dataset = _dataset_of(manager, name)

@@ -178,7 +178,7 @@ def import_hf(src: str | Path, workdir: str | Path, overrides: list[str] = ()) -
     existing = Checkpointer(workdir, CheckpointConfig(async_save=False))
     steps = existing.steps()
     existing.close()
-    if steps:  # Orbax keeps the newest saves: step 0 would push the run's own out
+    if steps:  # a step 0 among another run's steps would be neither run's start
         raise ConfigError(
             f"import hf --out {workdir}: that workdir already holds checkpoints (steps "
             f"{', '.join(map(str, sorted(steps)))} in {existing.root}); import into a new one"
