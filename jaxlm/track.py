@@ -115,13 +115,14 @@ class MetricsWriter:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 epath.Path(f).copy(target, overwrite=True)
 
-    def close(self) -> None:
+    def close(self, ended: str = "finished") -> None:
+        """ended: finished | preempted | failed, how the run stopped (W&B records it)."""
         if self.enabled:
             self.sync()
             if self.tb:
                 self.tb.close()
             if self.wandb:
-                self.wandb.close()
+                self.wandb.close(ended)
             if self.remote:
                 shutil.rmtree(self.local, ignore_errors=True)
 
@@ -191,5 +192,10 @@ class Wandb:
         if numbers and step >= self.run.step:  # a resume's first record may repeat a step
             self.run.log(numbers, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, ended: str) -> None:
+        """W&B takes a run's state from its exit code: 0 finished, anything else failed (a
+        run that raised showed as finished before). A preemption is marked as W&B's docs
+        ask, with 143 (128 + SIGTERM), so that the run shows as preempted, to be resumed."""
+        if ended == "preempted":
+            self.run.mark_preempting()
+        self.run.finish(exit_code={"finished": 0, "preempted": 143}.get(ended, 1))

@@ -240,6 +240,7 @@ def train(
         last: dict = {}
         timer, timed_steps = time.perf_counter(), 0
         fallbacks = Fallbacks(cfg)
+        preempted, ended = False, "failed"  # what the trackers are told if anything raises
         try:
             for step in range(start, cfg.train.steps):
                 profiler.before(step)
@@ -305,10 +306,11 @@ def train(
                     break
             ckpt.wait()
             fallbacks.report()
+            ended = "preempted" if preempted else "finished"
         finally:
             profiler.stop()
             preemption.close()
             ckpt.close()
-            writer.close()
+            writer.close(ended)
     log.info("checkpoints in %s; metrics in %s", ckpt.root, workdir / "metrics.jsonl")
     return {**baselines, **last}

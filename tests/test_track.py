@@ -2,11 +2,15 @@
 offline), each read back from the files they wrote; a W&B resume continues the same run."""
 
 import json
+import os
 import shutil
+import signal
 import struct
 
+import pytest
 from conftest import load_tiny, run_python
 
+from jaxlm import train as train_lib
 from jaxlm.train import train
 
 BLOCK = 32768  # W&B's .wandb files: a header, then LevelDB-log framed protobuf records
@@ -92,6 +96,54 @@ def test_wandb_offline_run_and_its_resume(tmp_path, monkeypatch):
     assert new_id != run_id and got_id == new_id and third.name.endswith(new_id)
     assert run_name(third) == "second attempt"
     assert sorted(r["step"] for r in rows if "loss" in r) == [1, 2]
+
+
+def _ended(run_dir) -> tuple[int, bool]:
+    """The exit code W&B recorded and whether the run was marked as preempting."""
+    (path,) = run_dir.glob("run-*.wandb")
+    records = list(wandb_records(path))
+    codes = [r.exit.exit_code for kind, r in records if kind == "exit"]
+    return codes[-1], any(kind == "preempting" for kind, _ in records)
+
+
+def test_wandb_records_how_the_run_ended(tmp_path, monkeypatch):
+    """W&B takes a run's state from its exit code: a run that raised was shown finished. Now
+    a failure ends the W&B run with 1, a preemption (SIGTERM during step 2) marks it
+    preempting with 143, and a finished run ends with 0."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    make, calls = train_lib.make_train_step, []
+
+    def step_2_does(what):
+        def made(s):
+            step = make(s)
+
+            def run(state, batch):
+                calls.append(1)
+                if len(calls) == 2:
+                    if what == "raise":
+                        raise RuntimeError("injected: step 2 failed")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return step(state, batch)
+
+            return run
+
+        return made
+
+    opts = {"train.track": "jsonl,wandb", "train.steps": 4}
+    monkeypatch.setattr(train_lib, "make_train_step", step_2_does("raise"))
+    with pytest.raises(RuntimeError, match="injected"):
+        train(load_tiny(**opts), tmp_path / "failed")
+    calls.clear()
+    monkeypatch.setattr(train_lib, "make_train_step", step_2_does("preempt"))
+    train(load_tiny(**opts), tmp_path / "preempted")
+    monkeypatch.setattr(train_lib, "make_train_step", make)
+    train(load_tiny(**opts), tmp_path / "finished")
+    ended = {
+        name: _ended(next((tmp_path / name / "wandb").glob("offline-run-*")))
+        for name in ("failed", "preempted", "finished")
+    }
+    assert ended == {"failed": (1, False), "preempted": (143, True), "finished": (0, False)}
 
 
 TENSORBOARD = """
