@@ -9,8 +9,8 @@ Variants:
   token types, a LayerNorm on the embeddings), 2k BPE vocab trained on the built-in
   Shakespeare, 500 steps of 64 x 64 tokens; 30% masking (at most 20 predictions per row)
   because 15% leaves a CPU-sized run on the unigram plateau for most of 5 minutes; float32 on
-  CPU. Measured on a 2-core CPU (2026-11-29): eval_accuracy 0.133 against
-  eval_majority_accuracy 0.044 (3 min 54 s alone before prepared shards).
+  CPU. Measured on a 2-core CPU (2026-12-03): eval_accuracy 0.1333 against
+  eval_majority_accuracy 0.0442 (6 min 21 s beside other work; 3 min 54 s alone on 11-29).
 - bert_base: BERT-base as published (12 layers, d 768, 12 heads, MLP 3072, vocab 30522,
   post-LN, GELU, 512 learned positions, 2 token types), phase-1 sequence length 128 with 20
   predictions per sequence, batch 256, lr 1e-4, 1M steps.
