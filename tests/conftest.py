@@ -4,6 +4,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from importlib.metadata import version
 
 
 def xla_flags(devices: int) -> str:
@@ -26,10 +27,15 @@ def xla_flags(devices: int) -> str:
         f"--xla_force_host_platform_device_count={devices}"
         " --xla_backend_optimization_level=1"
         " --xla_llvm_disable_expensive_passes=true"
-        " --xla_cpu_use_fusion_emitters=false"
-        " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+        + (" --xla_cpu_use_fusion_emitters=false" if _JAXLIB < (0, 11) else "")
+        + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
         " --xla_cpu_collective_call_terminate_timeout_seconds=60"
     )
+
+
+# jaxlib 0.11 (Python >= 3.12; the GPU image has 0.11.2) dropped the fusion-emitter flag, and
+# XLA aborts on a flag it does not know. Read from the package metadata: JAX is not imported yet.
+_JAXLIB = tuple(int(x) for x in version("jaxlib").split(".")[:2])
 
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)
