@@ -241,7 +241,7 @@ def recall(img: np.ndarray, txt: np.ndarray) -> dict:
 
 def zeroshot(setup, params, tokenizer, embedded: dict, names, templates) -> dict:
     """Zero-shot top-1/top-5 over the class names (prompts averaged over the templates)."""
-    prompts = [t.format(word=name, digit=c) for c, name in enumerate(names) for t in templates]
+    prompts = [images.caption(t, c, names) for c in range(len(names)) for t in templates]
     per_class = embed_prompts(setup, params, tokenizer, prompts)
     per_class = per_class.reshape(len(names), len(templates), -1).mean(1)
     per_class /= np.linalg.norm(per_class, axis=-1, keepdims=True)

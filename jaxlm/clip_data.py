@@ -222,8 +222,8 @@ def zeroshot_set(
     names = classes or (tuple(_lines(c.classes, "clip.classes")) if c.classes else source.names)
     templates = tuple(_lines(c.templates, "clip.templates")) if c.templates else ()
     for t in templates:
-        try:  # as clip.zeroshot fills them in
-            same, why = t.format(word="x", digit=0) == t.format(word="y", digit=1), ""
+        try:  # filled in as clip.zeroshot does, for two classes
+            same, why = images.caption(t, 0, ("x", "y")) == images.caption(t, 1, ("x", "y")), ""
         except (KeyError, IndexError, ValueError) as e:
             same, why = True, f" ({type(e).__name__}: {e})"
         if same:

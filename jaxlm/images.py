@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,7 +50,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 PHOTO_TEMPLATES = ("a photo of a {word}.", "an image of a {word}.")
 
 
-def caption(template: str, label: int, names: tuple[str, ...] = DIGIT_WORDS) -> str:
+def caption(template: str, label: int, names: Sequence[str] = DIGIT_WORDS) -> str:
+    """The one way a template names a class: {word} its name, {digit} its index (training
+    captions, zero-shot prompts and the check of clip.templates all fill them in here)."""
     return template.format(word=names[label], digit=label)
 
 
