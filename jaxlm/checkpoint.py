@@ -141,6 +141,22 @@ class Checkpointer:
         """Finalised steps, newest first (Orbax never lists a save that did not finish)."""
         return sorted(self.manager.all_steps(), reverse=True)
 
+    def warn_of_retention(self, cfg: CheckpointConfig) -> None:
+        """Say which earlier steps this run's retention will delete when a rerun changed
+        `checkpoint.every`: every step not a multiple of it goes at the next save. (The newest
+        step alone off the multiples is a preemption's or the clock's save: no warning.)"""
+        steps = self.steps()
+        if any(s % cfg.every for s in steps[1:]):
+            temporary = sorted(s for s in steps if s % cfg.every)
+            log.warning(
+                "checkpoint.every=%d: steps %s in %s are not multiples of it, so the next save "
+                "deletes them (checkpoint.keep counts multiples of checkpoint.every; copy them "
+                "elsewhere to keep them)",
+                cfg.every,
+                ", ".join(map(str, temporary)),
+                self.root,
+            )
+
     def save(self, step: int, state: Any, cfg: Config, tokenizer) -> None:
         args = {
             "state": ocp.args.StandardSave(state),

@@ -86,6 +86,7 @@ def restore_or_init(s: Setup, ckpt: Checkpointer, cfg: Config) -> tuple[dict, in
             ckpt.set_aside(bad, why)
         log.info("resumed from %s/%d", ckpt.root, step)
         log_rate_change(meta[0], cfg, step)
+        ckpt.warn_of_retention(cfg.checkpoint)
         return state, step, meta[1]
     if damaged:
         reasons = "; ".join(f"step {k}: {type(e).__name__}: {str(e)[:200]}" for k, e in damaged)

@@ -111,3 +111,10 @@ def test_time_based_checkpoints_besides_step_based(tmp_path, monkeypatch, caplog
     opts |= {"train.steps": 6, "checkpoint.keep": 3}
     train(load_tiny(**opts), tmp_path / "steps")  # every_minutes=0: every 3 steps only
     assert sorted(p.name for p in (tmp_path / "steps" / "checkpoints").iterdir()) == ["3", "6"]
+    # a rerun with another checkpoint.every says which earlier steps its next save deletes
+    caplog.clear()
+    opts |= {"train.steps": 8, "checkpoint.every": 4}
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        train(load_tiny(**opts), tmp_path / "steps")
+    assert "checkpoint.every=4: steps 3, 6 in " in caplog.text, caplog.text[-2000:]
+    assert sorted(p.name for p in (tmp_path / "steps" / "checkpoints").iterdir()) == ["8"]
