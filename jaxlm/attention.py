@@ -31,9 +31,11 @@ for a TPU topology (`jaxlm plan --device v5p`) gets the TPU's kernel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -120,9 +122,23 @@ def _platform() -> str:
     return jax.devices()[0].platform if device is None else device.platform
 
 
-@functools.cache
+_targets: list[jax.Device] = []  # innermost last: the device `compiling_for` names
+
+
+@contextlib.contextmanager
+def compiling_for(device: jax.Device) -> Iterator[None]:
+    """Choose for `device` while tracing (`jaxlm plan` compiling for a GPU it does not have:
+    the mesh in context gives the platform, not the compute capability)."""
+    _targets.append(device)
+    try:
+        yield
+    finally:
+        _targets.pop()
+
+
 def _hopper() -> bool:
-    device = jax.devices()[0]
+    """Compute capability >= 9.0 of the device compiled for (an H200's spec says 9.0)."""
+    device = _targets[-1] if _targets else jax.devices()[0]
     if device.platform != "gpu":
         return False
     capability = getattr(device, "compute_capability", "0.0")

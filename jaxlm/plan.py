@@ -4,6 +4,9 @@ The train step is compiled ahead of time, exactly as `jaxlm train` would jit it 
 shardings, donation, loss), for N devices, and XLA's own memory and cost analyses are read:
 
 - KIND a TPU kind with libtpu installed: compiled for that TPU topology (no TPU needed);
+- KIND a GPU kind with JAX's CUDA plugin installed (`jax[cuda12]`): compiled by XLA's GPU
+  compiler for that GPU, described by its spec (XLA's deviceless compile: no GPU, no driver
+  needed), 8 GPUs a host;
 - otherwise on N fake CPU devices. The CPU compiler fuses less than a TPU's or a GPU's, so
   its temporaries are an upper bound; KIND then only sets the memory to fit in.
 
@@ -12,6 +15,8 @@ Per device: `state_bytes_per_device` (parameters + optimizer state, from the sha
 backend reports one; on CPU, which does not, arguments + outputs - donated + temporaries: all
 live at once, an upper bound). `collectives`: per kind, the compiled step's instructions and
 its largest result (what moves between devices, and the most one device receives at once).
+`custom_calls`: the kernels the compiled step calls (cuDNN's attention, a Pallas kernel), so a
+plan says which attention it holds.
 """
 
 from __future__ import annotations
@@ -42,6 +47,21 @@ DEVICE_MEMORY = {
     "h200": 141 * 10**9,
 }
 TPU_KINDS = ("v4", "v5e", "v5p", "v6e")
+GPUS_PER_HOST = 8
+# What XLA's GPU compiler reads of a GPU (GpuTargetConfigProto, the fields of XLA's own specs
+# in xla/tools/hlo_opt/gpu_specs), from NVIDIA's data sheets: the SXM parts. The compute
+# capability decides the code and kernels (Hopper's: 9.0); the rest sizes fusions and tiles.
+GPU_SPECS = {
+    "a100": dict(name="A100-SXM4-80GB", capability=(8, 0), sms=108, fpus_per_sm=64,
+                 clock_ghz=1.41, bandwidth=2_039 * 10**9, l2=40 << 20,
+                 smem_per_sm=167_936, smem_per_block_optin=166_912),
+    "h100": dict(name="H100 80GB HBM3", capability=(9, 0), sms=132, fpus_per_sm=128,
+                 clock_ghz=1.98, bandwidth=3_352 * 10**9, l2=50 << 20,
+                 smem_per_sm=233_472, smem_per_block_optin=232_448),
+    "h200": dict(name="H200", capability=(9, 0), sms=132, fpus_per_sm=128,
+                 clock_ghz=1.98, bandwidth=4_800 * 10**9, l2=50 << 20,
+                 smem_per_sm=233_472, smem_per_block_optin=232_448),
+}  # fmt: skip
 
 
 def use_fake_cpus(devices: int) -> None:
@@ -68,8 +88,12 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
 
     if kind is not None and kind not in DEVICE_MEMORY:
         raise ConfigError(f"--device {kind!r}: expected one of {', '.join(DEVICE_MEMORY)}")
-    targets = _tpu_devices(kind, devices) if kind in TPU_KINDS else None
-    compiled_for = f"{kind} x {devices} (TPU compile)" if targets else None
+    targets, compiled_for = None, None
+    if kind in TPU_KINDS:
+        targets, compiled_for = _tpu_devices(kind, devices), f"{kind} x {devices} (TPU compile)"
+    elif kind in GPU_SPECS:
+        targets = _gpu_devices(kind, devices)
+        compiled_for = f"{kind} x {devices} (GPU compile, no GPU needed)"
     if targets is None:
         targets = jax.devices()
         if len(targets) != devices:
@@ -81,6 +105,8 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
         compiled_for = f"{targets[0].platform} x {devices}"
         if targets[0].platform == "cpu":
             compiled_for += " (fake CPU devices: temporaries are an upper bound)"
+            if kind in GPU_SPECS:
+                compiled_for += f"; with `pip install 'jax[cuda12]'` it compiles for the {kind}"
     s = setup(cfg, targets)
     state = sum(
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -113,7 +139,7 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
             "fits": False,
             "compile_error": str(e).splitlines()[0][:300],
         }
-    memory = compiled.memory_analysis()
+    memory, text = compiled.memory_analysis(), compiled.as_text()
     temp = int(memory.temp_size_in_bytes)
     reported_peak = int(getattr(memory, "peak_memory_in_bytes", 0) or 0)
     if targets[0].platform == "cpu" or not reported_peak:
@@ -131,7 +157,8 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
         "peak_bytes_per_device": peak,
         "peak_source": peak_source,
         "compiled_flops_per_device": _compiled_flops(compiled),
-        "collectives": collectives(compiled.as_text()),
+        "collectives": collectives(text),
+        "custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', text))),
         "fits": None if limit is None else peak <= limit,
     }
 
@@ -163,14 +190,14 @@ def lower_step(s: Setup, platforms: tuple[str, ...] | None = None) -> jax.stages
     lowered on a machine without one)."""
     import jax
 
-    from jaxlm import sharding
+    from jaxlm import attention, sharding
     from jaxlm.step import make_train_step
 
     cfg, mesh = s.cfg, s.mesh
     batch = s.objective.synthetic_batch(cfg, cfg.train.batch_size, np.random.default_rng(0))
     in_batch = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("batch", None)))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_batch) for k, v in batch.items()}
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), attention.compiling_for(mesh.devices.flat[0]):
         traced = make_train_step(s).trace(s.abstract, batch)
         return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
 
@@ -255,3 +282,49 @@ def _tpu_shape(kind: str, chips: int) -> str:
     for i in range(int(math.log2(chips))):
         dims[i % 3] *= 2
     return "x".join(map(str, dims))  # largest first: 2x2x1 hosts tile it
+
+
+def _gpu_devices(kind: str, devices: int) -> list | None:
+    """The devices of `devices` GPUs of `kind`, 8 a host, for XLA's GPU compiler without a GPU
+    (JAX's CUDA plugin: `pip install 'jax[cuda12]'`); None where the plugin is missing."""
+    from jax.experimental import topologies
+
+    from jaxlm.config import ConfigError
+
+    if devices > GPUS_PER_HOST and devices % GPUS_PER_HOST:
+        raise ConfigError(
+            f"--devices {devices}: GPUs come {GPUS_PER_HOST} to a host; expected 1 to "
+            f"{GPUS_PER_HOST} or a multiple of {GPUS_PER_HOST}"
+        )
+    per_host = min(devices, GPUS_PER_HOST)
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda",
+            topology=f"1x{devices // per_host}x{per_host}",  # slices x hosts x GPUs a host
+            target_config=_target_config(kind),
+        )
+    except NotImplementedError:  # "topology not implemented for cuda": no CUDA plugin
+        return None
+    return list(topology.devices)
+
+
+def _target_config(kind: str) -> str:
+    """GPU_SPECS[kind] as XLA's GpuTargetConfigProto text (the limits every NVIDIA GPU since
+    Volta shares written out)."""
+    g = GPU_SPECS[kind]
+    major, minor = g["capability"]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 threads_per_core_limit: 2048
+  shared_memory_per_block: 49152 shared_memory_per_core: {g["smem_per_sm"]}
+  shared_memory_per_block_optin: {g["smem_per_block_optin"]}
+  core_count: {g["sms"]} fpus_per_core: {g["fpus_per_sm"]}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {g["bandwidth"]} l2_cache_size: {g["l2"]}
+  clock_rate_ghz: {g["clock_ghz"]} device_memory_size: {DEVICE_MEMORY[kind]}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+device_description_str: "NVIDIA {g["name"]}"
+"""

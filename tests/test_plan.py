@@ -1,11 +1,15 @@
 """`jaxlm plan`: ahead-of-time compiles on fake devices, and what they show about memory."""
 
 import json
-import os
-import subprocess
-import sys
+import re
 
+import pytest
 from conftest import ROOT, run_python
+
+from jaxlm import config, plan
+
+DENSE = ["__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"]
+PACKED = ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"]  # no bias: the packed layout
 
 LOGITS_MEMORY = """
 from jaxlm import config
@@ -19,17 +23,22 @@ for chunk in (0, 256):
 """
 
 
+# what JAX raises for a GPU topology where its CUDA plugin is not installed
+NO_CUDA_PLUGIN = """
+from jax.experimental import topologies
+def missing(*args, platform=None, **kwargs):
+    raise NotImplementedError(f"topology not implemented for {{platform}}")
+topologies.get_topology_desc = missing
+from jaxlm import cli
+raise SystemExit(cli.main({argv!r}))
+"""
+
+
 def test_plan_llama_7b_on_64_devices():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # plan sets its own
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxlm.cli", "plan", "configs/gpt.py:llama_7b", "--devices", "64"]
-        + ["--device", "h200", "mesh.fsdp=64"],  # a GPU kind: always the fake-CPU compile
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """A GPU kind without JAX's CUDA plugin: 64 fake CPU devices, and the line says how to
+    compile for the GPU itself."""
+    argv = ["plan", "configs/gpt.py:llama_7b", "--devices", "64", "--device", "h200"]
+    proc = run_python(NO_CUDA_PLUGIN.format(argv=argv + ["mesh.fsdp=64"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plan["devices"] == 64 and plan["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1}
@@ -38,6 +47,7 @@ def test_plan_llama_7b_on_64_devices():
     expected = 12 * plan["params"] / 64
     assert abs(plan["state_bytes_per_device"] / expected - 1) < 0.05, plan
     assert plan["temp_bytes_per_device"] > 0 and "cpu x 64" in plan["compiled_for"]
+    assert "pip install 'jax[cuda12]'" in plan["compiled_for"]
     assert plan["peak_bytes_per_device"] > plan["state_bytes_per_device"]
     assert plan["device_memory_bytes"] == 141 * 10**9 and isinstance(plan["fits"], bool)
     assert plan["flops_per_step"] > 6 * plan["params"] * 256 * 4096
@@ -56,3 +66,36 @@ def test_chunked_loss_never_holds_the_full_logits():
     (_, plain_temp, plain_full), (_, chunked_temp, chunked_full) = lines
     assert plain_full == "True" and chunked_full == "False"
     assert int(plain_temp) - int(chunked_temp) > 12 * 1024 * 50304 * 4, lines
+
+
+def test_plan_compiles_for_gpus_it_does_not_have(monkeypatch):
+    """--device h200 with JAX's CUDA plugin (the test extra's jax[cuda12-local]): XLA's GPU
+    compiler builds the step for 16 H200s (2 hosts of 8) from the GPU's spec, with no GPU or
+    driver here, and XLA's GPU memory analysis answers. cuDNN's library is not installed
+    here: JAX's cuDNN checks answer as cuDNN 9.10 (as in the lowering tests). jaxlm's
+    attention chooser reads the compute capability of the device compiled for, not of this
+    CPU: model.max_segments gets cuDNN's packed layout (beside the dense mask, for rows over
+    it) on the H200 (9.0), the dense mask alone on an A100 (8.0; lowered only). One layer of
+    gpt2_124m: the same kernels, a shorter compile."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    gpt2 = str(ROOT / "configs/gpt.py:gpt2_124m")
+    overrides = ["model.num_layers=1", "model.max_segments=16"]
+    cfg = config.load(gpt2, overrides + ["train.batch_size=16", "mesh.fsdp=16"])
+    h200 = plan.plan(cfg, 16, "h200")
+    assert h200["compiled_for"] == "h200 x 16 (GPU compile, no GPU needed)", h200
+    assert h200["mesh"] == {"data": 1, "fsdp": 16, "tensor": 1}
+    assert sorted(h200["custom_calls"]) == sorted(DENSE + PACKED), h200["custom_calls"]
+    state, temp = h200["state_bytes_per_device"], h200["temp_bytes_per_device"]
+    assert state == pytest.approx(12 * h200["params"] / 16, rel=0.02)
+    assert {"all-gather", "reduce-scatter"} <= set(h200["collectives"]), h200["collectives"]
+    assert h200["peak_source"] == "XLA's peak_memory_in_bytes"
+    assert state + temp <= h200["peak_bytes_per_device"] < h200["device_memory_bytes"]
+    assert h200["device_memory_bytes"] == 141 * 10**9 and h200["fits"] is True
+
+    a100 = plan.setup(config.load(gpt2, overrides), plan._gpu_devices("a100", 1))
+    kernels = re.findall(r"custom_call @(__cudnn\$\w+)\(", plan.lower_step(a100).as_text())
+    assert sorted(set(kernels)) == sorted(DENSE), kernels
