@@ -7,6 +7,7 @@ import pytest
 from conftest import ROOT, run_python
 
 from jaxlm import config, plan
+from jaxlm.config import ConfigError
 
 DENSE = ["__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"]
 PACKED = ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"]  # no bias: the packed layout
@@ -95,6 +96,9 @@ def test_plan_compiles_for_gpus_it_does_not_have(monkeypatch):
     assert h200["peak_source"] == "XLA's peak_memory_in_bytes"
     assert state + temp <= h200["peak_bytes_per_device"] < h200["device_memory_bytes"]
     assert h200["device_memory_bytes"] == 141 * 10**9 and h200["fits"] is True
+
+    with pytest.raises(ConfigError, match="--devices 12: GPUs come 8 to a host"):
+        plan.plan(cfg, 12, "h200")
 
     a100 = plan.setup(config.load(gpt2, overrides), plan._gpu_devices("a100", 1))
     kernels = re.findall(r"custom_call @(__cudnn\$\w+)\(", plan.lower_step(a100).as_text())
