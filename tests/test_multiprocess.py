@@ -227,6 +227,50 @@ def test_a_mistake_found_on_process_0_alone_stops_every_process_at_once(tmp_path
     assert "while preparing data.files entry 0" in results[1][1]
 
 
+@pytest.mark.parametrize("together", [True, False], ids=["on_process_0", "one_process"])
+def test_under_distributed_only_an_error_of_every_process_waits_for_the_others(
+    monkeypatch, capsys, together
+):
+    """The choice behind the test above and the mid-run one, without their race between
+    exits: an error sharding.on_process_0 raised (on every process at once) returns its exit
+    status, so all leave through jax.distributed's shutdown barrier together; any other
+    error leaves at once (cli._leave_now), so that JAX's heartbeat names the process. Two
+    processes faked for on_process_0: this is process 0, and the broadcast returns its own
+    message."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from jaxlm import cli, sharding
+    from jaxlm.config import ConfigError
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)
+
+    def mistake():
+        raise ConfigError("data.tokenizer: a mistake")
+
+    def run(args):
+        return sharding.on_process_0("making the tokenizer", mistake) if together else mistake()
+
+    left = []
+
+    def leave(rc):
+        left.append(rc)
+        raise SystemExit(rc)
+
+    monkeypatch.setattr(cli, "_run", run)
+    monkeypatch.setattr(cli, "_leave_now", leave)
+    argv = ["train", str(ROOT / "configs/gpt.py:tiny"), "--distributed"]
+    if together:
+        assert cli.main(argv) == 2 and left == []
+    else:
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert left == [2]
+    assert "jaxlm: error: data.tokenizer: a mistake" in capsys.readouterr().err
+
+
 def test_one_tokenizer_for_all_processes(tmp_path):
     """A fresh run whose corpus has more lines than sentencepiece samples: trained on
     process 0 alone (samples differ from one training to the next), loaded by the others
