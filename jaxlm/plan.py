@@ -106,7 +106,10 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
         if targets[0].platform == "cpu":
             compiled_for += " (fake CPU devices: temporaries are an upper bound)"
             if kind in GPU_SPECS:
-                compiled_for += f"; with `pip install 'jax[cuda12]'` it compiles for the {kind}"
+                compiled_for += (
+                    f"; to compile for the {kind}: JAX's CUDA plugin (`pip install "
+                    "'jax[cuda12]'`), started (JAX_PLATFORMS=cpu where there is no GPU)"
+                )
     s = setup(cfg, targets)
     state = sum(
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -286,7 +289,9 @@ def _tpu_shape(kind: str, chips: int) -> str:
 
 def _gpu_devices(kind: str, devices: int) -> list | None:
     """The devices of `devices` GPUs of `kind`, 8 a host, for XLA's GPU compiler without a GPU
-    (JAX's CUDA plugin: `pip install 'jax[cuda12]'`); None where the plugin is missing."""
+    (JAX's CUDA plugin: `pip install 'jax[cuda12]'`); None where the plugin is missing or
+    did not start (on a machine without a GPU it starts only with JAX_PLATFORMS=cpu, as
+    `jaxlm plan` sets it; otherwise its version check fails)."""
     from jax.experimental import topologies
 
     from jaxlm.config import ConfigError
