@@ -157,6 +157,20 @@ def train_killed_after_save(
 
 
 @pytest.fixture
+def libtpu_alone():
+    """One test at a time starts libtpu (a TPU compile, or a process that looks for a TPU
+    first): libtpu takes /tmp/libtpu_lockfile, and one starting while another process takes
+    it fails with "Internal error when accessing libtpu multi-process lockfile" (the v5e
+    compile of tests/test_splash.py beside tests/test_profile.py's `jaxlm bench` in the
+    other xdist worker, 2026-12-03). A lock file of the tests' own serialises them."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "jaxlm_tests_libtpu.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture
 def h200_cudnn(monkeypatch):
     """JAX's cuDNN checks and jaxlm's attention chooser answer as on an H200 (cuDNN 9.10,
     compute capability 9.0), so GPU programs lower for CUDA here (lowering needs no GPU)."""

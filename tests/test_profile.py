@@ -105,7 +105,7 @@ def test_op_kinds_name_the_kernel():
     }
 
 
-def test_bench_profile_says_where_the_step_time_goes(tmp_path):
+def test_bench_profile_says_where_the_step_time_goes(tmp_path, libtpu_alone):
     """One device (no collectives), configs/gpt.py:tiny as it is (16 x 128 tokens: at the
     test configs' size the layer stack's bookkeeping, "other", outweighs the model): each
     part of the causal LM shows up with device time, the named parts hold most of it, and

@@ -76,7 +76,7 @@ def test_splash_under_shard_map_on_a_mesh_equals_xla():
         _close(np.asarray(g), np.asarray(w))
 
 
-def test_a_train_step_with_splash_attention_compiles_for_a_v5e_topology(caplog):
+def test_a_train_step_with_splash_attention_compiles_for_a_v5e_topology(caplog, libtpu_alone):
     """Ahead of time, for 4 v5e chips (libtpu from PyPI, no TPU): the attention chosen for
     the TPU is splash, run under shard_map, and the compiled step holds the Pallas kernel."""
     from conftest import load_tiny
