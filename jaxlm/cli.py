@@ -19,24 +19,6 @@ if TYPE_CHECKING:
     from jaxlm.tokenizer import AnyTokenizer
 
 
-def init_distributed(heartbeat_timeout: int = 100) -> None:
-    """Join JAX's multi-controller runtime before any device is touched. A process that
-    stops sending heartbeats for heartbeat_timeout seconds is declared dead, and JAX then
-    ends every other process with an error naming it (instead of leaving them waiting)."""
-    import jax
-
-    env = os.environ
-    if "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env:
-        jax.distributed.initialize(
-            env["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(env["JAX_NUM_PROCESSES"]),
-            process_id=int(env["JAX_PROCESS_ID"]),
-            heartbeat_timeout_seconds=heartbeat_timeout,
-        )
-    else:  # TPU pod, SLURM, Open MPI: detected from the environment
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
-
-
 def _prepare(args: argparse.Namespace) -> None:
     """`jaxlm data prepare`: text inputs with a tokenizer, or --images."""
     if args.images:
@@ -227,7 +209,9 @@ def _run(args: argparse.Namespace) -> int:
     from jaxlm import config
 
     if getattr(args, "distributed", False):
-        init_distributed(getattr(args, "heartbeat_timeout", 100))
+        from jaxlm import distributed
+
+        distributed.init(getattr(args, "heartbeat_timeout", 100))
 
     if args.command == "train":
         from jaxlm.train import train

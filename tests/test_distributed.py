@@ -1,0 +1,108 @@
+"""Which GPUs a SLURM task drives: jaxlm's choice from the variables SLURM set for each layout
+(recorded from srun by tests/golden/record_slurm_env.sh), and two processes joining under the
+variables of launch/slurm.sbatch's layout."""
+
+import json
+import os
+import subprocess
+import sys
+
+import portpicker
+import pytest
+from conftest import ROOT
+
+from jaxlm.config import ConfigError
+from jaxlm.distributed import slurm_local_device_ids
+
+LAYOUTS = json.loads((ROOT / "tests/golden/slurm_env.json").read_text())
+EIGHT = list(range(8))
+
+# layout -> the GPU ordinals each task drives, in SLURM_PROCID order
+EXPECTED = {
+    "task_per_node": [EIGHT, EIGHT],  # launch/slurm.sbatch: all 8 (JAX alone: GPU 0)
+    "task_per_gpu": [[i] for i in range(8)] * 2,  # JAX's own layout: the LOCALID-th
+    "gpus_per_task_1": [[0]] * 4,  # each sees one GPU, ordinal 0 (JAX alone: 1, 2, 3 missing)
+    "gpus_per_task_3": [[0, 1, 2]] * 2,
+    "part_of_a_node": [[0, 1]],  # 2 of the node's 8
+    "uneven": [[0, 1, 2, 3], [4, 5, 6, 7], EIGHT],  # two tasks on n1 share it, one has n2
+}
+
+
+@pytest.mark.parametrize("layout", sorted(EXPECTED))
+def test_each_slurm_task_drives_the_gpus_slurm_gave_it(layout):
+    tasks = LAYOUTS[layout]["tasks"]
+    assert [slurm_local_device_ids(env, gpus_in_machine=8) for env in tasks] == EXPECTED[layout]
+
+
+def test_jax_alone_gives_a_task_per_node_one_gpu():
+    """Why jaxlm chooses: JAX's SLURM detection gives launch/slurm.sbatch's task GPU 0 only."""
+    from jax._src.clusters import ClusterEnv
+
+    env = LAYOUTS["task_per_node"]["tasks"][1]
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        *_, local_device_ids = ClusterEnv.auto_detect_unset_distributed_params(
+            None, None, None, None, None, 10
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert local_device_ids == [0]
+
+
+def test_tasks_that_cannot_share_their_gpus_evenly_are_refused():
+    env = LAYOUTS["three_share_eight"]["tasks"][0]
+    with pytest.raises(ConfigError, match="3 tasks on node n1, which share the 8 GPUs"):
+        slurm_local_device_ids(env, gpus_in_machine=8)
+
+
+def test_outside_slurm_or_without_gpus_jax_chooses():
+    env = LAYOUTS["task_per_node"]["tasks"][0]
+    assert slurm_local_device_ids({}, gpus_in_machine=8) is None
+    assert slurm_local_device_ids({**env, "JAX_LOCAL_DEVICE_IDS": "3"}, 8) is None
+    no_gpus = {k: v for k, v in env.items() if k not in ("CUDA_VISIBLE_DEVICES",)}
+    assert slurm_local_device_ids(no_gpus, gpus_in_machine=None) is None  # a CPU or TPU host
+    assert slurm_local_device_ids(no_gpus, gpus_in_machine=4) == [0, 1, 2, 3]  # no gres
+    bad = {**env, "SLURM_STEP_TASKS_PER_NODE": "two"}
+    with pytest.raises(ConfigError, match="SLURM_STEP_TASKS_PER_NODE='two'"):
+        slurm_local_device_ids(bad, gpus_in_machine=8)
+
+
+JOIN = """
+import logging, os, jax, numpy as np
+logging.basicConfig(level=logging.INFO)
+from jax._src import xla_bridge
+from jax.experimental import multihost_utils
+from jaxlm import distributed
+distributed.init(30)
+total = multihost_utils.process_allgather(np.array([jax.process_index() + 1])).sum()
+print(jax.process_index(), jax.process_count(), total, xla_bridge.CUDA_VISIBLE_DEVICES.value)
+"""
+
+
+def test_two_tasks_join_under_the_variables_of_launch_slurm_sbatch():
+    """The processes find each other through JAX's SLURM detection (coordinator, count, id
+    from SLURM's variables), and JAX is told to use all 8 GPUs of each task's node (the flag
+    its GPU backend reads; on this CPU it changes nothing else)."""
+    port = str(portpicker.pick_unused_port())
+    procs = []
+    for env in LAYOUTS["task_per_node"]["tasks"]:
+        penv = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORD", "SLURM"))}
+        penv.update(env, SLURM_STEP_NODELIST="localhost", JAX_COORDINATOR_PORT=port)
+        penv.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", JOIN],
+                env=penv,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    lines = [out.strip().splitlines()[-1] for out in outputs]
+    assert lines == ["0 2 3 0,1,2,3,4,5,6,7", "1 2 3 0,1,2,3,4,5,6,7"], outputs
+    assert "SLURM task 1 (node n2, local id 0): GPUs 0,1,2,3,4,5,6,7" in outputs[1]
