@@ -1,19 +1,21 @@
 """Joining JAX's multi-controller runtime (`--distributed`): which process this is, and which
 of the machine's GPUs it drives.
 
-Under SLURM, `jax.distributed.initialize()` finds the coordinator, the process count and this
-process's id itself, and it also picks the GPUs: the SLURM_LOCALID-th GPU the task sees, one
-each (JAX's clusters/cluster.py), which is right only for a task per GPU with every task seeing
-all of them. SLURM runs other layouts, and for them JAX's pick is wrong without a word:
+Under SLURM and Open MPI's mpirun, `jax.distributed.initialize()` finds the coordinator, the
+process count and this process's id itself, and it also picks the GPUs: the local-rank-th GPU
+the process sees, one each (JAX's clusters/cluster.py), which is right only for a process per
+GPU with every process seeing all of them. Launchers run other layouts, and for them JAX's pick
+is wrong without a word:
 
-- one task per node with the node's 8 GPUs (launch/slurm.sbatch): GPU 0 alone, 7 idle;
-- `--gpus-per-task=1`: each task sees one GPU, its ordinal 0, and JAX asks for ordinal
+- one task per node with the node's 8 GPUs (launch/slurm.sbatch, `mpirun -npernode 1`): GPU 0
+  alone, 7 idle;
+- SLURM's `--gpus-per-task=1`: each task sees one GPU, its ordinal 0, and JAX asks for ordinal
   SLURM_LOCALID, which does not exist (jax-ml/jax#23452, MaxText #865 and #3433).
 
-So jaxlm reads what SLURM gave the task and passes `local_device_ids` itself: a task that sees
-GPUs of its own drives all of them; tasks that see the same GPUs split them evenly in
-SLURM_LOCALID order. The variables and their values are SLURM's own, recorded from srun
-(SLURM 22.05) for each layout in tests/test_distributed.py.
+So jaxlm reads what the launcher gave the process and passes `local_device_ids` itself: a
+process that sees GPUs of its own drives all of them; processes that see the same GPUs split
+them evenly in local-rank order. The variables and their values are the launchers' own,
+recorded from srun (SLURM 22.05) and mpirun (Open MPI 4.1) in tests/golden/launcher_env.json.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from jaxlm.config import ConfigError
@@ -45,48 +48,84 @@ def init(heartbeat_timeout: int = 100) -> None:
         )
         return
     # TPU pod, SLURM, Open MPI: JAX finds the rest in the environment
-    gpus = slurm_local_device_ids(env, _gpus_in_machine())
+    gpus = local_device_ids(env, _gpus_in_machine())
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout, local_device_ids=gpus)
     if gpus is not None:
+        place = _place(env)
         logging.info(
-            "SLURM task %s (node %s, local id %s): GPUs %s of the ones it sees (%s)",
-            env["SLURM_PROCID"],
-            env.get("SLURMD_NODENAME", env.get("SLURM_NODEID")),
-            env["SLURM_LOCALID"],
+            "%s: process %d on %s (local rank %d of %d): GPUs %s of the ones it sees (%s)",
+            place.launcher,
+            jax.process_index(),
+            place.node,
+            place.local_rank,
+            place.local_size,
             ",".join(map(str, gpus)),
             _visible(env) or f"all {_gpus_in_machine()} of the machine",
         )
 
 
-def slurm_local_device_ids(env: Mapping[str, str], gpus_in_machine: int | None) -> list[int] | None:
-    """The ordinals of the GPUs this SLURM task drives (CUDA numbers the GPUs a process sees
-    0, 1, ... whatever CUDA_VISIBLE_DEVICES names), or None to leave the choice to JAX: not
-    under SLURM, JAX_LOCAL_DEVICE_IDS given, or no GPU known (a CPU or TPU host).
+@dataclass(frozen=True)
+class Place:
+    """Where a launcher put this process: its rank among the processes of its machine, how
+    many share the machine, and how many GPUs the job holds there (None: not said)."""
 
-    gpus_in_machine counts the machine's GPUs when SLURM does not name them (no GPU gres, or
-    --gpu-bind=none): the task then sees all of them."""
-    if not all(k in env for k in ("SLURM_JOB_ID", "SLURM_LOCALID", "SLURM_STEP_NODELIST")):
-        return None
-    if env.get("JAX_LOCAL_DEVICE_IDS"):
+    launcher: str
+    node: str
+    local_rank: int
+    local_size: int
+    gpus_on_node: int | None
+
+
+def local_device_ids(env: Mapping[str, str], gpus_in_machine: int | None) -> list[int] | None:
+    """The ordinals of the GPUs this process drives (CUDA numbers the GPUs a process sees
+    0, 1, ... whatever CUDA_VISIBLE_DEVICES names), or None to leave the choice to JAX: no
+    launcher that JAX reads local ranks from, JAX_LOCAL_DEVICE_IDS given, or no GPU known (a
+    CPU or TPU host).
+
+    gpus_in_machine counts the machine's GPUs when the launcher does not name them (mpirun;
+    SLURM without GPU gres or with --gpu-bind=none): the process then sees all of them."""
+    place = _place(env)
+    if place is None or env.get("JAX_LOCAL_DEVICE_IDS"):
         return None
     visible = _visible(env)
     seen = len(visible.split(",")) if visible else gpus_in_machine
     if not seen:
         return None
-    local_id = int(env["SLURM_LOCALID"])
-    tasks = _tasks_on_this_node(env)
-    on_node = env.get("SLURM_GPUS_ON_NODE")
-    if tasks == 1 or (on_node is not None and seen < int(on_node)):
-        return list(range(seen))  # the task's own GPUs (one task, or SLURM bound each its share)
+    tasks, on_node = place.local_size, place.gpus_on_node
+    if tasks == 1 or (on_node is not None and seen < on_node):
+        return list(range(seen))  # its own GPUs (one process, or SLURM bound each its share)
     if seen % tasks:
         raise ConfigError(
-            f"SLURM runs {tasks} tasks on node {env.get('SLURMD_NODENAME', '?')}, which share "
-            f"the {seen} GPUs they see ({visible or 'all of the machine'}), and {seen} does not "
-            "split evenly among them: run one task per node (launch/slurm.sbatch) or one per "
+            f"{place.launcher} runs {tasks} processes on {place.node}, which share the {seen} "
+            f"GPUs they see ({visible or 'all of the machine'}), and {seen} does not split "
+            "evenly among them: run one process per node (launch/slurm.sbatch) or one per "
             "GPU, or set JAX_LOCAL_DEVICE_IDS"
         )
     each = seen // tasks
-    return list(range(local_id * each, (local_id + 1) * each))
+    return list(range(place.local_rank * each, (place.local_rank + 1) * each))
+
+
+def _place(env: Mapping[str, str]) -> Place | None:
+    """This process's place, from the launcher JAX detects: Open MPI before SLURM, the order
+    JAX checks them in (jax/_src/clusters/__init__.py), as mpirun may run inside a SLURM job."""
+    if "OMPI_MCA_orte_hnp_uri" in env:  # what JAX's OmpiCluster looks for
+        return Place(
+            "Open MPI",
+            node=env.get("HOSTNAME") or os.uname().nodename,
+            local_rank=int(env["OMPI_COMM_WORLD_LOCAL_RANK"]),
+            local_size=int(env["OMPI_COMM_WORLD_LOCAL_SIZE"]),
+            gpus_on_node=None,
+        )
+    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_LOCALID", "SLURM_STEP_NODELIST")):
+        on_node = env.get("SLURM_GPUS_ON_NODE")
+        return Place(
+            "SLURM",
+            node=env.get("SLURMD_NODENAME", f"node {env.get('SLURM_NODEID', '?')}"),
+            local_rank=int(env["SLURM_LOCALID"]),
+            local_size=_tasks_on_this_node(env),
+            gpus_on_node=None if on_node is None else int(on_node),
+        )
+    return None
 
 
 def _visible(env: Mapping[str, str]) -> str:

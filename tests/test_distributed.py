@@ -1,6 +1,7 @@
-"""Which GPUs a SLURM task drives: jaxlm's choice from the variables SLURM set for each layout
-(recorded from srun by tests/golden/record_slurm_env.sh), and two processes joining under the
-variables of launch/slurm.sbatch's layout."""
+"""Which GPUs a process drives under SLURM or Open MPI: jaxlm's choice from the variables the
+launcher set for each layout (recorded from srun and mpirun by
+tests/golden/record_launcher_env.sh), and two processes joining under the variables of
+launch/slurm.sbatch's layout."""
 
 import json
 import os
@@ -12,9 +13,9 @@ import pytest
 from conftest import ROOT
 
 from jaxlm.config import ConfigError
-from jaxlm.distributed import slurm_local_device_ids
+from jaxlm.distributed import local_device_ids
 
-LAYOUTS = json.loads((ROOT / "tests/golden/slurm_env.json").read_text())
+LAYOUTS = json.loads((ROOT / "tests/golden/launcher_env.json").read_text())
 EIGHT = list(range(8))
 
 # layout -> the GPU ordinals each task drives, in SLURM_PROCID order
@@ -25,17 +26,22 @@ EXPECTED = {
     "gpus_per_task_3": [[0, 1, 2]] * 2,
     "part_of_a_node": [[0, 1]],  # 2 of the node's 8
     "uneven": [[0, 1, 2, 3], [4, 5, 6, 7], EIGHT],  # two tasks on n1 share it, one has n2
+    # mpirun names no GPUs: a process sees the machine's 8
+    "mpirun_one": [EIGHT],  # JAX alone: GPU 0
+    "mpirun_two": [[0, 1, 2, 3], [4, 5, 6, 7]],
+    "mpirun_two_given_four": [[0, 1], [2, 3]],  # -x CUDA_VISIBLE_DEVICES=4,5,6,7
 }
 
 
 @pytest.mark.parametrize("layout", sorted(EXPECTED))
-def test_each_slurm_task_drives_the_gpus_slurm_gave_it(layout):
+def test_each_process_drives_the_gpus_its_launcher_gave_it(layout):
     tasks = LAYOUTS[layout]["tasks"]
-    assert [slurm_local_device_ids(env, gpus_in_machine=8) for env in tasks] == EXPECTED[layout]
+    assert [local_device_ids(env, gpus_in_machine=8) for env in tasks] == EXPECTED[layout]
 
 
 def test_jax_alone_gives_a_task_per_node_one_gpu():
-    """Why jaxlm chooses: JAX's SLURM detection gives launch/slurm.sbatch's task GPU 0 only."""
+    """Why jaxlm chooses: JAX's SLURM detection gives launch/slurm.sbatch's task GPU 0 only
+    (should JAX change that, this test says jaxlm's choice may be JAX's own)."""
     from jax._src.clusters import ClusterEnv
 
     env = LAYOUTS["task_per_node"]["tasks"][1]
@@ -53,20 +59,20 @@ def test_jax_alone_gives_a_task_per_node_one_gpu():
 
 def test_tasks_that_cannot_share_their_gpus_evenly_are_refused():
     env = LAYOUTS["three_share_eight"]["tasks"][0]
-    with pytest.raises(ConfigError, match="3 tasks on node n1, which share the 8 GPUs"):
-        slurm_local_device_ids(env, gpus_in_machine=8)
+    with pytest.raises(ConfigError, match="SLURM runs 3 processes on n1, which share the 8 GPUs"):
+        local_device_ids(env, gpus_in_machine=8)
 
 
 def test_outside_slurm_or_without_gpus_jax_chooses():
     env = LAYOUTS["task_per_node"]["tasks"][0]
-    assert slurm_local_device_ids({}, gpus_in_machine=8) is None
-    assert slurm_local_device_ids({**env, "JAX_LOCAL_DEVICE_IDS": "3"}, 8) is None
+    assert local_device_ids({}, gpus_in_machine=8) is None
+    assert local_device_ids({**env, "JAX_LOCAL_DEVICE_IDS": "3"}, 8) is None
     no_gpus = {k: v for k, v in env.items() if k not in ("CUDA_VISIBLE_DEVICES",)}
-    assert slurm_local_device_ids(no_gpus, gpus_in_machine=None) is None  # a CPU or TPU host
-    assert slurm_local_device_ids(no_gpus, gpus_in_machine=4) == [0, 1, 2, 3]  # no gres
+    assert local_device_ids(no_gpus, gpus_in_machine=None) is None  # a CPU or TPU host
+    assert local_device_ids(no_gpus, gpus_in_machine=4) == [0, 1, 2, 3]  # no gres
     bad = {**env, "SLURM_STEP_TASKS_PER_NODE": "two"}
     with pytest.raises(ConfigError, match="SLURM_STEP_TASKS_PER_NODE='two'"):
-        slurm_local_device_ids(bad, gpus_in_machine=8)
+        local_device_ids(bad, gpus_in_machine=8)
 
 
 JOIN = """
@@ -105,4 +111,4 @@ def test_two_tasks_join_under_the_variables_of_launch_slurm_sbatch():
     assert [p.returncode for p in procs] == [0, 0], outputs
     lines = [out.strip().splitlines()[-1] for out in outputs]
     assert lines == ["0 2 3 0,1,2,3,4,5,6,7", "1 2 3 0,1,2,3,4,5,6,7"], outputs
-    assert "SLURM task 1 (node n2, local id 0): GPUs 0,1,2,3,4,5,6,7" in outputs[1]
+    assert "SLURM: process 1 on n2 (local rank 0 of 1): GPUs 0,1,2,3,4,5,6,7" in outputs[1]
