@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +47,13 @@ def init(heartbeat_timeout: int = 100) -> None:
             process_id=int(env["JAX_PROCESS_ID"]),
             heartbeat_timeout_seconds=heartbeat_timeout,
         )
+        check_devices_per_process([d.process_index for d in jax.devices()])
         return
     # TPU pod, SLURM, Open MPI: JAX finds the rest in the environment
     gpus = local_device_ids(env, _gpus_in_machine())
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout, local_device_ids=gpus)
-    if gpus is not None:
-        place = _place(env)
+    place = _place(env)
+    if gpus is not None and place is not None:
         logging.info(
             "%s: process %d on %s (local rank %d of %d): GPUs %s of the ones it sees (%s)",
             place.launcher,
@@ -61,6 +63,22 @@ def init(heartbeat_timeout: int = 100) -> None:
             place.local_size,
             ",".join(map(str, gpus)),
             _visible(env) or f"all {_gpus_in_machine()} of the machine",
+        )
+    check_devices_per_process([d.process_index for d in jax.devices()])
+
+
+def check_devices_per_process(owners: list[int]) -> None:
+    """Every process must hold as many devices (owners: each device's process): a process's
+    share of a global batch, JAX's multihost_utils and the mesh assume it, and otherwise the
+    first gather fails deep in JAX (`cannot reshape array of size 6 into shape (2,4)`). Every
+    process sees the same device list, so all raise this together."""
+    counts = Counter(owners)
+    if len(set(counts.values())) > 1:
+        each = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
+        raise ConfigError(
+            f"the processes hold different numbers of devices ({each}); jaxlm needs the same "
+            "number on every process: give each process as many GPUs (the same number of "
+            "processes on every node), or XLA_FLAGS' device count alike"
         )
 
 

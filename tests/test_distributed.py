@@ -25,7 +25,8 @@ EXPECTED = {
     "gpus_per_task_1": [[0]] * 4,  # each sees one GPU, ordinal 0 (JAX alone: 1, 2, 3 missing)
     "gpus_per_task_3": [[0, 1, 2]] * 2,
     "part_of_a_node": [[0, 1]],  # 2 of the node's 8
-    "uneven": [[0, 1, 2, 3], [4, 5, 6, 7], EIGHT],  # two tasks on n1 share it, one has n2
+    # two tasks on n1 share it, one has n2 (then refused: processes must hold as many devices)
+    "uneven": [[0, 1, 2, 3], [4, 5, 6, 7], EIGHT],
     # mpirun names no GPUs: a process sees the machine's 8
     "mpirun_one": [EIGHT],  # JAX alone: GPU 0
     "mpirun_two": [[0, 1, 2, 3], [4, 5, 6, 7]],
@@ -112,3 +113,36 @@ def test_two_tasks_join_under_the_variables_of_launch_slurm_sbatch():
     lines = [out.strip().splitlines()[-1] for out in outputs]
     assert lines == ["0 2 3 0,1,2,3,4,5,6,7", "1 2 3 0,1,2,3,4,5,6,7"], outputs
     assert "SLURM: process 1 on n2 (local rank 0 of 1): GPUs 0,1,2,3,4,5,6,7" in outputs[1]
+
+
+def test_processes_with_different_device_counts_are_refused_before_training(tmp_path):
+    """A process with 4 devices beside one with 2 (SLURM's 'uneven' layout gives 4, 4 and 8
+    GPUs): both stop with the counts named, where the first gather failed deep in JAX."""
+    port = portpicker.pick_unused_port()
+    cli = "import sys; from jaxlm import cli; sys.exit(cli.main(sys.argv[1:]))"
+    args = ["train", str(ROOT / "configs/gpt.py:tiny"), "--workdir", str(tmp_path / "run")]
+    procs = []
+    for i, devices in enumerate((4, 2)):
+        penv = dict(
+            os.environ,
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", cli, *args, "train.batch_size=12", "--distributed"],
+                env=penv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    for out in outputs:
+        assert "different numbers of devices (process 0: 4, process 1: 2)" in out
+        assert "Traceback" not in out
+    assert not (tmp_path / "run").exists()
