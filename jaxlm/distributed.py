@@ -31,6 +31,14 @@ from pathlib import Path
 from jaxlm.config import ConfigError
 
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU the driver sees
+# what JAX's SlurmCluster needs to find SLURM (jax/_src/clusters/slurm_cluster.py)
+SLURM_VARIABLES = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)
 
 
 def init(heartbeat_timeout: int = 100) -> None:
@@ -78,7 +86,7 @@ def check_devices_per_process(owners: list[int]) -> None:
         raise ConfigError(
             f"the processes hold different numbers of devices ({each}); jaxlm needs the same "
             "number on every process: give each process as many GPUs (the same number of "
-            "processes on every node), or XLA_FLAGS' device count alike"
+            "processes on every node; on CPUs, the same XLA_FLAGS device count)"
         )
 
 
@@ -134,7 +142,7 @@ def _place(env: Mapping[str, str]) -> Place | None:
             local_size=int(env["OMPI_COMM_WORLD_LOCAL_SIZE"]),
             gpus_on_node=None,
         )
-    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_LOCALID", "SLURM_STEP_NODELIST")):
+    if all(k in env for k in SLURM_VARIABLES):
         on_node = env.get("SLURM_GPUS_ON_NODE")
         return Place(
             "SLURM",

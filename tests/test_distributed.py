@@ -67,6 +67,8 @@ def test_tasks_that_cannot_share_their_gpus_evenly_are_refused():
 def test_outside_slurm_or_without_gpus_jax_chooses():
     env = LAYOUTS["task_per_node"]["tasks"][0]
     assert local_device_ids({}, gpus_in_machine=8) is None
+    outside_srun = {k: v for k, v in env.items() if k != "SLURM_STEP_NODELIST"}  # salloc's shell
+    assert local_device_ids(outside_srun, gpus_in_machine=8) is None  # JAX finds no SLURM either
     assert local_device_ids({**env, "JAX_LOCAL_DEVICE_IDS": "3"}, 8) is None
     no_gpus = {k: v for k, v in env.items() if k not in ("CUDA_VISIBLE_DEVICES",)}
     assert local_device_ids(no_gpus, gpus_in_machine=None) is None  # a CPU or TPU host
