@@ -6,7 +6,8 @@ import argparse
 import os
 
 DISTRIBUTED_HELP = (
-    "one process per host (jax.distributed): found automatically on TPU pods and under SLURM; "
+    "join the processes of a job (jax.distributed): found automatically on TPU pods, under "
+    "SLURM and under Open MPI's mpirun (each process drives the GPUs its launcher gave it); "
     "elsewhere set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID"
 )
 
