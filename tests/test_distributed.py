@@ -78,6 +78,19 @@ def test_outside_slurm_or_without_gpus_jax_chooses():
         local_device_ids(bad, gpus_in_machine=8)
 
 
+def run_together(argv: list[str], envs: list[dict]) -> tuple[list[int], list[str]]:
+    """The processes of one job, one per environment, started at once: their exit statuses
+    and outputs."""
+    procs = [
+        subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for env in envs
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    return [p.returncode for p in procs], outputs
+
+
 JOIN = """
 import logging, os, jax, numpy as np
 logging.basicConfig(level=logging.INFO)
@@ -95,23 +108,13 @@ def test_two_tasks_join_under_the_variables_of_launch_slurm_sbatch():
     from SLURM's variables), and JAX is told to use all 8 GPUs of each task's node (the flag
     its GPU backend reads; on this CPU it changes nothing else)."""
     port = str(portpicker.pick_unused_port())
-    procs = []
+    envs = []
     for env in LAYOUTS["task_per_node"]["tasks"]:
         penv = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORD", "SLURM"))}
         penv.update(env, SLURM_STEP_NODELIST="localhost", JAX_COORDINATOR_PORT=port)
-        penv.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", JOIN],
-                env=penv,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+        envs.append(penv | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    statuses, outputs = run_together([sys.executable, "-c", JOIN], envs)
+    assert statuses == [0, 0], outputs
     lines = [out.strip().splitlines()[-1] for out in outputs]
     assert lines == ["0 2 3 0,1,2,3,4,5,6,7", "1 2 3 0,1,2,3,4,5,6,7"], outputs
     assert "SLURM: process 1 on n2 (local rank 0 of 1): GPUs 0,1,2,3,4,5,6,7" in outputs[1]
@@ -123,9 +126,8 @@ def test_processes_with_different_device_counts_are_refused_before_training(tmp_
     port = portpicker.pick_unused_port()
     cli = "import sys; from jaxlm import cli; sys.exit(cli.main(sys.argv[1:]))"
     args = ["train", str(ROOT / "configs/gpt.py:tiny"), "--workdir", str(tmp_path / "run")]
-    procs = []
-    for i, devices in enumerate((4, 2)):
-        penv = dict(
+    envs = [
+        dict(
             os.environ,
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES="2",
@@ -133,17 +135,11 @@ def test_processes_with_different_device_counts_are_refused_before_training(tmp_
             JAX_PLATFORMS="cpu",
             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", cli, *args, "train.batch_size=12", "--distributed"],
-                env=penv,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], outputs
+        for i, devices in enumerate((4, 2))
+    ]
+    argv = [sys.executable, "-c", cli, *args, "train.batch_size=12", "--distributed"]
+    statuses, outputs = run_together(argv, envs)
+    assert statuses == [2, 2], outputs
     for out in outputs:
         assert "different numbers of devices (process 0: 4, process 1: 2)" in out
         assert "Traceback" not in out
