@@ -55,23 +55,23 @@ def init(heartbeat_timeout: int = 100) -> None:
             process_id=int(env["JAX_PROCESS_ID"]),
             heartbeat_timeout_seconds=heartbeat_timeout,
         )
-        check_devices_per_process([d.process_index for d in jax.devices()])
-        return
-    # TPU pod, SLURM, Open MPI: JAX finds the rest in the environment
-    gpus = local_device_ids(env, _gpus_in_machine())
-    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout, local_device_ids=gpus)
-    place = _place(env)
-    if gpus is not None and place is not None:
-        logging.info(
-            "%s: process %d on %s (local rank %d of %d): GPUs %s of the ones it sees (%s)",
-            place.launcher,
-            jax.process_index(),
-            place.node,
-            place.local_rank,
-            place.local_size,
-            ",".join(map(str, gpus)),
-            _visible(env) or f"all {_gpus_in_machine()} of the machine",
+    else:  # TPU pod, SLURM, Open MPI: JAX finds the rest in the environment
+        machine = _gpus_in_machine()
+        gpus = local_device_ids(env, machine)
+        jax.distributed.initialize(
+            heartbeat_timeout_seconds=heartbeat_timeout, local_device_ids=gpus
         )
+        if gpus is not None and (place := _place(env)) is not None:  # chosen for a place
+            logging.info(
+                "%s: process %d on %s (local rank %d of %d): GPUs %s of the ones it sees (%s)",
+                place.launcher,
+                jax.process_index(),
+                place.node,
+                place.local_rank,
+                place.local_size,
+                ",".join(map(str, gpus)),
+                _visible(env) or f"all {machine} of the machine",
+            )
     check_devices_per_process([d.process_index for d in jax.devices()])
 
 
@@ -110,12 +110,14 @@ def local_device_ids(env: Mapping[str, str], gpus_in_machine: int | None) -> lis
 
     gpus_in_machine counts the machine's GPUs when the launcher does not name them (mpirun;
     SLURM without GPU gres or with --gpu-bind=none): the process then sees all of them."""
-    place = _place(env)
-    if place is None or env.get("JAX_LOCAL_DEVICE_IDS"):
+    if env.get("JAX_LOCAL_DEVICE_IDS"):
         return None
     visible = _visible(env)
     seen = len(visible.split(",")) if visible else gpus_in_machine
     if not seen:
+        return None
+    place = _place(env)
+    if place is None:
         return None
     tasks, on_node = place.local_size, place.gpus_on_node
     if tasks == 1 or (on_node is not None and seen < on_node):
@@ -155,7 +157,8 @@ def _place(env: Mapping[str, str]) -> Place | None:
 
 
 def _visible(env: Mapping[str, str]) -> str:
-    """The GPUs SLURM named for this task (NVIDIA's variable, else AMD's), as given."""
+    """The GPUs named for this process, by SLURM or by hand (NVIDIA's variable, else AMD's),
+    as given; empty where none are named."""
     return env.get("CUDA_VISIBLE_DEVICES") or env.get("ROCR_VISIBLE_DEVICES") or ""
 
 
@@ -163,8 +166,12 @@ def _tasks_on_this_node(env: Mapping[str, str]) -> int:
     """SLURM_STEP_TASKS_PER_NODE in SLURM's compressed form ("8(x2)", "2,1", "4(x3),2")
     at this node's index SLURM_NODEID."""
     spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-    if not spec:
-        return 1
+    if not spec:  # srun sets both; without them the tasks sharing this node are unknown
+        raise ConfigError(
+            "SLURM_STEP_TASKS_PER_NODE and SLURM_TASKS_PER_NODE are unset: the tasks on this "
+            "node are unknown, so the GPUs each drives cannot be chosen; start the tasks with "
+            "srun, or set JAX_LOCAL_DEVICE_IDS"
+        )
     counts: list[int] = []
     for part in spec.split(","):
         match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())

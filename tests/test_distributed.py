@@ -73,6 +73,10 @@ def test_outside_slurm_or_without_gpus_jax_chooses():
     no_gpus = {k: v for k, v in env.items() if k not in ("CUDA_VISIBLE_DEVICES",)}
     assert local_device_ids(no_gpus, gpus_in_machine=None) is None  # a CPU or TPU host
     assert local_device_ids(no_gpus, gpus_in_machine=4) == [0, 1, 2, 3]  # no gres
+    unknown = {k: v for k, v in env.items() if not k.endswith("TASKS_PER_NODE")}
+    with pytest.raises(ConfigError, match="SLURM_STEP_TASKS_PER_NODE and SLURM_TASKS_PER_NODE"):
+        local_device_ids(unknown, gpus_in_machine=8)
+    assert local_device_ids({**unknown, "JAX_LOCAL_DEVICE_IDS": "3"}, 8) is None
     bad = {**env, "SLURM_STEP_TASKS_PER_NODE": "two"}
     with pytest.raises(ConfigError, match="SLURM_STEP_TASKS_PER_NODE='two'"):
         local_device_ids(bad, gpus_in_machine=8)
