@@ -28,7 +28,8 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
     """Time full training steps on one synthetic batch; with profile, a jax.profiler trace of
     3 more steps (after the timing, which it would disturb) is written there, and where their
     device time went is in the result (`profile`: milliseconds per step by part of the model,
-    and the host gap; jaxlm/profile.py)."""
+    and the host gap; jaxlm/profile.py), from an executable compiled for the trace alone where
+    the platform needs other XLA options for it (profile_compiler_options)."""
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     s = build(cfg, mesh)
@@ -40,7 +41,8 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
         batch = sharding.to_global(s.objective.synthetic_batch(cfg, local, rng), mesh)
         every = sync_every()
         start = time.perf_counter()
-        train_step = make_train_step(s).lower(state, batch).compile()
+        lowered = make_train_step(s).lower(state, batch)
+        train_step = lowered.compile()
         state, metrics = train_step(state, batch)
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - start
@@ -55,7 +57,12 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - start) / steps
         if profile:
+            options = profile_compiler_options(jax.devices()[0].platform)
+            if options:  # the same program, compiled again for the trace alone
+                train_step = lowered.compile(compiler_options=options)
             parts = _profile(train_step, state, batch, profile)
+            if options:
+                parts["compiler_options"] = options
     unit, per_example = s.objective.UNIT, s.objective.items_per_example(cfg)
     per_s = cfg.train.batch_size * per_example / step_s
     peak, source = peak_flops(cfg.train.peak_flops)
@@ -77,6 +84,15 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
         # step's micro-batches ran the dense mask, not cuDNN's packed layout (on a Hopper GPU)
         result["max_segments_exceeded"] = int(metrics["max_segments_exceeded"])
     return result | ({"profile": parts} if profile else {})
+
+
+def profile_compiler_options(platform: str) -> dict[str, str]:
+    """XLA options for the traced steps' executable on `platform`. On a GPU, XLA runs a step
+    as CUDA graphs ("command buffers"), and a trace then holds one operation,
+    `command_buffer_1`, for the whole step: no part of the model can be told from another
+    (seen on an H200, 2026-12-04). The traced steps therefore run without them; the timing
+    before keeps XLA's default (BENCHMARKS.md: 29.73 vs 29.91 ms on GPT-2 124M)."""
+    return {"xla_gpu_enable_command_buffer": ""} if platform == "gpu" else {}
 
 
 def _profile(train_step, state: dict, batch: dict, trace_dir: str, steps: int = 3) -> dict:

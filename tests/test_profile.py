@@ -23,8 +23,16 @@ print(json.dumps(bench(cfg, steps=2, warmup=1, profile={trace!r})))
 import jaxlm.bench
 def unreadable(*args, **kwargs):
     raise ValueError("no operation of module 'train_step'")
-jaxlm.bench.summarize = unreadable  # a trace this reader does not understand
-print(json.dumps(bench(cfg, steps=1, warmup=0, profile={trace!r})))
+readable, jaxlm.bench.summarize = jaxlm.bench.summarize, unreadable  # a trace this reader
+print(json.dumps(bench(cfg, steps=1, warmup=0, profile={trace!r})))  # does not understand
+jaxlm.bench.summarize = readable
+for value in ("", "BOGUS"):  # a GPU's options for the traced steps (no command buffers)
+    option = {{"xla_gpu_enable_command_buffer": value}}
+    jaxlm.bench.profile_compiler_options = lambda platform: option
+    try:
+        print(json.dumps(bench(cfg, steps=1, warmup=0, profile={trace!r})))
+    except Exception as error:  # the option reached XLA, which refused the value
+        print(json.dumps({{"error": str(error)}}))
 """
 
 
@@ -114,7 +122,8 @@ def test_bench_profile_says_where_the_step_time_goes(tmp_path, libtpu_alone):
     code = BENCH.format(overrides=["model.max_segments=4"], trace=str(tmp_path / "trace"))
     proc = run_python(code, devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result, unread = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    lines = proc.stdout.strip().splitlines()[-4:]
+    result, unread, no_buffers, bogus = (json.loads(line) for line in lines)
     # a trace that cannot be read costs the profile, never the timing
     assert unread["step_ms"] > 0 and unread["profile"] == {
         "error": "ValueError: no operation of module 'train_step'"
@@ -134,3 +143,8 @@ def test_bench_profile_says_where_the_step_time_goes(tmp_path, libtpu_alone):
     assert len(top) == 15 and all(op["kind"] != "?" for op in top), top
     assert top == sorted(top, key=lambda op: -op["ms"])
     assert sum(op["ms"] for op in top) <= sum(parts.values()) + 1e-6
+    # on a GPU the traced steps are compiled again without command buffers, and say so
+    assert "compiler_options" not in result["profile"]  # none on this CPU
+    assert no_buffers["profile"]["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}
+    assert no_buffers["profile"]["ms_per_step"]["mlp"] > 0
+    assert "BOGUS" in bogus["error"] and "xla_gpu_enable_command_buffer" in bogus["error"]
