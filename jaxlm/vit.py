@@ -37,6 +37,31 @@ def tower_config(cfg: Config) -> ModelConfig:
     )
 
 
+@jax.custom_vjp
+def add_positions(x: jax.Array, table: jax.Array) -> jax.Array:
+    """x [B, T, D] + table [T, D], whose gradient, the sum over B, is a matmul (with ones
+    [B, 8]: a matrix, which XLA does not rewrite into a reduction as it does a vector). As a
+    reduction, XLA's GPU compiler lays the whole backward residual stream out batch-minor
+    ([T, D, B]) to sum it: 147 transposes in ViT-B/16's step compiled for an H200,
+    `input_transpose_fusion` and its kin 13.2 of 103 ms in a traced step (BENCHMARKS.md,
+    2026-12-04)."""
+    return x + table.astype(x.dtype)
+
+
+def _add_positions_fwd(x: jax.Array, table: jax.Array):
+    return add_positions(x, table), table  # a parameter, alive anyway: for its dtype
+
+
+def _add_positions_bwd(table: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b, t, d = g.shape
+    ones = jax.lax.optimization_barrier(jnp.ones((b, 8), g.dtype))  # not a constant to fold
+    summed = jnp.einsum("BN,BE->NE", g.reshape(b, t * d), ones, preferred_element_type=table.dtype)
+    return g, summed[:, 0].reshape(t, d)
+
+
+add_positions.defvjp(_add_positions_fwd, _add_positions_bwd)
+
+
 class ImageTower(nnx.Module):
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
         v, tc = cfg.vision, tower_config(cfg)
@@ -64,7 +89,7 @@ class ImageTower(nnx.Module):
             if self.cls is not None:
                 cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (b, 1, x.shape[-1]))
                 x = jnp.concatenate([cls, x], axis=1)
-            x = x + self.positions[...].astype(self.dtype)
+            x = add_positions(x, self.positions[...])
         t = x.shape[1]
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x = self.transformer(x, Mask(), positions, causal=False)  # every patch sees every other

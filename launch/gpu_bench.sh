@@ -42,6 +42,11 @@ bench=${BENCH:-python3 -m jaxlm.cli bench}  # BENCH, ATTENTION_ARGS: a CPU dry r
 peers=${PEERS:-gpu/peers.py}
 [ -f $peers ] || echo "no $peers: peers not run"
 peer() { [ -f $peers ] && step "hf_$1" "$2" python3 $peers "$1"; }
+trace() {  # trace NAME: the profile's trace back to this machine (jax.profiler.ProfileData
+  local f  # reads it there: every kernel with its HLO op), at $OUT's top (2 folders at most)
+  f=$(find "/tmp/trace_$1" -name '*.xplane.pb' 2>/dev/null | sort | tail -1)
+  [ -n "$f" ] && cp "$f" "$OUT/$1.xplane.pb"
+}
 
 # One attention layer, every way jaxlm runs the document mask: errors against float32 XLA,
 # forward + backward ms (all its lines, not only the last)
@@ -54,6 +59,7 @@ grep -E "Error|error" "$LOGS/attention.log" | grep -v '^{' | tail -3
 # GPT-2 124M with jaxlm's default packed-document mask (a dense bias for cuDNN), profiled
 step gpt2_124m 100 $bench configs/gpt.py:gpt2_124m --steps 30 --profile /tmp/trace_gpt2
 rc=$?
+trace gpt2
 if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
   echo "jaxlm's first benchmark failed (rc=$rc); stopping. Its log ends:"
   tail -40 "$LOGS/gpt2_124m.log"
@@ -62,8 +68,10 @@ fi
 step gpt2_124m_packed 70 $bench configs/gpt.py:gpt2_124m --steps 30 model.max_segments=16
 peer gpt2 100
 step bert_base 90 $bench configs/bert.py:bert_base --steps 30 --profile /tmp/trace_bert
+trace bert
 peer bert 90
 step vit_b16 100 $bench configs/clip.py:vit_b16 --steps 30 --profile /tmp/trace_vit
+trace vit
 peer clip 110
 # lower priority, in what the budget leaves: BERT's packed layout; MaxText's GPU flags and
 # XLA's cuDNN layer norm, one group at a time, beside the default gpt2_124m above

@@ -246,3 +246,27 @@ def test_loss_and_gradients_equal_on_two_meshes_and_with_gradient_caching(kind):
     np.testing.assert_allclose(loss_a, loss_b, atol=1e-4)
     for a, b in zip(grads_a, grads_b, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_positions_gradient_is_the_plain_sums():
+    """vit.add_positions, whose table gradient is a matmul with ones (for XLA's GPU layouts:
+    tests/test_plan.py), equals x + table and its gradients in value, in float32 and in
+    bfloat16 activations with a float32 table."""
+    from jaxlm.vit import add_positions
+
+    rng = np.random.default_rng(0)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(rng.normal(size=(5, 7, 6)), dtype)
+        table = jnp.asarray(rng.normal(size=(7, 6)), jnp.float32)
+        probe = jnp.asarray(rng.normal(size=(5, 7, 6)), jnp.float32)
+
+        def loss(add, x, table, probe=probe):
+            return (add(x, table).astype(jnp.float32) * probe).sum()
+
+        got = jax.grad(partial(loss, add_positions), argnums=(0, 1))(x, table)
+        want = jax.grad(partial(loss, lambda x, t: x + t.astype(x.dtype)), argnums=(0, 1))(x, table)
+        assert add_positions(x, table).dtype == dtype
+        np.testing.assert_array_equal(add_positions(x, table), x + table.astype(dtype))
+        assert got[1].dtype == jnp.float32
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=1e-2, atol=1e-2)
