@@ -79,15 +79,21 @@ def check_devices_per_process(owners: list[int]) -> None:
     """Every process must hold as many devices (owners: each device's process): a process's
     share of a global batch, JAX's multihost_utils and the mesh assume it, and otherwise the
     first gather fails deep in JAX (`cannot reshape array of size 6 into shape (2,4)`). Every
-    process sees the same device list, so all raise this together."""
+    process sees the same device list, so all raise this together, and say so: they then
+    leave through jax.distributed's shutdown barrier, each once the others are there. Process
+    0 leaving at once (as after an error of its own) took the coordination service with it
+    while another process was still starting its backend, which then failed with
+    "Connection reset by peer" instead of this message (seen once in CI, 2026-12-04)."""
     counts = Counter(owners)
     if len(set(counts.values())) > 1:
         each = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
-        raise ConfigError(
+        error = ConfigError(
             f"the processes hold different numbers of devices ({each}); jaxlm needs the same "
             "number on every process: give each process as many GPUs (the same number of "
             "processes on every node; on CPUs, the same XLA_FLAGS device count)"
         )
+        error.on_every_process = True  # type: ignore[attr-defined]  # sharding.raised_together
+        raise error
 
 
 @dataclass(frozen=True)

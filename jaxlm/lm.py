@@ -144,9 +144,15 @@ def data_spec(cfg: Config, tokenizer) -> data.DataSpec:
 
 
 def _summed_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+    """The targets' logits are picked by a masked sum, not a gather: the sum's gradient is
+    elementwise, so the softmax's gradient and the target's fuse into one pass that writes
+    the logits' gradient in their own dtype. A gather's gradient is a scatter into a
+    float32 [B, T, V] buffer and then a cast (GPT-2 124M on an H200: 0.94 + 0.86 ms of a
+    30 ms step, BENCHMARKS.md). The sum adds zeros to the one logit: the same value."""
     logits = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    hit = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    picked = jnp.where(hit, logits, 0.0).sum(-1)
     return ((logz - picked) * weights).sum()
 
 
