@@ -93,7 +93,9 @@ def test_plan_compiles_for_gpus_it_does_not_have(monkeypatch):
     state, temp = h200["state_bytes_per_device"], h200["temp_bytes_per_device"]
     assert state == pytest.approx(12 * h200["params"] / 16, rel=0.02)
     assert {"all-gather", "reduce-scatter"} <= set(h200["collectives"]), h200["collectives"]
-    assert h200["peak_source"] == "XLA's peak_memory_in_bytes"
+    assert h200["peak_source"].startswith(
+        ("XLA's peak_memory_in_bytes", "arguments + outputs - donated + temporaries (XLA's")
+    ), h200["peak_source"]
     assert state + temp <= h200["peak_bytes_per_device"] < h200["device_memory_bytes"]
     assert h200["device_memory_bytes"] == 141 * 10**9 and h200["fits"] is True
 
