@@ -1,7 +1,8 @@
 """One attention layer on the GPU, GPT-2 124M's shape (12 x 1024 tokens, 12 heads of 64,
 bfloat16), rows of packed documents as `jaxlm bench` makes them: every way jaxlm can run the
 document mask, checked against float32 XLA (outputs and gradients) and timed forward +
-backward. Prints one JSON line per way. Part of launch/gpu_bench.sh; needs no Grain.
+backward. Prints one JSON line per way; needs no Grain. Run by hand on a lent GPU
+(`PYTHONPATH=. python3 launch/gpu_attention.py`; measured 2026-12-04, BENCHMARKS.md).
 
     python3 launch/gpu_attention.py [LENGTH ITERATIONS]   (a short dry run on a CPU: 128 2)
 """
