@@ -42,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...: one measurement, its output in $LOGS/N
 "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
 } 2>&1 | tee "$OUT/device.txt"
 
-bench=${BENCH:-python3 -m jaxlm.cli bench}  # BENCH, ATTENTION_ARGS: a CPU dry run (tests)
+bench=${BENCH:-python3 -m jaxlm.cli bench}  # BENCH, PEERS: a CPU dry run (tests)
 peers=${PEERS:-gpu/peers.py}
 [ -f $peers ] || echo "no $peers: peers not run"
 peer() { [ -f $peers ] && step "hf_$1" "$2" python3 $peers "$1"; }

@@ -107,18 +107,13 @@ def test_plan_compiles_for_gpus_it_does_not_have(monkeypatch):
     assert sorted(set(kernels)) == sorted(DENSE), kernels
 
 
-def test_vit_backward_keeps_the_residual_stream_batch_major_on_a_gpu(monkeypatch):
+def test_vit_backward_keeps_the_residual_stream_batch_major_on_a_gpu(h200_cudnn):
     """The ViT's learned positions are summed over the batch in the backward pass. As a
     reduction, XLA's GPU compiler lays the backward residual stream out batch-minor
     ([197, 768, B]) to make it one, with transposes around every norm (13 of ViT-B/16's 103
     ms on an H200, BENCHMARKS.md); vit.add_positions sums with a matmul instead. Compiled for
     an H200 here at a batch of 32 (at which a matmul with a ones vector, not matrix, is still
     rewritten into the reduction): only the patch embedding's transposes are left."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
-    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
-    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
     overrides = ["vision.num_layers=2", "model.num_layers=1", "train.batch_size=32"]
     cfg = config.load(str(ROOT / "configs/clip.py:vit_b16"), overrides)
     _, compiled = plan.compile_train_step(cfg, plan._gpu_devices("h200", 1))
@@ -128,16 +123,11 @@ def test_vit_backward_keeps_the_residual_stream_batch_major_on_a_gpu(monkeypatch
     assert len(transposes) <= 2, transposes  # the patches: forward and backward
 
 
-def test_lm_loss_gradient_is_written_once_in_bfloat16_on_a_gpu(monkeypatch):
+def test_lm_loss_gradient_is_written_once_in_bfloat16_on_a_gpu(h200_cudnn):
     """The cross-entropy picks the targets' logits by a masked sum, whose gradient is
     elementwise: compiled for an H200, the logits' gradient is one fusion's bfloat16 output.
     With a gather, the backward held float32 [B, T, V] (the softmax's gradient, a scatter
     into it, a cast: 1.8 of GPT-2 124M's 30 ms on an H200, BENCHMARKS.md)."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
-    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
-    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
     overrides = ["model.num_layers=1", "train.batch_size=2"]
     cfg = config.load(str(ROOT / "configs/gpt.py:gpt2_124m"), overrides)
     _, compiled = plan.compile_train_step(cfg, plan._gpu_devices("h200", 1))
