@@ -58,11 +58,7 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 3, profile: str | None = N
         step_s = (time.perf_counter() - start) / steps
         if profile:
             options = profile_compiler_options(jax.devices()[0].platform)
-            if options:  # the same program, compiled again for the trace alone
-                train_step = lowered.compile(compiler_options=options)
-            parts = _profile(train_step, state, batch, profile)
-            if options:
-                parts["compiler_options"] = options
+            parts = _profile(lowered, train_step, options, state, batch, profile)
     unit, per_example = s.objective.UNIT, s.objective.items_per_example(cfg)
     per_s = cfg.train.batch_size * per_example / step_s
     peak, source = peak_flops(cfg.train.peak_flops)
@@ -95,11 +91,17 @@ def profile_compiler_options(platform: str) -> dict[str, str]:
     return {"xla_gpu_enable_command_buffer": ""} if platform == "gpu" else {}
 
 
-def _profile(train_step, state: dict, batch: dict, trace_dir: str, steps: int = 3) -> dict:
+def _profile(
+    lowered, train_step, options: dict, state: dict, batch: dict, trace_dir: str, steps: int = 3
+) -> dict:
     """Trace `steps` more steps into trace_dir and say where their device time went
-    (jaxlm/profile.py). A trace that cannot be taken or read (no CUPTI, a trace format this
-    reader does not know) costs the profile, `{"error": ...}`, never the timing before it."""
+    (jaxlm/profile.py); with options (profile_compiler_options), from `lowered` compiled
+    again with them, named in the result. A trace that cannot be taken or read (no CUPTI, a
+    trace format this reader does not know, options this XLA refuses) costs the profile,
+    `{"error": ...}`, never the timing before it."""
     try:
+        if options:  # the same program, compiled again for the trace alone
+            train_step = lowered.compile(compiler_options=options)
         with jax.profiler.trace(trace_dir):
             for _ in range(steps):
                 state, metrics = train_step(state, batch)
@@ -114,7 +116,7 @@ def _profile(train_step, state: dict, batch: dict, trace_dir: str, steps: int = 
         parts["ms_per_step"],
         100 * parts["host_gap"],
     )
-    return parts
+    return parts | ({"compiler_options": options} if options else {})
 
 
 def bench_data(cfg: Config, steps: int, workdir: str) -> dict:

@@ -29,10 +29,7 @@ jaxlm.bench.summarize = readable
 for value in ("", "BOGUS"):  # a GPU's options for the traced steps (no command buffers)
     option = {{"xla_gpu_enable_command_buffer": value}}
     jaxlm.bench.profile_compiler_options = lambda platform: option
-    try:
-        print(json.dumps(bench(cfg, steps=1, warmup=0, profile={trace!r})))
-    except Exception as error:  # the option reached XLA, which refused the value
-        print(json.dumps({{"error": str(error)}}))
+    print(json.dumps(bench(cfg, steps=1, warmup=0, profile={trace!r})))
 """
 
 
@@ -147,4 +144,7 @@ def test_bench_profile_says_where_the_step_time_goes(tmp_path, libtpu_alone):
     assert "compiler_options" not in result["profile"]  # none on this CPU
     assert no_buffers["profile"]["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}
     assert no_buffers["profile"]["ms_per_step"]["mlp"] > 0
-    assert "BOGUS" in bogus["error"] and "xla_gpu_enable_command_buffer" in bogus["error"]
+    # options XLA refuses (it read them: they reach the compile) cost the profile, not the timing
+    refused = bogus["profile"]["error"]
+    assert "BOGUS" in refused and "xla_gpu_enable_command_buffer" in refused
+    assert bogus["step_ms"] > 0
