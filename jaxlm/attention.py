@@ -17,8 +17,9 @@ sequence lengths were refused too. jaxlm never hands cuDNN what it refuses:
   that runs the dense bias instead (same result, slower). JAX has no public argument for the
   packed layout: jaxlm calls the function jax.nn.dot_product_attention calls, with its
   offsets (jax/_src/cudnn/fused_attention_stablehlo.py, in JAX 0.10.2 and 0.11.2);
-- an odd length is padded by one position, hidden by the lengths (or by a segment of its
-  own where there are segment ids), and the pad cut off again;
+- an odd length is padded by one position, hidden as a key (by the lengths, or as a segment
+  of its own where there are segment ids), and cut off again: once for a whole stack
+  (`stack_pad`, as jaxlm's Transformer does), else around the one call;
 - anything else falls back to XLA's attention, with the reason logged once; and should cuDNN
   still refuse a call while it is traced (a rule this module does not know), the call falls
   back to XLA and says so.
@@ -51,14 +52,28 @@ class Mask:
     """Who may see whom, causality aside. segment_ids [B, T]: packed documents, each seeing
     only itself (segment 0, padding, sees only padding); lengths [B]: one sequence per row,
     right-padded, of that many positions; neither: every position sees every other. Only
-    segment_ids costs a dense [B, 1, T, S] mask (a bias for cuDNN)."""
+    segment_ids costs a dense [B, 1, T, S] mask (a bias for cuDNN). pad: the last `pad`
+    positions were appended to the whole stack (`stack_pad`): no other position sees them;
+    they see the rest, and are cut off after the stack."""
 
     segment_ids: jax.Array | None = None
     lengths: jax.Array | None = None
+    pad: int = 0
 
     def __post_init__(self) -> None:
         if self.segment_ids is not None and self.lengths is not None:
             raise ValueError("Mask takes segment_ids or lengths, not both")
+        if self.segment_ids is not None and self.pad:
+            raise ValueError("Mask: a pad goes into segment_ids as a segment of its own")
+
+    def padded(self, pad: int) -> Mask:
+        """This mask for rows with `pad` positions appended: a segment of their own where
+        there are segment ids; else hidden as keys (the lengths already end before them)."""
+        if self.segment_ids is None:
+            return Mask(lengths=self.lengths, pad=self.pad + pad)
+        pad_id = jnp.max(self.segment_ids) + 1
+        widths = ((0, 0), (0, pad))
+        return Mask(segment_ids=jnp.pad(self.segment_ids, widths, constant_values=pad_id))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +165,32 @@ def _logged(choice: Choice, what: str) -> None:
     log.info("attention for %s: %s (%s)", what, choice.implementation, choice.reason)
 
 
+def _choose_here(setting: str, dtype, head_size: int, length: int, mask: Mask, max_segments: int):
+    """`choose` for the platform and device compiled for."""
+    platform = _platform()
+    hopper = platform == "gpu" and _hopper()
+    masked = mask.segment_ids is not None
+    name = jnp.dtype(dtype).name
+    return choose(setting, platform, name, head_size, length, masked, True, hopper, max_segments)
+
+
+def stack_pad(
+    setting: str, dtype, head_size: int, length: int, mask: Mask, max_segments: int
+) -> int:
+    """Positions to append to a whole stack of `length` so that its layers need no pad of their
+    own (cuDNN's even-length rule met once, not by a pad and a cut around every layer's
+    kernel: 4.0 of ViT-B/16's 103 ms in a traced H200 step, BENCHMARKS.md 2026-12-04)."""
+    pad = _choose_here(setting, dtype, head_size, length, mask, max_segments).pad
+    if pad:
+        _logged_pad(length, pad)
+    return pad
+
+
+@functools.cache
+def _logged_pad(length: int, pad: int) -> None:
+    log.info("attention: length %d padded to %d once for the stack", length, length + pad)
+
+
 # JAX's cuDNN checks while a call is traced. The packed layout calls a private JAX function,
 # which a JAX version may lack or call differently: that is a refusal too, not a crash.
 REFUSALS = (NotImplementedError, ValueError, RuntimeError)
@@ -169,30 +210,22 @@ def attend(
     setting, max_segments: model.attention, model.max_segments."""
     b, t, h, size = q.shape
     segment_ids, platform = mask.segment_ids, _platform()
-    choice = choose(
-        setting,
-        platform,
-        jnp.dtype(q.dtype).name,
-        size,
-        t,
-        segment_ids is not None,
-        hopper=platform == "gpu" and _hopper(),
-        max_segments=max_segments,
-    )
+    choice = _choose_here(setting, q.dtype, size, t, mask, max_segments)
     what = f"{h} heads x {size}, length {t}, {q.dtype}"
     _logged(choice, what)
     if choice.implementation == "splash":
-        if mask.lengths is not None:  # right padding as segment 0, which sees only itself
-            segment_ids = (jnp.arange(t)[None] < mask.lengths[:, None]).astype(jnp.int32)
+        if mask.lengths is not None or mask.pad:  # padding: segment 0, seeing only itself
+            ends = jnp.full((b,), t - mask.pad) if mask.lengths is None else mask.lengths
+            segment_ids = (jnp.arange(t)[None] < ends[:, None]).astype(jnp.int32)
         return splash.attend(q, k, v, segment_ids, causal, interpret=platform != "tpu")
-    lengths = None if mask.lengths is None else mask.lengths.astype(jnp.int32)
     if choice.pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, choice.pad), (0, 0), (0, 0))) for x in (q, k, v))
-        if segment_ids is not None:  # the pad is a segment of its own, seeing only itself
-            pad_id = jnp.max(segment_ids) + 1
-            segment_ids = jnp.pad(segment_ids, ((0, 0), (0, choice.pad)), constant_values=pad_id)
-        elif lengths is None:  # the lengths hide the pad (cuDNN's own mask, no bias)
-            lengths = jnp.full((b,), t, jnp.int32)
+        mask = mask.padded(choice.pad)
+        segment_ids = mask.segment_ids
+    lengths = None if mask.lengths is None else mask.lengths.astype(jnp.int32)
+    key_lengths = lengths  # the pad, hidden as keys only: its queries see the rest (finite)
+    if mask.pad and lengths is None:
+        key_lengths = jnp.full((b,), q.shape[1] - mask.pad, jnp.int32)
 
     def call(q, k, v, implementation: str) -> jax.Array:
         dense = None
@@ -205,7 +238,7 @@ def attend(
             mask=dense,
             is_causal=causal,
             query_seq_lengths=lengths,
-            key_value_seq_lengths=lengths,
+            key_value_seq_lengths=key_lengths,
             implementation=implementation,
         )
 

@@ -124,6 +124,17 @@ class Attention(nnx.Module):
         return y, cache
 
 
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+    """GELU; exact: x * Phi(x) through erf. jax.nn.gelu's exact form goes through erfc, which
+    XLA's GPU compiler expands into two rational approximations, an exp and divisions per
+    element, and whose fusion keeps three [B, T, F] residuals: 6.4 of ViT-B/16's 103 ms in a
+    traced H200 step (BENCHMARKS.md, 2026-12-04). erf is one approximation; 1 + erf(x)
+    loses relative precision only where GELU is within ~1e-7 |x| of 0."""
+    if approximate:
+        return jax.nn.gelu(x, approximate=True)
+    return x * (0.5 + 0.5 * jax.lax.erf(x * math.sqrt(0.5)).astype(x.dtype))
+
+
 class Mlp(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.mlp_dim
@@ -147,7 +158,7 @@ class Mlp(nnx.Module):
         if self.kind == "swiglu":
             h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, self.wg[...].astype(dt))) * h
         else:
-            h = jax.nn.gelu(h, approximate=self.kind == "gelu_tanh")
+            h = gelu(h, approximate=self.kind == "gelu_tanh")
         y = jnp.einsum("BTF,FD->BTD", h, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
@@ -202,8 +213,14 @@ class Transformer(nnx.Module):
         self.final_norm = nnx.data(Norm(cfg, rngs) if cfg.norm_position == "pre" else None)
 
     def __call__(self, x: jax.Array, mask: attention.Mask, positions: jax.Array, causal: bool):
+        c, t = self.cfg, x.shape[1]
+        pad = attention.stack_pad(c.attention, x.dtype, c.head_size, t, mask, c.max_segments)
+        if pad:  # an odd length for cuDNN: padded once here, not around every layer's kernel
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+            positions = jnp.pad(positions, ((0, 0), (0, pad)), mode="edge")
+            mask = mask.padded(pad)
         x, _ = self._run(x, mask, positions, causal, None)
-        return x
+        return x[:, :t] if pad else x
 
     def decode(self, x: jax.Array, positions: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """Causal decoding of x at positions [B, T] with the KV cache of every layer

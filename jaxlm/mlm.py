@@ -17,7 +17,7 @@ from flax import nnx
 from jaxlm import batching, data, shards
 from jaxlm.attention import Mask
 from jaxlm.config import Config, ConfigError, MlmConfig, ModelConfig
-from jaxlm.layers import Embed, Norm, Transformer, param, stack_flops_per_token
+from jaxlm.layers import Embed, Norm, Transformer, gelu, param, stack_flops_per_token
 from jaxlm.lm import (  # noqa: F401 (the same hooks as the causal LM)
     UNIT,
     check,
@@ -50,7 +50,7 @@ class Model(nnx.Module):
         """Logits [B, P, V] at the given positions [B, P] only."""
         h = jnp.take_along_axis(hidden, positions[..., None], axis=1)
         h = jnp.einsum("BPD,DE->BPE", h, self.head_dense[...].astype(h.dtype))
-        h = jax.nn.gelu(h + self.head_bias[...].astype(h.dtype), approximate=self.gelu_tanh)
+        h = gelu(h + self.head_bias[...].astype(h.dtype), approximate=self.gelu_tanh)
         logits = self.embed.attend(self.head_norm(h))
         return logits + self.out_bias[...].astype(logits.dtype)
 

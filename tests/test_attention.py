@@ -289,3 +289,44 @@ def test_the_packed_layout_lowers_to_cudnns_packed_kernels(h200_cudnn, monkeypat
     ]
     assert sorted(configs) == sorted(2 * [(packed, "4"), ("CAUSAL" if causal else "NO_MASK", "1")])
     assert "tensor<2x4xi32>" in text and "tensor<2x5xi32>" in text  # lengths, starts
+
+
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_stack_padded_once_equals_the_unpadded_stack(monkeypatch, causal, kind):
+    """Where cuDNN would pad an odd length, jaxlm's Transformer pads the whole stack once (the
+    layers then see an even length and pad nothing): outputs and gradients as unpadded."""
+    from flax import nnx
+
+    from jaxlm import sharding
+    from jaxlm.config import MeshConfig, ModelConfig
+    from jaxlm.layers import Transformer
+
+    cfg = ModelConfig(vocab_size=8, seq_len=7, num_layers=2, d_model=32, num_heads=4, mlp_dim=64)
+    stack = Transformer(cfg, nnx.Rngs(0))  # layers scanned: each traced once a call
+    mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
+    x = jax.random.normal(jax.random.key(2), (2, 7, 32))
+    positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    mask = MASKS[kind]
+    real = np.ones((2, 7), bool) if mask.lengths is None else np.arange(7) < mask.lengths[:, None]
+
+    def run():
+        def loss(x):
+            return (stack(x, mask, positions, causal) * real[..., None]).sum()
+
+        with jax.set_mesh(mesh):
+            return jax.jit(lambda x: (stack(x, mask, positions, causal), jax.grad(loss)(x)))(x)
+
+    want, want_grad = run()
+    seen = []
+
+    def even(*args, **kwargs):  # as cuDNN's rule: odd lengths padded by one
+        seen.append(args[4])
+        return attention.Choice("xla", "padded as cuDNN would be", pad=args[4] % 2)
+
+    monkeypatch.setattr(attention, "choose", even)
+    got, got_grad = run()
+    assert seen == [7, 8, 7, 8]  # for each call, the stack, then its layer at the even length
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_grad[real], want_grad[real], rtol=1e-5, atol=1e-5)

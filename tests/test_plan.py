@@ -107,13 +107,15 @@ def test_plan_compiles_for_gpus_it_does_not_have(monkeypatch):
     assert sorted(set(kernels)) == sorted(DENSE), kernels
 
 
-def test_vit_backward_keeps_the_residual_stream_batch_major_on_a_gpu(h200_cudnn):
+def test_vit_step_on_a_gpu_keeps_the_stream_batch_major_and_pads_each_tower_once(h200_cudnn):
     """The ViT's learned positions are summed over the batch in the backward pass. As a
     reduction, XLA's GPU compiler lays the backward residual stream out batch-minor
     ([197, 768, B]) to make it one, with transposes around every norm (13 of ViT-B/16's 103
     ms on an H200, BENCHMARKS.md); vit.add_positions sums with a matmul instead. Compiled for
     an H200 here at a batch of 32 (at which a matmul with a ones vector, not matrix, is still
-    rewritten into the reduction): only the patch embedding's transposes are left."""
+    rewritten into the reduction): only the patch embedding's transposes are left. And the
+    odd lengths (197 patches, 77 tokens) are padded once a tower, not around every layer's
+    cuDNN call (q, k, v padded, the output and their gradients cut: 4.0 ms of 103)."""
     overrides = ["vision.num_layers=2", "model.num_layers=1", "train.batch_size=32"]
     cfg = config.load(str(ROOT / "configs/clip.py:vit_b16"), overrides)
     _, compiled = plan.compile_train_step(cfg, plan._gpu_devices("h200", 1))
@@ -121,6 +123,11 @@ def test_vit_backward_keeps_the_residual_stream_batch_major_on_a_gpu(h200_cudnn)
     transposes = re.findall(r"^\s*(?:ROOT )?%?([\w.\-]*transpose[\w.\-]*) = ", text, re.M)
     assert "[197,768,32]" not in text
     assert len(transposes) <= 2, transposes  # the patches: forward and backward
+    pads = re.findall(r"^\s*(?:ROOT )?%?(\w*pad\w*fusion[\w.\-]*) = ", text, re.M)
+    assert len(pads) <= 4, pads  # each tower's input, and its gradient
+    cudnn = [line for line in text.splitlines() if 'custom_call_target="__cudnn' in line]
+    lengths = {int(t) for line in cudnn for t in re.findall(r"= \(?bf16\[32,\d+,(\d+),64\]", line)}
+    assert lengths == {198, 78}, lengths  # cuDNN's calls (layers of both towers): even lengths
 
 
 def test_lm_loss_gradient_is_written_once_in_bfloat16_on_a_gpu(h200_cudnn):
