@@ -7,14 +7,14 @@
 # into gpu/ (git-ignored):   run(command="bash launch/gpu_bench.sh", carry=["gpu"], timeout_s=590)
 # Order: per model a profile (`jaxlm bench --profile`: the timing, then device ms per step by
 # part and the host gap, from a second compile without command buffers), its trace copied to
-# $OUT, and the peer; GPT-2 first, then CLIP (the farthest from its goal, and its loss with
-# XLA's attention beside cuDNN's), then BERT; last, GPT-2 with nanoGPT's attention (no
-# document mask). `bash launch/gpu_bench.sh flags`: XLA flags on each model, a second call. Measured on 2026-12-04 and no longer run
+# $OUT, and the peer; GPT-2 first, then CLIP (the farthest from its goal), then BERT; last,
+# GPT-2 with nanoGPT's attention (no document mask). Measured on 2026-12-04 and no longer run
 # here (BENCHMARKS.md): launch/gpu_attention.py (the document mask's kernels alone; run it by
-# hand), cuDNN's packed layout in the whole step, MaxText's XLA flags. If jaxlm's first step
-# benchmark fails outright (not a timeout), the script stops there and prints the log's end.
-# Steps get what is left of BUDGET seconds (default 570) at most; one with under 20 s left is
-# skipped.
+# hand), cuDNN's packed layout in the whole step, MaxText's XLA flags (cuBLASLt on ViT too),
+# ViT-B/16's loss with XLA's attention beside cuDNN's (the towers' one pad). If jaxlm's first
+# step benchmark fails outright (not a timeout), the script stops there and prints the log's
+# end. Steps get what is left of BUDGET seconds (default 570) at most; one with under 20 s
+# left is skipped (on 2026-12-04 the steps before the last took about 560 s).
 set -u
 BUDGET=${BUDGET:-570}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -53,17 +53,6 @@ trace() {  # trace NAME: the profile's trace back to this machine (jax.profiler.
   [ -n "$f" ] && cp "$f" "$OUT/$1.xplane.pb"
 }
 
-if [ "${1:-}" = flags ]; then  # a second call: XLA flags on each model, one run each
-  for flags in --xla_gpu_enable_cublaslt=true --xla_gpu_enable_latency_hiding_scheduler=true; do
-    for model in clip.py:vit_b16 bert.py:bert_base gpt.py:gpt2_124m; do
-      name=${model#*:}_${flags#--xla_gpu_enable_}
-      step "${name%=true}" 70 env XLA_FLAGS="$flags" $bench configs/$model --steps 20
-    done
-  done
-  echo "== done $(date +%T)"
-  exit 0
-fi
-
 # GPT-2 124M with jaxlm's default packed-document mask (a dense bias for cuDNN), profiled
 step gpt2_124m 120 $bench configs/gpt.py:gpt2_124m --steps 30 --profile /tmp/trace_gpt2
 rc=$?
@@ -76,9 +65,6 @@ fi
 peer gpt2 100
 step vit_b16 150 $bench configs/clip.py:vit_b16 --steps 30 --profile /tmp/trace_vit
 trace vit
-# the same 34 steps on one batch with XLA's attention: its loss beside cuDNN's checks the
-# towers' one pad (whose query rows run through every layer) against a path without cuDNN
-step vit_b16_xla 80 $bench configs/clip.py:vit_b16 --steps 30 model.attention=xla
 peer clip 110
 step bert_base 130 $bench configs/bert.py:bert_base --steps 30 --profile /tmp/trace_bert
 trace bert
