@@ -191,3 +191,64 @@ def test_exact_gelu_is_jaxs_through_erf_not_erfc():
     np.testing.assert_array_equal(gelu(x, True), jax.nn.gelu(x, approximate=True))
     primitives = {e.primitive.name for e in jax.make_jaxpr(lambda v: gelu(v, False))(x).eqns}
     assert "erf" in primitives and "erfc" not in primitives, primitives
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_biases_of_k_and_v_folded_equal_adding_them(kv_heads, masked):
+    """layers.Attention adds bq to q, leaves bk out (q . bk is the same for every key of a
+    row: the softmax ignores it) and adds bv @ wo to the output's bias (each row's weights
+    sum to one): outputs and gradients as adding all three to q, k, v, grouped kv heads and
+    packed documents included."""
+    from jaxlm import attention
+    from jaxlm.config import ModelConfig
+    from jaxlm.layers import Attention
+
+    cfg = ModelConfig(
+        vocab_size=8,
+        seq_len=6,
+        num_layers=1,
+        d_model=16,
+        num_heads=4,
+        num_kv_heads=kv_heads,
+        mlp_dim=32,
+        use_bias=True,
+        position="learned",
+    )
+    layer = Attention(cfg, nnx.Rngs(0))
+    keys = iter(jax.random.split(jax.random.key(3), 8))
+    for name in ("bq", "bk", "bv", "bo"):  # biases as a trained model has them, not zeros
+        b = getattr(layer, name)
+        b[...] = jax.random.normal(next(keys), b.shape)
+    x = jax.random.normal(next(keys), (2, 6, 16))
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    segments = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 0, 0]])
+    mask = attention.Mask(segment_ids=segments) if masked else attention.Mask()
+    real = np.asarray(segments > 0) if masked else np.ones((2, 6), bool)
+
+    def added(p, x):  # the textbook layer: every bias where it is declared
+        q = jnp.einsum("BTD,DHK->BTHK", x, p["wq"]) + p["bq"]
+        k = jnp.einsum("BSD,DNK->BSNK", x, p["wk"]) + p["bk"]
+        v = jnp.einsum("BSD,DNK->BSNK", x, p["wv"]) + p["bv"]
+        out = attention.attend(q, k, v, mask, True, "xla")
+        return jnp.einsum("BTHK,HKD->BTD", out, p["wo"]) + p["bo"]
+
+    graphdef, state = nnx.split(layer)
+
+    def folded(p, x):
+        pure = nnx.to_pure_dict(state) | p
+        return nnx.merge(graphdef, pure)(x, mask, positions, True)[0]
+
+    params = {k: getattr(layer, k)[...] for k in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")}
+    weights = jax.random.normal(jax.random.key(4), (2, 6, 16)) * real[..., None]
+
+    def grads(fn):  # of the real rows' outputs, summed with weights, as a loss
+        return jax.grad(lambda p, x: (fn(p, x) * weights).sum(), argnums=(0, 1))(params, x)
+
+    want, want_out, got = grads(added), added(params, x), grads(folded)
+    got_out = folded(params, x)
+    np.testing.assert_allclose(got_out[real], want_out[real], rtol=1e-5, atol=1e-5)
+    for name in params:
+        np.testing.assert_allclose(got[0][name], want[0][name], rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(got[0]["bk"]) == 0)  # left out: no gradient at all
