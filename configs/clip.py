@@ -69,6 +69,8 @@ def tiny() -> Config:
 
 
 def vit_b16() -> Config:
+    """OpenAI's CLIP ViT-B/16 shapes and activation (QuickGELU in both towers, as the Hugging
+    Face CLIPConfig the GPU benchmark's peer builds)."""
     return Config(
         objective="clip",
         model=ModelConfig(
@@ -78,10 +80,17 @@ def vit_b16() -> Config:
             d_model=512,
             num_heads=8,
             mlp_dim=2048,
+            mlp="quick_gelu",
             scan_layers=False,
         ),
         vision=VisionConfig(
-            image_size=224, patch_size=16, num_layers=12, d_model=768, num_heads=12, mlp_dim=3072
+            image_size=224,
+            patch_size=16,
+            num_layers=12,
+            d_model=768,
+            num_heads=12,
+            mlp_dim=3072,
+            mlp="quick_gelu",
         ),
         clip=ClipConfig(loss="clip", embed_dim=512, text_pool="last", random_crop=True),
         train=TrainConfig(
@@ -96,7 +105,7 @@ def siglip_b16() -> Config:
     cfg = vit_b16()
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, vocab_size=32000, seq_len=64),
-        vision=dataclasses.replace(cfg.vision, pool="mean"),
+        model=dataclasses.replace(cfg.model, vocab_size=32000, seq_len=64, mlp="gelu_tanh"),
+        vision=dataclasses.replace(cfg.vision, pool="mean", mlp="gelu"),
         clip=dataclasses.replace(cfg.clip, loss="siglip"),
     )

@@ -33,7 +33,8 @@ class ModelConfig:
     mlp_dim: int = 512
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu_tanh", "gelu", "swiglu"] = "gelu_tanh"  # GPT-2 | exact erf, BERT | Llama
+    # GPT-2 | exact erf, BERT | Llama | x * sigmoid(1.702 x), OpenAI's CLIP
+    mlp: Literal["gelu_tanh", "gelu", "swiglu", "quick_gelu"] = "gelu_tanh"
     norm_position: Literal["pre", "post"] = "pre"  # post: original BERT's, after the residual
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT: 2
     embed_norm: bool = False  # a norm right after the embeddings (BERT)
@@ -155,6 +156,7 @@ class VisionConfig:
     d_model: int = 128
     num_heads: int = 4
     mlp_dim: int = 512
+    mlp: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"  # the image tower's activation
     pool: Literal["cls", "mean"] = "cls"
 
 

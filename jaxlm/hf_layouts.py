@@ -150,8 +150,19 @@ def llama_tensors(m: ModelConfig) -> list[Tensor]:
     return tensors
 
 
-BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+BERT_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
+GPT2_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "quick_gelu": "quick_gelu",
+}
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "quick_gelu": "quick_gelu"}
 
 
 def _refuse(file: Path, hf: dict, checks: dict[str, bool]) -> None:
@@ -264,7 +275,7 @@ def llama_config(hf: dict, file: Path) -> ModelConfig:
 
 
 def bert_hf(m: ModelConfig) -> dict:
-    act = "gelu" if m.mlp == "gelu" else "gelu_new"  # swiglu: reported as differing
+    act = HF_ACTIVATIONS.get(m.mlp, "gelu_new")  # swiglu: reported as differing
     return {
         "architectures": ["BertForMaskedLM"],
         "vocab_size": m.vocab_size,
@@ -282,7 +293,7 @@ def bert_hf(m: ModelConfig) -> dict:
 
 
 def gpt2_hf(m: ModelConfig) -> dict:
-    act = "gelu" if m.mlp == "gelu" else "gelu_new"  # swiglu: reported as differing
+    act = HF_ACTIVATIONS.get(m.mlp, "gelu_new")  # swiglu: reported as differing
     return {
         "architectures": ["GPT2LMHeadModel"],
         "vocab_size": m.vocab_size,

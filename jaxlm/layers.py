@@ -133,15 +133,22 @@ class Attention(nnx.Module):
         return self.bo[...] + jnp.einsum("HK,HKD->D", bv, self.wo[...])
 
 
-def gelu(x: jax.Array, approximate: bool) -> jax.Array:
-    """GELU; exact: x * Phi(x) through erf. jax.nn.gelu's exact form goes through erfc, which
-    XLA's GPU compiler expands into two rational approximations, an exp and divisions per
-    element, and whose fusion keeps three [B, T, F] residuals: 6.4 of ViT-B/16's 103 ms in a
-    traced H200 step (BENCHMARKS.md, 2026-12-04). erf is one approximation; 1 + erf(x)
-    loses relative precision only where GELU is within ~1e-7 |x| of 0."""
-    if approximate:
+def activation(x: jax.Array, kind: str) -> jax.Array:
+    """The MLP's nonlinearity (`model.mlp` / `vision.mlp`, swiglu aside). gelu: exact,
+    x * Phi(x) through erf. jax.nn.gelu's exact form goes through erfc, which XLA's GPU
+    compiler expands into two rational approximations, an exp and divisions per element,
+    and whose fusion keeps three [B, T, F] residuals: 6.4 of ViT-B/16's 103 ms in a traced
+    H200 step (BENCHMARKS.md, 2026-12-04); erf is one approximation, and 1 + erf(x) loses
+    relative precision only where GELU is within ~1e-7 |x| of 0. gelu_tanh: GPT-2's. quick_gelu:
+    x * sigmoid(1.702 x), OpenAI's CLIP's: about half the instructions of either GELU in the
+    fused forward and backward compiled for an H200."""
+    if kind == "gelu_tanh":
         return jax.nn.gelu(x, approximate=True)
-    return x * (0.5 + 0.5 * jax.lax.erf(x * math.sqrt(0.5)).astype(x.dtype))
+    if kind == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    if kind == "gelu":
+        return x * (0.5 + 0.5 * jax.lax.erf(x * math.sqrt(0.5)).astype(x.dtype))
+    raise ValueError(f"activation {kind!r}: expected gelu, gelu_tanh or quick_gelu")
 
 
 class Mlp(nnx.Module):
@@ -167,7 +174,7 @@ class Mlp(nnx.Module):
         if self.kind == "swiglu":
             h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, self.wg[...].astype(dt))) * h
         else:
-            h = gelu(h, approximate=self.kind == "gelu_tanh")
+            h = activation(h, self.kind)
         y = jnp.einsum("BTF,FD->BTD", h, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)

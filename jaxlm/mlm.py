@@ -17,7 +17,7 @@ from flax import nnx
 from jaxlm import batching, data, shards
 from jaxlm.attention import Mask
 from jaxlm.config import Config, ConfigError, MlmConfig, ModelConfig
-from jaxlm.layers import Embed, Norm, Transformer, gelu, param, stack_flops_per_token
+from jaxlm.layers import Embed, Norm, Transformer, activation, param, stack_flops_per_token
 from jaxlm.lm import (  # noqa: F401 (the same hooks as the causal LM)
     UNIT,
     check,
@@ -31,7 +31,7 @@ from jaxlm.lm import (  # noqa: F401 (the same hooks as the causal LM)
 class Model(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d = cfg.d_model
-        self.gelu_tanh = cfg.mlp == "gelu_tanh"
+        self.activation = "gelu" if cfg.mlp == "swiglu" else cfg.mlp  # the head's
         self.embed = Embed(cfg, rngs)
         self.transformer = Transformer(cfg, rngs)
         # BERT's prediction transform (dense + activation + norm), then the tied embeddings.
@@ -50,7 +50,7 @@ class Model(nnx.Module):
         """Logits [B, P, V] at the given positions [B, P] only."""
         h = jnp.take_along_axis(hidden, positions[..., None], axis=1)
         h = jnp.einsum("BPD,DE->BPE", h, self.head_dense[...].astype(h.dtype))
-        h = gelu(h + self.head_bias[...].astype(h.dtype), approximate=self.gelu_tanh)
+        h = activation(h + self.head_bias[...].astype(h.dtype), self.activation)
         logits = self.embed.attend(self.head_norm(h))
         return logits + self.out_bias[...].astype(logits.dtype)
 

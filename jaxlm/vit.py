@@ -16,7 +16,7 @@ from jaxlm.layers import Transformer, param
 
 
 def tower_config(cfg: Config) -> ModelConfig:
-    """The shared stack's settings for the image tower: pre-norm, GELU, bidirectional."""
+    """The shared stack's settings for the image tower: pre-norm, bidirectional."""
     v, m = cfg.vision, cfg.model
     tokens = (v.image_size // v.patch_size) ** 2 + (v.pool == "cls")
     return ModelConfig(
@@ -27,7 +27,7 @@ def tower_config(cfg: Config) -> ModelConfig:
         num_heads=v.num_heads,
         mlp_dim=v.mlp_dim,
         norm="layernorm",
-        mlp="gelu",
+        mlp=v.mlp,
         position="learned",
         dtype=m.dtype,
         scan_layers=m.scan_layers,

@@ -270,3 +270,26 @@ def test_positions_gradient_is_the_plain_sums():
         assert got[1].dtype == jnp.float32
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=1e-2, atol=1e-2)
+
+
+def test_vision_mlp_sets_the_image_towers_activation():
+    """`vision.mlp` reaches the image tower (vit_b16: QuickGELU in both towers, as OpenAI's
+    CLIP and the Hugging Face model the GPU benchmark compares with; siglip_b16 keeps GELU)."""
+    from conftest import ROOT
+    from flax import nnx
+
+    from jaxlm import config, vit
+
+    b16 = config.load(str(ROOT / "configs/clip.py:vit_b16"))
+    assert vit.tower_config(b16).mlp == "quick_gelu" and b16.model.mlp == "quick_gelu"
+    siglip = config.load(str(ROOT / "configs/clip.py:siglip_b16"))
+    assert (vit.tower_config(siglip).mlp, siglip.model.mlp) == ("gelu", "gelu_tanh")
+    features = {}
+    for kind in ("gelu", "quick_gelu"):
+        cfg = load_tiny("clip", **{"vision.mlp": kind})
+        size = (2, cfg.vision.image_size, cfg.vision.image_size, 3)
+        images = jax.random.randint(jax.random.key(0), size, 0, 256).astype(jnp.uint8)
+        with jax.set_mesh(sharding.make_mesh(MeshConfig(), jax.devices()[:1])):
+            tower = vit.ImageTower(cfg, nnx.Rngs(0))
+            features[kind] = jax.jit(lambda x, tower=tower: tower(x))(images)
+    assert not np.allclose(features["gelu"], features["quick_gelu"], atol=1e-4)

@@ -267,3 +267,17 @@ def test_continued_pretraining_of_smollm2_on_a_play(smollm2, tmp_path, capsys):
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert summary["lr"] == float(f"{[m for m in logged if 'lr' in m][-1]['lr']:.5g}") > 1e-4
     assert load(workdir, params_only=True).cfg.model.seq_len == 32
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "gelu_tanh", "quick_gelu"])
+def test_activation_names_map_both_ways(mlp):
+    """Each jaxlm activation exports under the Hugging Face name that computes it (quick_gelu
+    is HF's own: x * sigmoid(1.702 x)) and imports back as itself, for BERT and GPT-2."""
+    from jaxlm import hf_layouts
+    from jaxlm.config import ModelConfig
+
+    m = ModelConfig(mlp=mlp)
+    bert, gpt2 = hf_layouts.bert_hf(m), hf_layouts.gpt2_hf(m)
+    assert bert["hidden_act"] == gpt2["activation_function"] == hf_layouts.HF_ACTIVATIONS[mlp]
+    assert hf_layouts.bert_config(bert, Path("config.json")).mlp == mlp
+    assert hf_layouts.gpt2_config(gpt2, Path("config.json")).mlp == mlp

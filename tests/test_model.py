@@ -177,20 +177,26 @@ def test_without_the_document_mask_positions_and_targets_run_across_the_row():
     np.testing.assert_array_equal(spec.transform(_packed_row())["positions"][0], np.arange(12))
 
 
-def test_exact_gelu_is_jaxs_through_erf_not_erfc():
-    """layers.gelu's exact form equals jax.nn.gelu's (values and gradients, float32) without
-    its erfc, which XLA's GPU compiler expands into two approximations, an exp and divisions
-    per element (6.4 ms of ViT-B/16's step on an H200, BENCHMARKS.md)."""
-    from jaxlm.layers import gelu
+def test_activations_are_jaxs_without_erfc():
+    """layers.activation: the exact GELU equals jax.nn.gelu's (values and gradients, float32)
+    without its erfc, which XLA's GPU compiler expands into two approximations, an exp and
+    divisions per element (6.4 ms of ViT-B/16's step on an H200, BENCHMARKS.md); the tanh form
+    is jax's; QuickGELU is x * sigmoid(1.702 x), as Hugging Face's quick_gelu."""
+    from jaxlm.layers import activation
 
     x = jnp.linspace(-12.0, 12.0, 100_001)
-    np.testing.assert_allclose(gelu(x, False), jax.nn.gelu(x, approximate=False), atol=2e-6)
-    grad = jax.vmap(jax.grad(lambda v: gelu(v, False)))(x)
+    exact = jax.nn.gelu(x, approximate=False)
+    np.testing.assert_allclose(activation(x, "gelu"), exact, atol=2e-6)
+    grad = jax.vmap(jax.grad(lambda v: activation(v, "gelu")))(x)
     want = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
     np.testing.assert_allclose(grad, want, atol=1e-6)
-    np.testing.assert_array_equal(gelu(x, True), jax.nn.gelu(x, approximate=True))
-    primitives = {e.primitive.name for e in jax.make_jaxpr(lambda v: gelu(v, False))(x).eqns}
+    np.testing.assert_array_equal(activation(x, "gelu_tanh"), jax.nn.gelu(x, approximate=True))
+    np.testing.assert_allclose(activation(x, "quick_gelu"), x / (1 + np.exp(-1.702 * x)), atol=1e-6)
+    assert np.max(np.abs(activation(x, "quick_gelu") - exact)) > 0.01  # a different function
+    primitives = {e.primitive.name for e in jax.make_jaxpr(lambda v: activation(v, "gelu"))(x).eqns}
     assert "erf" in primitives and "erfc" not in primitives, primitives
+    with pytest.raises(ValueError, match="activation 'relu': expected gelu, gelu_tanh"):
+        activation(x, "relu")
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
