@@ -322,6 +322,7 @@ RESUMABLE_KEYS = (
     "model.scan_layers",
     "model.attention",
     "model.max_segments",
+    "model.norm_kernel",
     "train.steps",
     "train.log_every",
     "train.eval_every",

@@ -33,6 +33,9 @@ class ModelConfig:
     mlp_dim: int = 512
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
+    # xla | pallas: the norms as two fused Pallas Triton kernels on a GPU (jaxlm/fused_norm.py;
+    # Pallas interpret mode on a CPU, slow; XLA's on a TPU)
+    norm_kernel: Literal["xla", "pallas"] = "xla"
     # GPT-2 | exact erf, BERT | Llama | x * sigmoid(1.702 x), OpenAI's CLIP
     mlp: Literal["gelu_tanh", "gelu", "swiglu", "quick_gelu"] = "gelu_tanh"
     norm_position: Literal["pre", "post"] = "pre"  # post: original BERT's, after the residual

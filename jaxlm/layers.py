@@ -10,16 +10,19 @@ its `axes` metadata, which `sharding.RULES` turns into a device layout. Compute 
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm import attention
+from jaxlm import attention, fused_norm
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
 
+log = logging.getLogger("jaxlm")
 LAYERS = "layers"  # the logical name of the stacked-layer dimension
 EMBED = "embed"  # the model width: every weight matrix has it (see optim.decay_mask)
 
@@ -49,13 +52,18 @@ class Norm(nnx.Module):
     """LayerNorm or RMSNorm, computed in float32."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.kind, self.eps, self.kernel = cfg.norm, cfg.norm_eps, cfg.norm_kernel
         self.scale = param(rngs, (cfg.d_model,), ("norm",), "ones")
         has_bias = cfg.norm == "layernorm" and cfg.use_bias
         self.bias = nnx.data(param(rngs, (cfg.d_model,), ("norm",), "zeros") if has_bias else None)
 
     @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kernel == "pallas" and _pallas_norm_platform():
+            bias = None if self.bias is None else self.bias[...]
+            interpret = attention._platform() == "cpu"
+            center = self.kind == "layernorm"
+            return fused_norm.norm(x, self.scale[...], bias, self.eps, center, interpret)
         y = x.astype(jnp.float32)
         if self.kind == "layernorm":
             y = y - y.mean(-1, keepdims=True)
@@ -63,6 +71,21 @@ class Norm(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         return y.astype(x.dtype)
+
+
+def _pallas_norm_platform() -> bool:
+    """Whether `model.norm_kernel=pallas` runs here: on a GPU, and on a CPU in Pallas interpret
+    mode; a TPU gets XLA's norm (the kernels are Triton's), said once."""
+    platform = attention._platform()
+    if platform in ("gpu", "cpu"):
+        return True
+    _log_norm_fallback(platform)
+    return False
+
+
+@functools.cache
+def _log_norm_fallback(platform: str) -> None:
+    log.info("model.norm_kernel=pallas is a GPU (Triton) kernel; on %s: XLA's norm", platform)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

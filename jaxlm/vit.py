@@ -33,6 +33,7 @@ def tower_config(cfg: Config) -> ModelConfig:
         scan_layers=m.scan_layers,
         remat=m.remat,
         attention=m.attention,
+        norm_kernel=m.norm_kernel,
         init_std=m.init_std,
     )
 

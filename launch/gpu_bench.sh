@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Everything a lent GPU session measures, in one call of about 9 minutes (a task gets 15 of
-# device time, start-up included): the most important first, each command under its own
-# timeout, each result written to $OUT as soon as it is there (a call cut short still returns
-# what finished). jaxlm runs from the source tree (the GPU image has jax, flax, optax, orbax
-# and sentencepiece, no Grain: the bench path needs none). Copy ../shared/bench/peers.py
-# into gpu/ (git-ignored):   run(command="bash launch/gpu_bench.sh", carry=["gpu"], timeout_s=590)
-# Order: per model a profile (`jaxlm bench --profile`: the timing, then device ms per step by
-# part and the host gap, from a second compile without command buffers), its trace copied to
-# $OUT, and the peer; GPT-2 first, then CLIP (the farthest from its goal), then BERT; last,
-# GPT-2 with nanoGPT's attention (no document mask). Measured on 2026-12-04 and no longer run
-# here (BENCHMARKS.md): launch/gpu_attention.py (the document mask's kernels alone; run it by
-# hand), cuDNN's packed layout in the whole step, MaxText's XLA flags (cuBLASLt on ViT too),
-# ViT-B/16's loss with XLA's attention beside cuDNN's (the towers' one pad). If jaxlm's first
-# step benchmark fails outright (not a timeout), the script stops there and prints the log's
-# end. Steps get what is left of BUDGET seconds (default 570) at most; one with under 20 s
-# left is skipped (on 2026-12-04 the steps before the last took about 560 s).
+# Everything a lent GPU session measures (a task gets 15 minutes of device time, start-up
+# included): the most important first, each command under its own timeout, each result
+# written to $OUT as soon as it is there (a call cut short still returns what finished).
+# jaxlm runs from the source tree (the GPU image has jax, flax, optax, orbax and
+# sentencepiece, no Grain: the bench path needs none). Copy ../shared/bench/peers.py into
+# gpu/ (git-ignored), then: run(command="bash launch/gpu_bench.sh", carry=["gpu"], timeout_s=590)
+# Two calls, the second sent while the machine is still warm (it waits 30 s):
+#   1. `bash launch/gpu_bench.sh` (about 460 s): per model a profile (`jaxlm bench --profile`:
+#      the timing, then device ms per step by part and the host gap, from a second compile
+#      without command buffers) with its trace copied to $OUT, then the same model with
+#      `model.norm_kernel=pallas`; GPT-2, then CLIP (the farthest from its goal), then BERT;
+#      last, GPT-2 with nanoGPT's attention (no document mask).
+#   2. `bash launch/gpu_bench.sh peers` (about 260 s): the Hugging Face peers on the same card.
+# Measured on 2026-12-04 and no longer run here (BENCHMARKS.md): launch/gpu_attention.py (the
+# document mask's kernels alone; run it by hand), cuDNN's packed layout in the whole step,
+# MaxText's XLA flags (cuBLASLt on ViT too), ViT-B/16's loss with XLA's attention beside
+# cuDNN's (the towers' one pad). If jaxlm's first step benchmark fails outright (not a
+# timeout), the script stops there and prints the log's end. Steps get what is left of
+# BUDGET seconds (default 570) at most; one with under 20 s left is skipped.
 set -u
 BUDGET=${BUDGET:-570}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -53,6 +56,12 @@ trace() {  # trace NAME: the profile's trace back to this machine (jax.profiler.
   [ -n "$f" ] && cp "$f" "$OUT/$1.xplane.pb"
 }
 
+if [ "${1:-}" = peers ]; then  # the second call: the peers on the same card
+  for model in gpt2 clip bert; do peer $model 110; done
+  echo "== done $(date +%T)"
+  exit 0
+fi
+
 # GPT-2 124M with jaxlm's default packed-document mask (a dense bias for cuDNN), profiled
 step gpt2_124m 120 $bench configs/gpt.py:gpt2_124m --steps 30 --profile /tmp/trace_gpt2
 rc=$?
@@ -62,13 +71,14 @@ if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
   tail -40 "$LOGS/gpt2_124m.log"
   exit 1
 fi
-peer gpt2 100
+# each model again with the fused Pallas Triton norms (model.norm_kernel=pallas, not timed yet)
+step gpt2_124m_pallas_norm 80 $bench configs/gpt.py:gpt2_124m --steps 30 model.norm_kernel=pallas
 step vit_b16 150 $bench configs/clip.py:vit_b16 --steps 30 --profile /tmp/trace_vit
 trace vit
-peer clip 110
+step vit_b16_pallas_norm 100 $bench configs/clip.py:vit_b16 --steps 30 model.norm_kernel=pallas
 step bert_base 130 $bench configs/bert.py:bert_base --steps 30 --profile /tmp/trace_bert
 trace bert
-peer bert 90
+step bert_base_pallas_norm 80 $bench configs/bert.py:bert_base --steps 30 model.norm_kernel=pallas
 # lower priority: one causal sequence a row, as nanoGPT trains (cuDNN without a bias)
 step gpt2_124m_causal 80 $bench configs/gpt.py:gpt2_124m --steps 30 model.document_mask=false
 echo "== done $(date +%T)"

@@ -66,11 +66,15 @@ def test_the_gpu_call_runs_end_to_end_as_a_dry_run(tmp_path):
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line a JSON record
     runs = [r for r in records if "run" in r]
-    names = ["gpt2_124m", "vit_b16", "bert_base", "gpt2_124m_causal"]
+    names = ["gpt2_124m", "gpt2_124m_pallas_norm", "vit_b16", "vit_b16_pallas_norm"]
+    names += ["bert_base", "bert_base_pallas_norm", "gpt2_124m_causal"]
     assert [r["run"] for r in runs] == names and "== done" in proc.stdout, proc.stdout
     assert runs[0]["args"][:2] == ["configs/gpt.py:gpt2_124m", "--steps"]
-    assert all("--profile" in r["args"] for r in runs[:3])
-    assert "model.document_mask=false" in runs[3]["args"]
+    assert all("--profile" in runs[i]["args"] for i in (0, 2, 4))
+    for i in (1, 3, 5):  # each model again with the fused norms
+        assert runs[i]["args"][0] == runs[i - 1]["args"][0], runs[i]
+        assert "model.norm_kernel=pallas" in runs[i]["args"], runs[i]
+    assert "model.document_mask=false" in runs[6]["args"]
     for name, path in (("gpt2", "gpt.py:gpt2_124m"), ("vit", "clip.py:vit_b16")):
         trace = tmp_path / "out" / f"{name}.xplane.pb"  # each profile's trace comes back
         assert trace.read_text() == f"configs/{path}", name
@@ -96,3 +100,26 @@ def test_the_attention_script_runs_every_way():
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     ways = [r["way"] for r in records if "way" in r]
     assert len(ways) == 7 and not [r for r in records if "error" in r], records
+
+
+def test_the_second_gpu_call_runs_the_peers(tmp_path):
+    """`launch/gpu_bench.sh peers`: the three Hugging Face peers, each a result line."""
+    import json
+    import os
+    import subprocess
+
+    fake = tmp_path / "peers.py"
+    fake.write_text("import json, sys\nprint(json.dumps({'peer': sys.argv[1]}))\n")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"), PEERS=str(fake))
+    env["BENCH"] = "false"  # no jaxlm run in this call
+    proc = subprocess.run(
+        ["bash", "launch/gpu_bench.sh", "peers"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    runs = [json.loads(line) for line in lines]
+    assert [(r["run"], r["peer"]) for r in runs] == [
+        ("hf_gpt2", "gpt2"),
+        ("hf_clip", "clip"),
+        ("hf_bert", "bert"),
+    ]
