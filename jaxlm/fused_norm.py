@@ -87,7 +87,9 @@ def _backward_kernel(
 
 
 def _params(width: int) -> plgpu.CompilerParams:
-    return plgpu.CompilerParams(num_warps=max(1, min(8, width // 256)), num_stages=1)
+    """Warps by the row's padded width (4 for d = 768); stages as Pallas' default (3 on CUDA:
+    the backward's loop over row blocks prefetches the next tiles)."""
+    return plgpu.CompilerParams(num_warps=max(1, min(8, width // 256)))
 
 
 def _forward(x2, w, b, eps: float, center: bool, interpret: bool):
