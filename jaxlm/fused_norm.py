@@ -10,6 +10,11 @@ statistics once, writes dx, and leaves each program's partial sums of the scale'
 gradients ([programs, d], summed by XLA). The row's d positions sit in one block (padded to a
 power of two and masked), so d up to 8192. Rows are split over the mesh's batch axes with
 shard_map (activations keep d whole: sharding.RULES' `act_embed`).
+
+JAX 0.11 deprecates Pallas' Triton backend for its Mosaic GPU one (jax/_src/pallas/triton/
+pallas_call_registration.py in 0.11.2, the GPU image's: a DeprecationWarning, the kernels
+still lowered; its load, store and CompilerParams are those of 0.10.2). Should these kernels
+earn their place on a GPU, their lasting form is a Mosaic GPU port.
 """
 
 from __future__ import annotations
