@@ -150,16 +150,12 @@ def llama_tensors(m: ModelConfig) -> list[Tensor]:
     return tensors
 
 
-BERT_ACTIVATIONS = {
+# Hugging Face's activation names (BERT's hidden_act, GPT-2's activation_function) -> model.mlp,
+# and back
+ACTIVATIONS = {
     "gelu": "gelu",
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
-    "quick_gelu": "quick_gelu",
-}
-GPT2_ACTIVATIONS = {
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu": "gelu",
     "quick_gelu": "quick_gelu",
 }
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "quick_gelu": "quick_gelu"}
@@ -177,7 +173,7 @@ def bert_config(hf: dict, file: Path) -> ModelConfig:
         file,
         hf,
         {
-            "hidden_act": act in BERT_ACTIVATIONS,
+            "hidden_act": act in ACTIVATIONS,
             "position_embedding_type": hf.get("position_embedding_type", "absolute") == "absolute",
         },
     )
@@ -192,7 +188,7 @@ def bert_config(hf: dict, file: Path) -> ModelConfig:
         norm="layernorm",
         norm_eps=hf.get("layer_norm_eps", 1e-12),
         norm_position="post",
-        mlp=BERT_ACTIVATIONS[act],
+        mlp=ACTIVATIONS[act],
         position="learned",
         type_vocab_size=hf.get("type_vocab_size", 2),
         embed_norm=True,
@@ -209,7 +205,7 @@ def gpt2_config(hf: dict, file: Path) -> ModelConfig:
         file,
         hf,
         {
-            "activation_function": act in GPT2_ACTIVATIONS,
+            "activation_function": act in ACTIVATIONS,
             "scale_attn_weights": hf.get("scale_attn_weights", True),
             "scale_attn_by_inverse_layer_idx": not hf.get("scale_attn_by_inverse_layer_idx"),
         },
@@ -225,7 +221,7 @@ def gpt2_config(hf: dict, file: Path) -> ModelConfig:
         mlp_dim=hf.get("n_inner") or 4 * d,
         norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        mlp=GPT2_ACTIVATIONS[act],
+        mlp=ACTIVATIONS[act],
         position="learned",
         tie_embeddings=hf.get("tie_word_embeddings", True),
         use_bias=True,
