@@ -50,9 +50,8 @@ def _forward_kernel(x_ref, w_ref, b_ref, y_ref, mean_ref, rstd_ref, *, n, d, wid
     rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=1) / d + eps)
     cols = jnp.arange(width)
     w = plgpu.load(w_ref.at[cols], mask=cols < d, other=0.0).astype(jnp.float32)
-    y = xc * rstd[:, None] * w[None, :]
-    if b_ref is not None:
-        y = y + plgpu.load(b_ref.at[cols], mask=cols < d, other=0.0).astype(jnp.float32)[None, :]
+    b = plgpu.load(b_ref.at[cols], mask=cols < d, other=0.0).astype(jnp.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
     plgpu.store(y_ref.at[rows[:, None], cols[None, :]], y.astype(y_ref.dtype), mask=mask)
     plgpu.store(mean_ref.at[rows], mean, mask=rows < n)
     plgpu.store(rstd_ref.at[rows], rstd, mask=rows < n)
@@ -100,16 +99,12 @@ def _params(width: int) -> plgpu.CompilerParams:
 def _forward(x2, w, b, eps: float, center: bool, interpret: bool):
     n, d = x2.shape
     width = pl.next_power_of_2(d)
-    kernel = functools.partial(
-        _forward_kernel if b is not None else _no_bias(_forward_kernel),
-        n=n, d=d, width=width, eps=eps, center=center,
-    )  # fmt: skip
+    kernel = functools.partial(_forward_kernel, n=n, d=d, width=width, eps=eps, center=center)
     out_shape = (
         jax.ShapeDtypeStruct((n, d), x2.dtype),
         jax.ShapeDtypeStruct((n,), jnp.float32),
         jax.ShapeDtypeStruct((n,), jnp.float32),
     )
-    args = (x2, w) if b is None else (x2, w, b)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -117,16 +112,7 @@ def _forward(x2, w, b, eps: float, center: bool, interpret: bool):
         compiler_params=_params(width),
         interpret=interpret,
         name="norm_forward",
-    )(*args)
-
-
-def _no_bias(kernel):
-    """The forward kernel without a bias input (RMSNorm, LayerNorm without bias)."""
-
-    def without(x_ref, w_ref, y_ref, mean_ref, rstd_ref, **kw):
-        return kernel(x_ref, w_ref, None, y_ref, mean_ref, rstd_ref, **kw)
-
-    return without
+    )(x2, w, b)
 
 
 def _backward(x2, w, dy2, mean, rstd, center: bool, interpret: bool):
@@ -187,11 +173,11 @@ def _norm_fwd(x, scale, bias, eps, center, interpret):
     mesh = jax.sharding.get_abstract_mesh()
     rows = math.prod(shape[:-1])
 
-    def local(x2, scale, *bias):
-        return _forward(x2, scale, bias[0] if bias else None, eps, center, interpret)
+    def local(x2, scale, shift):
+        return _forward(x2, scale, shift, eps, center, interpret)
 
-    args = (x.reshape(rows, d), scale) + (() if bias is None else (bias,))
-    y, mean, rstd = _on_rows(local, mesh, 1, 3, 0)(*args)
+    shift = jnp.zeros_like(scale) if bias is None else bias  # no bias: adds zeros
+    y, mean, rstd = _on_rows(local, mesh, 1, 3, 0)(x.reshape(rows, d), scale, shift)
     return y.reshape(shape), (x, scale, bias, mean, rstd)
 
 

@@ -59,10 +59,10 @@ class Norm(nnx.Module):
 
     @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.kernel == "pallas" and _pallas_norm_platform():
+        platform = attention._platform() if self.kernel == "pallas" else None
+        if platform and _pallas_norm_runs_on(platform):
             bias = None if self.bias is None else self.bias[...]
-            interpret = attention._platform() == "cpu"
-            center = self.kind == "layernorm"
+            center, interpret = self.kind == "layernorm", platform == "cpu"
             return fused_norm.norm(x, self.scale[...], bias, self.eps, center, interpret)
         y = x.astype(jnp.float32)
         if self.kind == "layernorm":
@@ -73,10 +73,9 @@ class Norm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def _pallas_norm_platform() -> bool:
-    """Whether `model.norm_kernel=pallas` runs here: on a GPU, and on a CPU in Pallas interpret
-    mode; a TPU gets XLA's norm (the kernels are Triton's), said once."""
-    platform = attention._platform()
+def _pallas_norm_runs_on(platform: str) -> bool:
+    """Whether `model.norm_kernel=pallas` runs on `platform`: on a GPU, and on a CPU in Pallas
+    interpret mode; a TPU gets XLA's norm (the kernels are Triton's), said once."""
     if platform in ("gpu", "cpu"):
         return True
     _log_norm_fallback(platform)
