@@ -51,6 +51,17 @@ def validate(cfg: Config) -> None:
             f"model.max_segments must be in [0, model.seq_len={m.seq_len}] (0: the dense mask), "
             f"got {m.max_segments}"
         )
+    if m.norm_kernel == "pallas":  # a row of d positions is one block of the kernels
+        from jaxlm.fused_norm import MAX_D
+
+        widths = {"model.d_model": m.d_model}
+        widths |= {"vision.d_model": cfg.vision.d_model} if cfg.objective == "clip" else {}
+        for key, d in widths.items():
+            if d > MAX_D:
+                raise ConfigError(
+                    f"{key}={d} is over {MAX_D}, the widest row model.norm_kernel=pallas "
+                    "normalises; use model.norm_kernel=xla"
+                )
     if cfg.mlm.max_predictions > m.seq_len:
         raise ConfigError(
             f"mlm.max_predictions={cfg.mlm.max_predictions} is more than model.seq_len="

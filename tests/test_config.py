@@ -77,6 +77,18 @@ def test_more_predictions_than_positions_is_refused_naming_both_keys():
         config.load(bert, ["model.seq_len=64", "mlm.max_predictions=65"])
 
 
+def test_a_row_too_wide_for_the_fused_norms_is_refused_naming_its_key():
+    """model.norm_kernel=pallas holds a row in one block of up to 8192 positions: wider is
+    named at load time, not by a trace-time error inside the kernel."""
+    config.load(f"{GPT}:tiny", ["model.d_model=8192", "model.norm_kernel=pallas"])
+    with pytest.raises(ConfigError, match=r"^model.d_model=8320 is over 8192, the widest row"):
+        config.load(f"{GPT}:tiny", ["model.d_model=8320", "model.norm_kernel=pallas"])
+    config.load(f"{GPT}:tiny", ["model.d_model=8320"])  # XLA's norm: any width
+    clip = str(ROOT / "configs/clip.py:tiny")
+    with pytest.raises(ConfigError, match=r"^vision.d_model=8320 is over 8192"):
+        config.load(clip, ["vision.d_model=8320", "vision.num_heads=4", "model.norm_kernel=pallas"])
+
+
 def test_a_vocabulary_too_large_for_the_corpus_names_its_key():
     from jaxlm import tokenizer
 
