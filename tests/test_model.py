@@ -112,6 +112,43 @@ def test_clip_vit_b16_has_clip_parameter_count():
     assert 149_000_000 < n < 150_200_000, n
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_token_cross_entropy_equals_the_textbook_form(dtype):
+    """lm.token_cross_entropy (one-pass logsumexp, its own gradient) against autodiff of
+    logsumexp - the target's logit: values and gradients, on logits up to +-60 (where an
+    unshifted exp overflows float32), a row of equal logits and a vocabulary that is not a
+    power of two; the logits' gradient keeps their dtype."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    logits = (jax.random.normal(keys[0], (3, 7, 1001)) * 20).clip(-60, 60)
+    logits = logits.at[1, 2].set(4.0).astype(dtype)
+    targets = jax.random.randint(keys[1], (3, 7), 0, 1001)
+    weights = jax.random.uniform(keys[2], (3, 7))
+
+    def textbook(x):
+        x = x.astype(jnp.float32)
+        picked = jnp.take_along_axis(x, targets[..., None], -1)[..., 0]
+        return ((jax.nn.logsumexp(x, -1) - picked) * weights).sum()
+
+    def fused(x):
+        return (lm.token_cross_entropy(x, targets) * weights).sum()
+
+    want, want_grad = jax.value_and_grad(textbook)(logits)
+    got, got_grad = jax.jit(jax.value_and_grad(fused))(logits)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got_grad.dtype == dtype
+    atol = 1e-6 if dtype == jnp.float32 else 8e-3  # bfloat16: its rounding of each gradient
+    np.testing.assert_allclose(got_grad.astype(np.float32), want_grad.astype(np.float32), atol=atol)
+    np.testing.assert_allclose(lm.token_cross_entropy(logits, targets)[1, 2], np.log(1001), rtol=1e-6)
+
+
+def test_logsumexp_of_empty_and_nan_rows():
+    """Rows of -inf give -inf (the combine of two empty parts is not NaN); a NaN stays NaN."""
+    x = jnp.array([[-jnp.inf] * 5, [0.0, jnp.nan, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0, -jnp.inf]])
+    got = lm.logsumexp(x)
+    assert got[0] == -jnp.inf and jnp.isnan(got[1])
+    np.testing.assert_allclose(got[2], jax.nn.logsumexp(x[2]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("chunk", [16, 13, 64])
 def test_chunked_cross_entropy_equals_the_plain_one(chunk):
     """Value and gradients (to the hidden states and the projection), with a padded last
