@@ -11,9 +11,15 @@ Variants:
   because 15% leaves a CPU-sized run on the unigram plateau for most of 5 minutes; float32 on
   CPU. Measured on a 2-core CPU (2026-12-03): eval_accuracy 0.1333 against
   eval_majority_accuracy 0.0442 (6 min 21 s beside other work; 3 min 54 s alone on 11-29).
-- bert_base: BERT-base as published (12 layers, d 768, 12 heads, MLP 3072, vocab 30522,
-  post-LN, GELU, 512 learned positions, 2 token types), phase-1 sequence length 128 with 20
-  predictions per sequence, batch 256, lr 1e-4, 1M steps.
+- bert_base: BERT-base as published (12 layers, d 768, 12 heads, MLP 3072, post-LN, GELU, 512
+  learned positions, 2 token types), phase-1 sequence length 128 with 20 predictions per
+  sequence, batch 256, lr 1e-4, 1M steps. Vocab 30528: BERT's 30522 WordPiece padded to a
+  multiple of 64, as NVIDIA's BERT does and GPT-2's 50304 here (6 rows no token uses). With
+  30522 a [B, P, V] row is 61,044 bytes, which no 16-byte-aligned GPU load or cuBLAS call
+  takes: XLA pads the logits' gradient (312 MB) before each cuBLAS call, and the Triton GEMM
+  an H200 picked instead ran the head's input gradient at 0.87 ms, a third of the card's
+  rate (BENCHMARKS.md, 2026-12-04). A Hugging Face BERT imported with `jaxlm import hf`
+  keeps its config.json's 30522.
 - bert_base_512: the same model at sequence length 512, 80 predictions per sequence (BERT's
   phase 2; resume it from a bert_base workdir).
 - modern_base: the MosaicBERT / cramming recipe on the same shapes: pre-norm, gated (SwiGLU)
@@ -82,7 +88,7 @@ def bert_base() -> Config:
     return Config(
         objective="mlm",
         model=ModelConfig(
-            vocab_size=30522,
+            vocab_size=30528,  # 30522 padded to a multiple of 64 (docstring)
             seq_len=128,
             max_positions=512,
             num_layers=12,

@@ -156,3 +156,18 @@ def test_lm_loss_reads_the_logits_twice_and_writes_their_gradient_once_on_a_gpu(
     assert len(passes) == 2, passes
     gradient = [kind for shape, kind in passes.values() if shape.startswith("bf16[2,1024,50304]")]
     assert gradient == ["kLoop"], passes  # elementwise: no reduction left in the backward
+
+
+def test_bert_base_head_needs_no_padding_for_cublas_on_a_gpu(h200_cudnn):
+    """bert_base's vocabulary is 30522 padded to 30528 (configs/bert.py): compiled for an
+    H200 with cuBLAS for the matmuls (Triton's GEMMs off, as an H200's autotuner may choose),
+    the head's matmuls take the logits as they are. With 30522, XLA pads the table and the
+    logits' gradient to 30528 (a [B * P, V] copy) for cuBLAS's aligned rows."""
+    cfg = config.load(str(ROOT / "configs/bert.py:bert_base"), ["model.num_layers=1"])
+    assert cfg.model.vocab_size % 64 == 0
+    s = plan.setup(cfg, plan._gpu_devices("h200", 1))
+    options = {"xla_gpu_enable_triton_gemm": False}
+    text = plan.lower_step(s).compile(compiler_options=options).as_text()
+    entry = text[text.index("ENTRY") :]
+    assert re.search(r"__cublas\$lt\$matmul", entry)
+    assert not re.findall(r"^\s*%?[\w.\-]*pad[\w.\-]* = ", entry, re.M)
