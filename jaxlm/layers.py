@@ -295,6 +295,16 @@ class Transformer(nnx.Module):
         return (x if self.final_norm is None else self.final_norm(x)), cache
 
 
+def token_type_rows(table: jax.Array, types: jax.Array) -> jax.Array:
+    """The rows of a token-type table [R, D] (BERT: R = 2) at `types` [B, T], as a sum of
+    selects, not a gather: a gather's gradient is a scatter-add of every position into one of
+    the few rows, whose atomic adds queue on them (by that, the 0.33 ms one of BERT-base's
+    three embedding scatters in a 50 ms H200 step, BENCHMARKS.md); a select's is a reduction
+    over the positions. Exact: zeros added."""
+    rows = [jnp.where((types == r)[..., None], table[r], 0.0) for r in range(table.shape[0])]
+    return functools.reduce(jnp.add, rows)
+
+
 class Embed(nnx.Module):
     """Token embeddings, plus learned positions and token types where configured (and BERT's
     norm after them); also the tied output head."""
@@ -323,7 +333,7 @@ class Embed(nnx.Module):
             x = x + jnp.take(constrain(self.positions[...], None, None), positions, axis=0)
         if self.types is not None:
             types = jnp.zeros_like(ids) if types is None else types
-            x = x + jnp.take(constrain(self.types[...], None, None), types, axis=0)
+            x = x + token_type_rows(constrain(self.types[...], None, None), types)
         if self.norm is not None:
             x = self.norm(x)
         return constrain(x.astype(jnp.dtype(self.cfg.dtype)), "batch", "seq", "act_embed")

@@ -112,6 +112,29 @@ def test_clip_vit_b16_has_clip_parameter_count():
     assert 149_000_000 < n < 150_200_000, n
 
 
+@pytest.mark.parametrize("rows", [2, 3])
+def test_token_types_equal_a_gather_without_a_scatter(rows):
+    """layers.token_type_rows (a sum of selects) equals a gather of the table, values and the
+    table's gradient, for 2 and 3 types; its gradient is no scatter-add (a gather's is, and
+    its atomic adds queue on the few rows on a GPU)."""
+    from jaxlm.layers import token_type_rows
+
+    table = jax.random.normal(jax.random.key(rows), (rows, 16))
+    types = jax.random.randint(jax.random.key(1), (3, 11), 0, rows)
+    dy = jax.random.normal(jax.random.key(2), (3, 11, 16))
+
+    def ours(table):
+        return (token_type_rows(table, types) * dy).sum()
+
+    def gather(table):
+        return (jnp.take(table, types, axis=0) * dy).sum()
+
+    np.testing.assert_array_equal(token_type_rows(table, types), jnp.take(table, types, axis=0))
+    np.testing.assert_allclose(jax.grad(ours)(table), jax.grad(gather)(table), rtol=1e-5)
+    assert "scatter" not in str(jax.make_jaxpr(jax.grad(ours))(table))
+    assert "scatter" in str(jax.make_jaxpr(jax.grad(gather))(table))  # what it replaces
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_token_cross_entropy_equals_the_textbook_form(dtype):
     """lm.token_cross_entropy (one-pass logsumexp, its own gradient) against autodiff of
