@@ -6,7 +6,9 @@ model.max_segments for a corpus)."""
 
 from __future__ import annotations
 
+import gzip
 import logging
+import os
 import time
 from collections.abc import Iterator
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from jaxlm import sharding
 from jaxlm.config import Config
-from jaxlm.profile import summarize
+from jaxlm.profile import HLO_FILE, summarize
 from jaxlm.shards import document_starts
 from jaxlm.step import build, make_train_step, peak_flops, sync_every
 
@@ -106,8 +108,11 @@ def _profile(
             for _ in range(steps):
                 state, metrics = train_step(state, batch)
             jax.block_until_ready(metrics)
-        log.info("profile of %d steps in %s", steps, trace_dir)
-        parts = summarize(trace_dir, train_step.as_text(), steps, "train_step")
+        hlo = train_step.as_text()
+        with gzip.open(os.path.join(trace_dir, HLO_FILE), "wt") as f:
+            f.write(hlo)  # the trace names kernels by these HLO ops: read both after the run
+        log.info("profile of %d steps in %s (with the program, %s)", steps, trace_dir, HLO_FILE)
+        parts = summarize(trace_dir, hlo, steps, "train_step")
     except Exception as error:  # noqa: BLE001 (whatever the profiler raises)
         log.error("no profile from %s: %s", trace_dir, error)
         return {"error": f"{type(error).__name__}: {error}"}

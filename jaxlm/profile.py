@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import collections
 import glob
+import gzip
 import os
 import re
 
 SCOPES = ("attention_kernel", "attention", "mlp", "norm", "embed", "loss", "optimizer")
+HLO_FILE = "train_step.hlo.txt.gz"  # `bench --profile` saves the traced program beside its trace
 
 
 def op_scopes(hlo: str) -> dict[str, str]:
@@ -118,6 +120,17 @@ def summarize(
             for op, ns in per_op.most_common(top)
         ],
     }
+
+
+def summarize_saved(trace_dir: str | os.PathLike, steps: int = 3, top: int = 15) -> dict:
+    """summarize() from what `jaxlm bench --profile` left in trace_dir (the trace and the
+    program it ran, HLO_FILE), on another machine after the run: every kernel of a GPU's
+    trace, `top` as long as wanted, its part and its fused computation's text in the HLO."""
+    files = glob.glob(os.path.join(trace_dir, "**", HLO_FILE), recursive=True)
+    if not files:
+        raise FileNotFoundError(f"no {HLO_FILE} under {trace_dir}")
+    with gzip.open(files[0], "rt") as f:
+        return summarize(trace_dir, f.read(), steps, "train_step", top)
 
 
 def _operations(lines: list, module: str) -> list[tuple[str, float, float]]:

@@ -8,7 +8,7 @@
 # Two calls, the second sent while the machine is still warm (it waits 30 s):
 #   1. `bash launch/gpu_bench.sh` (about 460 s): per model a profile (`jaxlm bench --profile`:
 #      the timing, then device ms per step by part and the host gap, from a second compile
-#      without command buffers) with its trace copied to $OUT, then the same model with
+#      without command buffers) with its trace and HLO copied to $OUT (NAME.tar), then the same model with
 #      `model.norm_kernel=pallas`; GPT-2, then CLIP (the farthest from its goal), then BERT;
 #      last, GPT-2 with nanoGPT's attention (no document mask).
 #   2. `bash launch/gpu_bench.sh peers` (about 260 s): the Hugging Face peers on the same card.
@@ -50,10 +50,17 @@ bench=${BENCH:-python3 -m jaxlm.cli bench}  # BENCH, PEERS: a CPU dry run (tests
 peers=${PEERS:-gpu/peers.py}
 [ -f $peers ] || echo "no $peers: peers not run"
 peer() { [ -f $peers ] && step "hf_$1" "$2" python3 $peers "$1"; }
-trace() {  # trace NAME: the profile's trace back to this machine (jax.profiler.ProfileData
-  local f  # reads it there: every kernel with its HLO op), at $OUT's top (2 folders at most)
+trace() {  # trace NAME: the profile's trace and the program it ran back to this machine, as
+  local f  # $OUT/NAME.tar (one file of the 8 that come back): NAME.xplane.pb (every kernel
+  # with its HLO op) and NAME.hlo.txt.gz (those ops' fusions and scopes); read them with
+  # jaxlm.profile.summarize_saved(DIR) after `tar -xf NAME.tar -C DIR`
+  local pack="$LOGS/pack_$1"
   f=$(find "/tmp/trace_$1" -name '*.xplane.pb' 2>/dev/null | sort | tail -1)
-  [ -n "$f" ] && cp "$f" "$OUT/$1.xplane.pb"
+  [ -n "$f" ] || return 0
+  rm -rf "$pack" && mkdir -p "$pack" && cp "$f" "$pack/$1.xplane.pb"
+  f=$(find "/tmp/trace_$1" -name train_step.hlo.txt.gz 2>/dev/null | head -1)
+  [ -n "$f" ] && cp "$f" "$pack/$1.hlo.txt.gz"
+  tar -cf "$OUT/$1.tar" -C "$pack" .
 }
 
 if [ "${1:-}" = peers ]; then  # the second call: the peers on the same card

@@ -56,6 +56,9 @@ def test_the_gpu_call_runs_end_to_end_as_a_dry_run(tmp_path):
         "    run = pathlib.Path(args[args.index('--profile') + 1], 'plugins/profile/run')\n"
         "    run.mkdir(parents=True, exist_ok=True)\n"
         "    (run / 'host.xplane.pb').write_text(args[0])\n"
+        "    import gzip\n"
+        "    with gzip.open(run.parents[2] / 'train_step.hlo.txt.gz', 'wt') as f:\n"
+        "        f.write('HloModule ' + args[0])\n"
         "print(json.dumps({'args': args}))\n"
     )
     env["BENCH"] = f"{sys.executable} {fake}"
@@ -75,9 +78,16 @@ def test_the_gpu_call_runs_end_to_end_as_a_dry_run(tmp_path):
         assert runs[i]["args"][0] == runs[i - 1]["args"][0], runs[i]
         assert "model.norm_kernel=pallas" in runs[i]["args"], runs[i]
     assert "model.document_mask=false" in runs[6]["args"]
+    import gzip
+    import tarfile
+
     for name, path in (("gpt2", "gpt.py:gpt2_124m"), ("vit", "clip.py:vit_b16")):
-        trace = tmp_path / "out" / f"{name}.xplane.pb"  # each profile's trace comes back
-        assert trace.read_text() == f"configs/{path}", name
+        with tarfile.open(tmp_path / "out" / f"{name}.tar") as tar:  # the trace, its program
+            tar.extractall(tmp_path / name, filter="data")
+        assert (tmp_path / name / f"{name}.xplane.pb").read_text() == f"configs/{path}", name
+        with gzip.open(tmp_path / name / f"{name}.hlo.txt.gz", "rt") as f:
+            assert f.read() == f"HloModule configs/{path}", name
+    assert len(list((tmp_path / "out").iterdir())) <= 8  # what a call brings back
 
 
 def test_the_attention_script_runs_every_way():

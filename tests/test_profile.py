@@ -7,7 +7,7 @@ import numpy as np
 from conftest import run_python
 
 from jaxlm import config, lm
-from jaxlm.profile import _line_groups, op_kinds, op_scopes
+from jaxlm.profile import _line_groups, op_kinds, op_scopes, summarize_saved
 from jaxlm.shards import document_starts
 
 BENCH = """
@@ -148,3 +148,6 @@ def test_bench_profile_says_where_the_step_time_goes(tmp_path, libtpu_alone):
     refused = bogus["profile"]["error"]
     assert "BOGUS" in refused and "xla_gpu_enable_command_buffer" in refused
     assert bogus["step_ms"] > 0
+    # the traced program is saved beside its trace: the same summary, read back later
+    saved = summarize_saved(tmp_path / "trace", steps=2, top=40)
+    assert saved["ms_per_step"].keys() == parts.keys() and len(saved["top_ops"]) == 40
