@@ -28,6 +28,7 @@ from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.attention import Mask
 from jaxlm.config import Config, ModelConfig
 from jaxlm.layers import Embed, Transformer, param, stack_flops_per_token
+from jaxlm.token_loss import token_cross_entropy
 
 log = logging.getLogger("jaxlm")
 UNIT = "tokens"  # what throughput is counted in: tokens_per_s
@@ -141,54 +142,6 @@ def data_spec(cfg: Config, tokenizer) -> data.DataSpec:
     return data.DataSpec(
         cfg.model.seq_len + 1, tokenizer.bos_id, tokenizer.eos_id, transform, random=False
     )
-
-
-def _online_combine(a: tuple, b: tuple) -> tuple:
-    """Merge two partial (max, sum of exp(x - max)) pairs of a row into one: one exp, on the
-    smaller max's side. Equal maxes (-inf with -inf too: an empty part) add their sums."""
-    (m1, s1), (m2, s2) = a, b
-    gap = jnp.exp(jnp.where(m1 == m2, 0.0, -jnp.abs(m1 - m2)))
-    return jnp.maximum(m1, m2), jnp.where(m1 >= m2, s1 + s2 * gap, s2 + s1 * gap)
-
-
-def logsumexp(x: jax.Array) -> jax.Array:
-    """log(sum(exp(x))) over the last axis, in float32, from one read of x: a single
-    (max, sum) reduction, where jax.nn.logsumexp reads x twice (a max, then a sum)."""
-    x = x.astype(jnp.float32)
-    init = (jnp.float32(-jnp.inf), jnp.float32(0.0))
-    top, total = jax.lax.reduce((x, jnp.ones_like(x)), init, _online_combine, (x.ndim - 1,))
-    return top + jnp.log(total)
-
-
-@jax.custom_vjp
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log softmax(logits)[target] per position, in float32: logits [..., V], targets [...].
-
-    Why a gradient of its own: the logits are the largest tensor of a language model's step
-    ([B, T, V]: GPT-2 124M's batch, 1.24 GB of bfloat16). Here the forward reads them once
-    (`logsumexp`; the target's logit by a gather of B*T values) and the backward is one
-    elementwise pass, (softmax - onehot) * g, written in the logits' dtype. Autodiff of the
-    textbook form reads them three times (a max, a sum, and a pass that both writes the
-    gradient and sums the target's logit) or, with a gather, scatters into a float32 copy
-    (BENCHMARKS.md, H200)."""
-    return _token_cross_entropy_fwd(logits, targets)[0]
-
-
-def _token_cross_entropy_fwd(logits: jax.Array, targets: jax.Array) -> tuple:
-    logz = logsumexp(logits)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return logz - picked.astype(jnp.float32), (logits, targets, logz)
-
-
-def _token_cross_entropy_bwd(residuals: tuple, g: jax.Array) -> tuple:
-    logits, targets, logz = residuals
-    hit = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
-    softmax = jnp.exp(logits.astype(jnp.float32) - logz[..., None])
-    grad = ((softmax - hit) * g[..., None]).astype(logits.dtype)
-    return grad, np.zeros(targets.shape, jax.dtypes.float0)
-
-
-token_cross_entropy.defvjp(_token_cross_entropy_fwd, _token_cross_entropy_bwd)
 
 
 def _summed_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import sharding
 from jaxlm.attention import Mask
 from jaxlm.config import ConfigError
+from jaxlm.token_loss import token_cross_entropy
 
 MIN_WIDTH = 32
 KINDS = {"mlm": "a masked LM", "clip": "a contrastive image-text model"}
@@ -123,8 +124,7 @@ def _token_scores(setup, vocab_size: int, params, batch: dict):
     logits = model.logits(hidden).astype(jnp.float32)
     # a padded vocabulary's extra ids are no tokens: the harness's models have none
     logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
-    picked = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-    logp = picked - jax.nn.logsumexp(logits, -1)
+    logp = -token_cross_entropy(logits, batch["targets"])
     return logp, jnp.argmax(logits, -1) == batch["targets"]
 
 

@@ -131,7 +131,7 @@ def test_vit_step_on_a_gpu_keeps_the_stream_batch_major_and_pads_each_tower_once
 
 
 def test_lm_loss_reads_the_logits_twice_and_writes_their_gradient_once_on_a_gpu(h200_cudnn):
-    """lm.token_cross_entropy compiled for an H200: the [B, T, V] logits are read by two
+    """token_loss.token_cross_entropy compiled for an H200: the [B, T, V] logits are read by two
     passes, the forward's one (max, sum) reduction and the backward's elementwise gradient,
     written once in bfloat16 (besides the head's matmuls and the gather of the targets'
     logits). Autodiff of the textbook form read them three times: a max, a sum, and a pass
