@@ -6,11 +6,12 @@
 # sentencepiece, no Grain: the bench path needs none). Copy ../shared/bench/peers.py into
 # gpu/ (git-ignored), then: run(command="bash launch/gpu_bench.sh", carry=["gpu"], timeout_s=590)
 # Two calls, the second sent while the machine is still warm (it waits 30 s):
-#   1. `bash launch/gpu_bench.sh` (about 460 s): per model a profile (`jaxlm bench --profile`:
+#   1. `bash launch/gpu_bench.sh` (about 510 s): per model a profile (`jaxlm bench --profile`:
 #      the timing, then device ms per step by part and the host gap, from a second compile
 #      without command buffers) with its trace and HLO copied to $OUT (NAME.tar), then the same model with
 #      `model.norm_kernel=pallas`; GPT-2, then CLIP (the farthest from its goal), then BERT;
-#      last, GPT-2 with nanoGPT's attention (no document mask).
+#      then GPT-2 with XLA's dot merger off; last, GPT-2 with nanoGPT's attention (no
+#      document mask).
 #   2. `bash launch/gpu_bench.sh peers` (about 260 s): the Hugging Face peers on the same card.
 # Measured on 2026-12-04 and no longer run here (BENCHMARKS.md): launch/gpu_attention.py (the
 # document mask's kernels alone; run it by hand), cuDNN's packed layout in the whole step,
@@ -86,6 +87,10 @@ step vit_b16_pallas_norm 100 $bench configs/clip.py:vit_b16 --steps 30 model.nor
 step bert_base 130 $bench configs/bert.py:bert_base --steps 30 --profile /tmp/trace_bert
 trace bert
 step bert_base_pallas_norm 80 $bench configs/bert.py:bert_base --steps 30 model.norm_kernel=pallas
+# XLA's dot merger off (compiled for an H200 here it merges q, k, v into one matmul, whose
+# backward concatenates dq, dk, dv and leaves their weight gradient transposed for AdamW)
+step gpt2_124m_no_dot_merger 70 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_dot_merger_threshold_mb=0" \
+  $bench configs/gpt.py:gpt2_124m --steps 30
 # lower priority: one causal sequence a row, as nanoGPT trains (cuDNN without a bias)
 step gpt2_124m_causal 80 $bench configs/gpt.py:gpt2_124m --steps 30 model.document_mask=false
 echo "== done $(date +%T)"

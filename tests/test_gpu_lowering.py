@@ -59,7 +59,8 @@ def test_the_gpu_call_runs_end_to_end_as_a_dry_run(tmp_path):
         "    import gzip\n"
         "    with gzip.open(run.parents[2] / 'train_step.hlo.txt.gz', 'wt') as f:\n"
         "        f.write('HloModule ' + args[0])\n"
-        "print(json.dumps({'args': args}))\n"
+        "import os\n"
+        "print(json.dumps({'args': args, 'xla_flags': os.environ.get('XLA_FLAGS')}))\n"
     )
     env["BENCH"] = f"{sys.executable} {fake}"
     proc = subprocess.run(
@@ -70,14 +71,18 @@ def test_the_gpu_call_runs_end_to_end_as_a_dry_run(tmp_path):
     records = [json.loads(line) for line in lines]  # every line a JSON record
     runs = [r for r in records if "run" in r]
     names = ["gpt2_124m", "gpt2_124m_pallas_norm", "vit_b16", "vit_b16_pallas_norm"]
-    names += ["bert_base", "bert_base_pallas_norm", "gpt2_124m_causal"]
+    names += ["bert_base", "bert_base_pallas_norm", "gpt2_124m_no_dot_merger", "gpt2_124m_causal"]
     assert [r["run"] for r in runs] == names and "== done" in proc.stdout, proc.stdout
     assert runs[0]["args"][:2] == ["configs/gpt.py:gpt2_124m", "--steps"]
     assert all("--profile" in runs[i]["args"] for i in (0, 2, 4))
     for i in (1, 3, 5):  # each model again with the fused norms
         assert runs[i]["args"][0] == runs[i - 1]["args"][0], runs[i]
         assert "model.norm_kernel=pallas" in runs[i]["args"], runs[i]
-    assert "model.document_mask=false" in runs[6]["args"]
+    assert runs[6]["args"][0] == "configs/gpt.py:gpt2_124m"  # XLA_FLAGS set for it alone
+    flags = os.environ.get("XLA_FLAGS")  # the test's own (conftest); none on the GPU image
+    assert runs[6]["xla_flags"] == f"{flags or ''} --xla_gpu_dot_merger_threshold_mb=0"
+    assert [r["xla_flags"] for i, r in enumerate(runs) if i != 6] == [flags] * 7
+    assert "model.document_mask=false" in runs[7]["args"]
     import gzip
     import tarfile
 
