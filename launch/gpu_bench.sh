@@ -53,14 +53,14 @@ peers=${PEERS:-gpu/peers.py}
 peer() { [ -f $peers ] && step "hf_$1" "$2" python3 $peers "$1"; }
 trace() {  # trace NAME: the profile's trace and the program it ran back to this machine, as
   local f  # $OUT/NAME.tar (one file of the 8 that come back): NAME.xplane.pb (every kernel
-  # with its HLO op) and NAME.hlo.txt.gz (those ops' fusions and scopes); read them with
-  # jaxlm.profile.summarize_saved(DIR) after `tar -xf NAME.tar -C DIR`
+  # with its HLO op) and train_step.hlo.txt.gz (those ops' fusions and scopes); read them
+  # with jaxlm.profile.summarize_saved(DIR) after `tar -xf NAME.tar -C DIR` (a DIR each)
   local pack="$LOGS/pack_$1"
   f=$(find "/tmp/trace_$1" -name '*.xplane.pb' 2>/dev/null | sort | tail -1)
   [ -n "$f" ] || return 0
   rm -rf "$pack" && mkdir -p "$pack" && cp "$f" "$pack/$1.xplane.pb"
   f=$(find "/tmp/trace_$1" -name train_step.hlo.txt.gz 2>/dev/null | head -1)
-  [ -n "$f" ] && cp "$f" "$pack/$1.hlo.txt.gz"
+  [ -n "$f" ] && cp "$f" "$pack/"  # its own name: what profile.summarize_saved looks for
   tar -cf "$OUT/$1.tar" -C "$pack" .
 }
 

@@ -86,11 +86,13 @@ def test_the_gpu_call_runs_end_to_end_as_a_dry_run(tmp_path):
     import gzip
     import tarfile
 
+    from jaxlm.profile import HLO_FILE
+
     for name, path in (("gpt2", "gpt.py:gpt2_124m"), ("vit", "clip.py:vit_b16")):
         with tarfile.open(tmp_path / "out" / f"{name}.tar") as tar:  # the trace, its program
             tar.extractall(tmp_path / name, filter="data")
         assert (tmp_path / name / f"{name}.xplane.pb").read_text() == f"configs/{path}", name
-        with gzip.open(tmp_path / name / f"{name}.hlo.txt.gz", "rt") as f:
+        with gzip.open(tmp_path / name / HLO_FILE, "rt") as f:  # as summarize_saved finds it
             assert f.read() == f"HloModule configs/{path}", name
     assert len(list((tmp_path / "out").iterdir())) <= 8  # what a call brings back
 
