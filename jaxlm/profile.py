@@ -124,8 +124,8 @@ def summarize(
 
 def summarize_saved(trace_dir: str | os.PathLike, steps: int = 3, top: int = 15) -> dict:
     """summarize() from what `jaxlm bench --profile` left in trace_dir (the trace and the
-    program it ran, HLO_FILE), on another machine after the run: every kernel of a GPU's
-    trace, `top` as long as wanted, its part and its fused computation's text in the HLO."""
+    program it ran, HLO_FILE), on another machine after the run: `top` as long as wanted,
+    each operation with its part and kind; its fused computation is in HLO_FILE by name."""
     files = glob.glob(os.path.join(trace_dir, "**", HLO_FILE), recursive=True)
     if not files:
         raise FileNotFoundError(f"no {HLO_FILE} under {trace_dir}")

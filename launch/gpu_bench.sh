@@ -8,8 +8,9 @@
 # Two calls, the second sent while the machine is still warm (it waits 30 s):
 #   1. `bash launch/gpu_bench.sh` (about 510 s): per model a profile (`jaxlm bench --profile`:
 #      the timing, then device ms per step by part and the host gap, from a second compile
-#      without command buffers) with its trace and HLO copied to $OUT (NAME.tar), then the same model with
-#      `model.norm_kernel=pallas`; GPT-2, then CLIP (the farthest from its goal), then BERT;
+#      without command buffers) with its trace and HLO copied to $OUT (NAME.tar), then the
+#      same model with `model.norm_kernel=pallas`; GPT-2, then CLIP (the farthest from its
+#      goal), then BERT;
 #      then GPT-2 with XLA's dot merger off; last, GPT-2 with nanoGPT's attention (no
 #      document mask).
 #   2. `bash launch/gpu_bench.sh peers` (about 260 s): the Hugging Face peers on the same card.
