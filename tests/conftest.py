@@ -185,6 +185,18 @@ def h200_cudnn(monkeypatch):
     monkeypatch.setattr(attention, "_hopper", lambda: True)
 
 
+@pytest.fixture
+def h200(h200_cudnn) -> list:
+    """One H200 of an XLA GPU topology, for `plan.compile_train_step` without a GPU. Without
+    JAX's CUDA plugin there is no such topology, and the step would silently compile for this
+    process's CPU devices instead (then fail on an unrelated check, as batch divisibility)."""
+    from jaxlm import plan
+
+    devices = plan._gpu_devices("h200", 1)
+    assert devices, "no CUDA topology: JAX's CUDA plugin (the test extra) is not installed"
+    return devices
+
+
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
     """A workdir with a tiny causal LM trained for 2 steps (shared by the tests that only read

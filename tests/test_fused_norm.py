@@ -79,7 +79,7 @@ def test_a_training_step_with_pallas_norms_equals_xlas(objective, overrides, mon
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
 
 
-def test_pallas_norms_compile_to_triton_kernels_for_an_h200(h200_cudnn):
+def test_pallas_norms_compile_to_triton_kernels_for_an_h200(h200):
     """The GPT-2 step with model.norm_kernel=pallas, compiled for an H200 here: every norm is
     a Triton kernel (XLA turns Pallas' Triton into PTX without a GPU); none is left to XLA."""
     from conftest import ROOT
@@ -88,7 +88,7 @@ def test_pallas_norms_compile_to_triton_kernels_for_an_h200(h200_cudnn):
 
     overrides = ["model.num_layers=2", "model.norm_kernel=pallas"]
     cfg = config.load(str(ROOT / "configs/gpt.py:gpt2_124m"), overrides)
-    _, compiled = plan.compile_train_step(cfg, plan._gpu_devices("h200", 1))
+    _, compiled = plan.compile_train_step(cfg, h200)
     text = compiled.as_text()
     triton = re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton"', text)
     assert len(triton) == 2 * 5, len(triton)  # 2 norms a layer and the final one, fwd + bwd

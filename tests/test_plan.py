@@ -107,7 +107,7 @@ def test_plan_compiles_for_gpus_it_does_not_have(monkeypatch):
     assert sorted(set(kernels)) == sorted(DENSE), kernels
 
 
-def test_vit_step_on_a_gpu_keeps_the_stream_batch_major_and_pads_each_tower_once(h200_cudnn):
+def test_vit_step_on_a_gpu_keeps_the_stream_batch_major_and_pads_each_tower_once(h200):
     """The ViT's learned positions are summed over the batch in the backward pass. As a
     reduction, XLA's GPU compiler lays the backward residual stream out batch-minor
     ([197, 768, B]) to make it one, with transposes around every norm (13 of ViT-B/16's 103
@@ -118,7 +118,7 @@ def test_vit_step_on_a_gpu_keeps_the_stream_batch_major_and_pads_each_tower_once
     cuDNN call (q, k, v padded, the output and their gradients cut: 4.0 ms of 103)."""
     overrides = ["vision.num_layers=2", "model.num_layers=1", "train.batch_size=32"]
     cfg = config.load(str(ROOT / "configs/clip.py:vit_b16"), overrides)
-    _, compiled = plan.compile_train_step(cfg, plan._gpu_devices("h200", 1))
+    _, compiled = plan.compile_train_step(cfg, h200)
     text = compiled.as_text()
     transposes = re.findall(r"^\s*(?:ROOT )?%?([\w.\-]*transpose[\w.\-]*) = ", text, re.M)
     assert "[197,768,32]" not in text
@@ -130,7 +130,7 @@ def test_vit_step_on_a_gpu_keeps_the_stream_batch_major_and_pads_each_tower_once
     assert lengths == {198, 78}, lengths  # cuDNN's calls (layers of both towers): even lengths
 
 
-def test_lm_loss_reads_the_logits_twice_and_writes_their_gradient_once_on_a_gpu(h200_cudnn):
+def test_lm_loss_reads_the_logits_twice_and_writes_their_gradient_once_on_a_gpu(h200):
     """token_loss.token_cross_entropy compiled for an H200: the [B, T, V] logits are read by two
     passes, the forward's one (max, sum) reduction and the backward's elementwise gradient,
     written once in bfloat16 (besides the head's matmuls and the gather of the targets'
@@ -140,7 +140,7 @@ def test_lm_loss_reads_the_logits_twice_and_writes_their_gradient_once_on_a_gpu(
     a float32 [B, T, V] copy."""
     overrides = ["model.num_layers=1", "train.batch_size=2"]
     cfg = config.load(str(ROOT / "configs/gpt.py:gpt2_124m"), overrides)
-    _, compiled = plan.compile_train_step(cfg, plan._gpu_devices("h200", 1))
+    _, compiled = plan.compile_train_step(cfg, h200)
     text = compiled.as_text()
     entry = text[text.index("ENTRY") :]  # the buffers the step holds, not fusions' insides
     assert "f32[2,1024,50304]" not in entry
@@ -158,14 +158,14 @@ def test_lm_loss_reads_the_logits_twice_and_writes_their_gradient_once_on_a_gpu(
     assert gradient == ["kLoop"], passes  # elementwise: no reduction left in the backward
 
 
-def test_bert_base_head_needs_no_padding_for_cublas_on_a_gpu(h200_cudnn):
+def test_bert_base_head_needs_no_padding_for_cublas_on_a_gpu(h200):
     """bert_base's vocabulary is 30522 padded to 30528 (configs/bert.py): compiled for an
     H200 with cuBLAS for the matmuls (Triton's GEMMs off, as an H200's autotuner may choose),
     the head's matmuls take the logits as they are. With 30522, XLA pads the table and the
     logits' gradient to 30528 (a [B * P, V] copy) for cuBLAS's aligned rows."""
     cfg = config.load(str(ROOT / "configs/bert.py:bert_base"), ["model.num_layers=1"])
     assert cfg.model.vocab_size % 64 == 0
-    s = plan.setup(cfg, plan._gpu_devices("h200", 1))
+    s = plan.setup(cfg, h200)
     options = {"xla_gpu_enable_triton_gemm": False}
     text = plan.lower_step(s).compile(compiler_options=options).as_text()
     entry = text[text.index("ENTRY") :]
