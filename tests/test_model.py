@@ -334,3 +334,55 @@ def test_attention_biases_of_k_and_v_folded_equal_adding_them(kv_heads, masked):
         np.testing.assert_allclose(got[0][name], want[0][name], rtol=1e-4, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
     assert np.all(np.asarray(got[0]["bk"]) == 0)  # left out: no gradient at all
+
+
+@pytest.mark.parametrize("kind", ["gelu_tanh", "gelu", "quick_gelu", "swiglu"])
+def test_mlp_recomputes_its_nonlinearity_rather_than_saving_it(kind, capsys):
+    """layers.Mlp keeps, for its backward pass, the first matmul's output (and the gate's) and
+    its activations, not the nonlinearity's intermediates (tanh's output, which XLA's GPU
+    compiler wrote to memory in GPT-2's step: BENCHMARKS.md); outputs and gradients as the
+    plain computation's."""
+    from jaxlm.config import ModelConfig
+    from jaxlm.layers import Mlp, activation
+
+    cfg = ModelConfig(
+        vocab_size=8,
+        seq_len=6,
+        num_layers=1,
+        d_model=16,
+        num_heads=2,
+        mlp_dim=32,
+        mlp=kind,
+        use_bias=kind != "swiglu",
+    )
+    mlp = Mlp(cfg, nnx.Rngs(0))
+    graphdef, state = nnx.split(mlp)
+    params = nnx.to_pure_dict(state)
+    keys = iter(jax.random.split(jax.random.key(1), 4))
+    for name in ("bi", "bo"):  # biases as a trained model has them, not zeros
+        if name in params:
+            params[name] = jax.random.normal(next(keys), params[name].shape)
+    x = jax.random.normal(next(keys), (2, 6, 16))
+    weights = jax.random.normal(next(keys), (2, 6, 16))
+
+    def layer(p, x):
+        return (nnx.merge(graphdef, p)(x) * weights).sum()
+
+    def plain(p, x):  # the textbook MLP, every intermediate left to autodiff
+        h = x @ p["wi"] + p.get("bi", 0.0)
+        h = jax.nn.silu(x @ p["wg"]) * h if kind == "swiglu" else activation(h, kind)
+        return ((h @ p["wo"] + p.get("bo", 0.0)) * weights).sum()
+
+    got = jax.jit(jax.value_and_grad(layer, argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.value_and_grad(plain, argnums=(0, 1)))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+    hidden = "f32[2,6,32]"
+    jax.ad_checkpoint.print_saved_residuals(plain, params, x)
+    textbook = capsys.readouterr().out.count(hidden)
+    jax.ad_checkpoint.print_saved_residuals(layer, params, x)
+    kept = capsys.readouterr().out
+    # h, (the gate,) the activations that the second matmul's weight gradient reads
+    assert kept.count(hidden) == (3 if kind == "swiglu" else 2), kept
+    assert textbook > kept.count(hidden)  # what autodiff alone would keep
