@@ -8,7 +8,7 @@ from conftest import ROOT, load_tiny
 from flax import nnx
 
 from jaxlm import config, lm, sharding, token_loss
-from jaxlm.config import MeshConfig
+from jaxlm.config import MeshConfig, ModelConfig
 from jaxlm.step import build
 
 
@@ -275,6 +275,11 @@ def test_activations_are_jaxs_without_erfc():
         activation(x, "relu")
 
 
+def _one_layer(**fields) -> ModelConfig:
+    """A one-layer model of width 16 (MLP 32) over 6 positions, for a layer's own tests."""
+    return ModelConfig(vocab_size=8, seq_len=6, num_layers=1, d_model=16, mlp_dim=32, **fields)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_biases_of_k_and_v_folded_equal_adding_them(kv_heads, masked):
@@ -283,20 +288,9 @@ def test_attention_biases_of_k_and_v_folded_equal_adding_them(kv_heads, masked):
     sum to one): outputs and gradients as adding all three to q, k, v, grouped kv heads and
     packed documents included."""
     from jaxlm import attention
-    from jaxlm.config import ModelConfig
     from jaxlm.layers import Attention
 
-    cfg = ModelConfig(
-        vocab_size=8,
-        seq_len=6,
-        num_layers=1,
-        d_model=16,
-        num_heads=4,
-        num_kv_heads=kv_heads,
-        mlp_dim=32,
-        use_bias=True,
-        position="learned",
-    )
+    cfg = _one_layer(num_heads=4, num_kv_heads=kv_heads, use_bias=True, position="learned")
     layer = Attention(cfg, nnx.Rngs(0))
     keys = iter(jax.random.split(jax.random.key(3), 8))
     for name in ("bq", "bk", "bv", "bo"):  # biases as a trained model has them, not zeros
@@ -342,19 +336,9 @@ def test_mlp_recomputes_its_nonlinearity_rather_than_saving_it(kind, capsys):
     its activations, not the nonlinearity's intermediates (tanh's output, which XLA's GPU
     compiler wrote to memory in GPT-2's step: BENCHMARKS.md); outputs and gradients as the
     plain computation's."""
-    from jaxlm.config import ModelConfig
     from jaxlm.layers import Mlp, activation
 
-    cfg = ModelConfig(
-        vocab_size=8,
-        seq_len=6,
-        num_layers=1,
-        d_model=16,
-        num_heads=2,
-        mlp_dim=32,
-        mlp=kind,
-        use_bias=kind != "swiglu",
-    )
+    cfg = _one_layer(num_heads=2, mlp=kind, use_bias=kind != "swiglu")
     mlp = Mlp(cfg, nnx.Rngs(0))
     graphdef, state = nnx.split(mlp)
     params = nnx.to_pure_dict(state)
