@@ -17,7 +17,8 @@ temporaries, which a GPU executable allocates whole; on CPU, which reports none,
 live at once, an upper bound). `collectives`: per kind, the compiled step's instructions and
 its largest result (what moves between devices, and the most one device receives at once).
 `custom_calls`: the kernels the compiled step calls (cuDNN's attention, a Pallas kernel), so a
-plan says which attention it holds.
+plan says which attention it holds. `fits`: the peak against `memory_limit_bytes`, a TPU's HBM
+or the pool JAX's allocator makes of a GPU's memory (75% by default, `memory_limit`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import re
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from jaxlm.config import ConfigError
 
 if TYPE_CHECKING:  # compiling imports JAX and the step where it is asked for
     import jax
@@ -85,10 +88,9 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
     topology when kind is a TPU kind and libtpu is there) and report its memory and FLOPs."""
     import jax
 
-    from jaxlm.config import ConfigError
-
     if kind is not None and kind not in DEVICE_MEMORY:
         raise ConfigError(f"--device {kind!r}: expected one of {', '.join(DEVICE_MEMORY)}")
+    limit, limit_source = memory_limit(kind) if kind else (None, None)
     targets, compiled_for = None, None
     if kind in TPU_KINDS:
         targets, compiled_for = _tpu_devices(kind, devices), f"{kind} x {devices} (TPU compile)"
@@ -117,7 +119,6 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
         for x in jax.tree.leaves(s.abstract)
     )
     items = cfg.train.batch_size * s.objective.items_per_example(cfg)
-    limit = DEVICE_MEMORY.get(kind) if kind else None
     result = {
         "config": cfg.name,
         "params": s.num_params(),
@@ -127,7 +128,9 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
         "state_bytes_per_device": state,
         "flops_per_step": items * s.objective.flops_per_item(cfg),
         "flops_source": "6N + attention per item x items per step (the MFU count)",
-        "device_memory_bytes": limit,
+        "device_memory_bytes": DEVICE_MEMORY.get(kind) if kind else None,
+        "memory_limit_bytes": limit,
+        "memory_limit_source": limit_source,
     }
     try:
         compiled = compile_step(s)
@@ -171,6 +174,53 @@ def plan(cfg, devices: int, kind: str | None = None) -> dict:
         "custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', text))),
         "fits": None if limit is None else peak <= limit,
     }
+
+
+def memory_limit(kind: str, environ: dict | None = None) -> tuple[int, str]:
+    """(bytes a device's step may hold, why) on a KIND device. A TPU's step has its HBM. A GPU's
+    has the pool JAX's allocator makes of it: 75% of the memory by default in JAX 0.10 and 0.11
+    (a fixed cap, preallocated or not: XLA's GpuAllocatorConfig), the fraction set by
+    XLA_CLIENT_MEM_FRACTION or its older name XLA_PYTHON_CLIENT_MEM_FRACTION, or the whole
+    memory with XLA_PYTHON_CLIENT_ALLOCATOR=platform. A step that fits the card but not the
+    pool fails with an out-of-memory error at its first step, so `fits` asks the pool.
+    Newer XLA reads the fraction as a policy, `START-CAP` or `START+` (up to all the memory):
+    the cap is what counts, and `--xla_gpu_memory_fraction_policy` overrides both. Where
+    newer XLA lets a bare fraction grow, this cap is the conservative reading."""
+    memory = DEVICE_MEMORY[kind]
+    if kind not in GPU_SPECS:
+        return memory, f"the {kind}'s HBM"
+    environ = os.environ if environ is None else environ
+    allocator = environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default").lower()
+    if allocator == "platform":
+        return memory, "the whole GPU: XLA_PYTHON_CLIENT_ALLOCATOR=platform (no pool)"
+    flag = re.search(r"--xla_gpu_memory_fraction_policy=(\S+)", environ.get("XLA_FLAGS", ""))
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        if environ.get(name):
+            setting, where = environ[name], name
+            break
+    else:
+        setting, where = "0.75", None
+    if flag:
+        setting, where = flag.group(1), "--xla_gpu_memory_fraction_policy"
+    cap = _pool_cap(setting, where or "the memory fraction")
+    why = f"{where}={setting}" if where else "JAX's default pool: XLA_CLIENT_MEM_FRACTION unset"
+    return int(memory * cap), f"{100 * cap:.3g}% of the {kind}'s memory ({why})"
+
+
+def _pool_cap(setting: str, where: str) -> float:
+    """The most of a GPU's memory a memory-fraction setting lets JAX's pool hold."""
+    number = r"(\d*\.?\d+(?:[eE][-+]?\d+)?)"
+    match = re.fullmatch(rf"\s*{number}\s*(?:(\+)|-\s*{number})?\s*", setting)
+    if not match:
+        raise ConfigError(
+            f"{where}={setting!r}: expected a fraction of the GPU's memory (0.9), or START-CAP "
+            "or START+ (fractions)"
+        )
+    start, grows, cap = match.groups()
+    cap = 1.0 if grows else float(cap or start)
+    if cap <= 0:
+        raise ConfigError(f"{where}={setting!r}: the pool would hold nothing; expected above 0")
+    return cap
 
 
 def compile_train_step(cfg: Config, devices: list) -> tuple[Setup, jax.stages.Compiled]:

@@ -107,6 +107,45 @@ def test_plan_compiles_for_gpus_it_does_not_have(monkeypatch):
     assert sorted(set(kernels)) == sorted(DENSE), kernels
 
 
+def test_a_gpu_step_must_fit_the_pool_jax_allocates_not_the_whole_card(h200, monkeypatch):
+    """JAX's allocator holds a pool of 75% of a GPU's memory (JAX 0.10 and 0.11, a fixed cap),
+    so a step that fits the card but not the pool runs out of memory at its first step:
+    `fits` asks the pool, as the memory-fraction settings make it. One tiny GPT compiled for
+    an H200 twice: in JAX's default pool, and in a pool set just under its peak."""
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR", raising=False)
+    cfg = config.load(str(ROOT / "configs/gpt.py:tiny"), ["model.num_layers=1"])
+    default = plan.plan(cfg, 1, "h200")
+    assert default["device_memory_bytes"] == 141 * 10**9
+    assert default["memory_limit_bytes"] == 105_750_000_000 and default["fits"] is True
+    assert default["memory_limit_source"] == (
+        "75% of the h200's memory (JAX's default pool: XLA_CLIENT_MEM_FRACTION unset)"
+    )
+    under = 0.9 * default["peak_bytes_per_device"] / (141 * 10**9)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{under:.3e}")
+    tight = plan.plan(cfg, 1, "h200")
+    assert tight["peak_bytes_per_device"] == default["peak_bytes_per_device"]
+    assert tight["memory_limit_bytes"] < tight["peak_bytes_per_device"] and tight["fits"] is False
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=" in tight["memory_limit_source"]
+
+    def limit(**environ) -> int:
+        return plan.memory_limit("h100", environ)[0]
+
+    card = 80 * 2**30
+    assert limit() == int(0.75 * card) and limit(XLA_CLIENT_MEM_FRACTION=".9") == int(0.9 * card)
+    assert limit(XLA_CLIENT_MEM_FRACTION="0.5-0.85") == int(0.85 * card)  # newer XLA: the cap
+    assert limit(XLA_CLIENT_MEM_FRACTION="0.75+") == card
+    assert limit(XLA_PYTHON_CLIENT_ALLOCATOR="platform") == card
+    flag = "--xla_gpu_enable_triton_gemm=false --xla_gpu_memory_fraction_policy=0.6-0.95"
+    assert limit(XLA_FLAGS=flag, XLA_CLIENT_MEM_FRACTION=".5") == int(0.95 * card)
+    assert plan.memory_limit("v5p", {"XLA_CLIENT_MEM_FRACTION": ".5"})[0] == 95 * 2**30
+    with pytest.raises(ConfigError, match="XLA_PYTHON_CLIENT_MEM_FRACTION='most': expected"):
+        limit(XLA_PYTHON_CLIENT_MEM_FRACTION="most")
+    with pytest.raises(ConfigError, match="policy='0.5-0': the pool would hold nothing"):
+        limit(XLA_FLAGS="--xla_gpu_memory_fraction_policy=0.5-0")
+
+
 def test_vit_step_on_a_gpu_keeps_the_stream_batch_major_and_pads_each_tower_once(h200):
     """The ViT's learned positions are summed over the batch in the backward pass. As a
     reduction, XLA's GPU compiler lays the backward residual stream out batch-minor
