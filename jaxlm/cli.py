@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     for noisy in ("absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # gcsfs logs each error it then raises with its traceback (logger.exception): the raise
+    # reaches the user once, as jaxlm's one line or a traceback; its warnings stay
+    logging.getLogger("gcsfs").addFilter(lambda record: not record.exc_info)
     try:
         return _run(args)
     except Exception as e:
@@ -180,6 +183,22 @@ def _said(error: Exception) -> int | None:
     if isinstance(error, ConfigError):
         print(f"jaxlm: error: {error}", file=sys.stderr)
         return 2
+    unreachable = _storage_unreachable(error)
+    if unreachable:
+        argv = sys.argv[1:]
+        paths = [
+            f"{argv[i - 1]} {a}" if i and argv[i - 1].startswith("--") else a
+            for i, a in enumerate(argv)
+            if "gs://" in a
+        ]
+        print(
+            f"jaxlm: error: Google Cloud Storage not reachable ({unreachable}; gcsfs gave up "
+            "after its retries). A gs:// path needs the network and credentials, or "
+            "STORAGE_EMULATOR_HOST naming a running emulator"
+            + (f". This run's gs:// arguments: {' '.join(paths)}" if paths else ""),
+            file=sys.stderr,
+        )
+        return 1
     if "RESOURCE_EXHAUSTED" not in str(error):
         return None
     print(
@@ -189,6 +208,19 @@ def _said(error: Exception) -> int | None:
         file=sys.stderr,
     )
     return 1
+
+
+def _storage_unreachable(error: BaseException) -> str | None:
+    """What a failed connection to a storage server said, where one is behind `error`: gcsfs
+    (etils.epath's gs:// paths) raises aiohttp's connection errors after about 35 s of
+    retries, with 200 lines of asyncio traceback that do not say which storage."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and type(error).__module__.startswith("aiohttp"):
+            return str(error)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _leave_now(rc: int) -> NoReturn:

@@ -1,9 +1,12 @@
 """Each user mistake gets a message naming the thing at fault, and no traceback."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import ROOT, load_tiny, losses, tiny_overrides
+from conftest import ROOT, load_tiny, losses, tiny_overrides, xla_flags
 
 from jaxlm import cli
 from jaxlm.config import ConfigError
@@ -116,3 +119,29 @@ def test_clip_refuses_text_data_files(tmp_path):
 def test_bench_needs_a_positive_number_of_steps(capsys, data):
     err = cli_error(capsys, "bench", GPT, "--steps", "0", *data)
     assert "bench: --steps must be a positive number, got 0" in err
+
+
+def test_storage_that_cannot_be_reached_is_one_line_naming_the_gs_paths(tmp_path):
+    """A gs:// path with no GCS to reach (no network; here an emulator address where nothing
+    listens): gcsfs retries for about 35 s, then raises aiohttp's connection error under 200
+    lines of asyncio traceback, which gcsfs also logs. jaxlm says it in one line, with the
+    run's gs:// arguments, and exits 1; the local workdir holds no checkpoint."""
+    import portpicker
+
+    env = dict(os.environ, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", XLA_FLAGS=xla_flags(8))
+    env["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{portpicker.pick_unused_port()}"
+    argv = ["train", GPT, "--workdir", str(tmp_path), *tiny_overrides()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxlm.cli", *argv, "data.files=gs://jaxlm-none/a.txt"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("jaxlm: error: Google Cloud Storage not reachable (Cannot connect"), last
+    assert last.endswith("This run's gs:// arguments: data.files=gs://jaxlm-none/a.txt"), last
+    assert not list(tmp_path.glob("checkpoints/*")), list(tmp_path.glob("checkpoints/*"))
