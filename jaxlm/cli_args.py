@@ -149,7 +149,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     dp.add_argument(
         "inputs",
         nargs="*",
-        help=".txt .jsonl .jsonl.gz .jsonl.zst .parquet files, "
+        help=".txt(.gz/.zst) .jsonl(.gz/.zst) .parquet files, "
         "globs or URLs, or tfds:NAME[:DATA_DIR]",
     )
     dp.add_argument(

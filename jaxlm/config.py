@@ -77,7 +77,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # Prepared directories (`jaxlm data prepare`) or text files / globs (.txt, .jsonl,
-    # .jsonl.gz, .jsonl.zst, .parquet; prepared into WORKDIR/prepared once); () = built-in.
+    # .txt.gz, .txt.zst, .jsonl.gz, .jsonl.zst, .parquet; prepared into WORKDIR/prepared once);
+    # () = built-in.
     files: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()  # mixture weights, one per files entry; () = by tokens
     tokenizer: str = ""  # .model / tokenizer.json; "" = a prepared entry's, or train one

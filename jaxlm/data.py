@@ -72,6 +72,18 @@ def is_prepared(entry: str) -> bool:
     )
 
 
+def _none_held_out(entry: str, path, manifest: dict) -> str:
+    """Why a data.files entry (prepared at `path`) has no held-out rows: each document goes to
+    held-out with probability fraction, so a fraction of 0, or a few documents at a small one,
+    gives none."""
+    name = entry if entry == str(path) else f"{entry} (prepared in {path})"
+    fraction = manifest.get("held_out", {}).get("fraction")
+    documents = manifest.get("documents")
+    if fraction is None or documents is None:  # a manifest written before both were recorded
+        return f"{name}: none held out"
+    return f"{name}: 0 of {documents:,} documents held out at fraction {fraction:g}"
+
+
 def entry_files(entry: str, key: str = "data.files") -> list[str]:
     """The files of a text entry (a glob, a path or a URL), each checked to exist: a listing
     and a stat, nothing read. `key` names where the entry came from, for the error."""
@@ -315,10 +327,14 @@ class TextData:
         for k in sorted(set(range(len(self.sources))) - set(held)):
             log.info("%s has no held-out rows: not evaluated", self.sources[k].path)
         if not held:
+            each = "; ".join(
+                _none_held_out(entry, s.path, s.manifest)
+                for entry, s in zip(entries(self.cfg.data), self.sources, strict=True)
+            )
             raise ConfigError(
-                f"train.eval_steps={steps}, but {', '.join(str(s.path) for s in self.sources)} "
-                "hold no held-out rows (prepared with --eval-fraction 0): prepare with "
-                "--eval-fraction above 0, or set train.eval_steps=0"
+                f"train.eval_steps={steps}, but no data.files entry has held-out rows ({each}): "
+                "hold more out (data.eval_fraction for text files, `jaxlm data prepare "
+                "--eval-fraction` for prepared ones), or set train.eval_steps=0"
             )
         names = [entry_name(e) for e in entries(self.cfg.data)]
         names = [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]

@@ -1,7 +1,8 @@
 """Text inputs of `jaxlm data prepare` and of raw `data.files`: which files an entry names,
 how they are cut into work units, and the documents of a unit.
 
-Kinds: `.txt` (blank-line separated paragraphs grouped into documents of about DOC_CHARS),
+Kinds: `.txt` / `.txt.gz` / `.txt.zst` (blank-line separated paragraphs grouped into
+documents of about DOC_CHARS; a file of any other name is read as `.txt`),
 `.jsonl` / `.jsonl.gz` / `.jsonl.zst` (one JSON object per line, its `text_field`),
 `.parquet` (the `text_field` column), and `tfds:NAME[:DATA_DIR]` (read with
 `tfds.data_source`, no TensorFlow). Paths, globs and URLs go through etils.epath, so
@@ -27,7 +28,18 @@ from jaxlm.config import ConfigError
 UNIT_BYTES = 64 << 20  # text per work unit (and shard) of an uncompressed input
 TFDS_UNIT = 100_000  # records per work unit of a TFDS input
 DOC_CHARS = 4096  # .txt inputs: blank-line separated paragraphs grouped into ~this many chars
-TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+COMPRESSED = (".gz", ".zst")  # one work unit a file: no seeking into the stream
+# the first bytes of compressed and archive files, which a plain-text read would decode to noise
+MAGIC = {
+    b"\x1f\x8b": "gzip-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"PK\x03\x04": "a zip archive",
+    b"7z\xbc\xaf\x27\x1c": "a 7z archive",
+}
+SNIFF_BYTES = 4096
 
 
 def is_remote(path: str) -> bool:
@@ -67,7 +79,7 @@ def expand(entry: str) -> list[str]:
 def kind_of(path: str) -> str:
     if path.startswith("tfds:"):
         return "tfds"
-    for suffix in (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet"):
+    for suffix in sorted(TEXT_SUFFIXES, key=len, reverse=True):  # .jsonl.gz before .jsonl
         if path.endswith(suffix):
             return suffix[1:]
     return "txt"
@@ -107,7 +119,7 @@ def plan_units(inputs: list[str], unit_bytes: int | None = None) -> list[Unit]:
                 with p.open("rb") as f:
                     n = pq.ParquetFile(f).num_row_groups
                 units += [Unit(path, kind, g, g + 1) for g in range(n)]
-            elif kind in ("jsonl.gz", "jsonl.zst"):
+            elif kind.endswith(COMPRESSED):
                 units.append(Unit(path, kind, 0, -1))
             else:
                 size = p.stat().length
@@ -132,13 +144,15 @@ def _boundary(f, pos: int, paragraphs: bool) -> int:
 def _lines(unit: Unit) -> Iterator[str]:
     raw = epath.Path(unit.path).open("rb")
     with raw:
-        if unit.kind == "jsonl.gz":
+        if unit.kind.endswith(".gz"):
             stream = gzip.GzipFile(fileobj=raw)
-        elif unit.kind == "jsonl.zst":
+        elif unit.kind.endswith(".zst"):
             import zstandard
 
             stream = zstandard.ZstdDecompressor().stream_reader(raw)
         else:
+            if unit.start == 0:  # a file's first unit: is it text at all?
+                check_text(unit.path, raw.read(SNIFF_BYTES))
             paragraphs = unit.kind == "txt"
             start = _boundary(raw, unit.start, paragraphs)
             stop = _boundary(raw, unit.stop, paragraphs) if unit.stop < _size(raw) else None
@@ -152,6 +166,24 @@ def _lines(unit: Unit) -> Iterator[str]:
                 yield line.decode("utf-8", errors="replace")
             return
         yield from io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+
+
+def check_text(path: str, head: bytes) -> None:
+    """Refuse a plain-text input whose first bytes are not text. Read as UTF-8 with errors
+    replaced, a compressed file or an archive would train the tokenizer and the model on
+    noise, silently."""
+    kinds = ", ".join(TEXT_SUFFIXES)
+    for magic, what in MAGIC.items():
+        if head.startswith(magic):
+            raise ConfigError(
+                f"{path}: {what}, not text (read as {kind_of(path)} by its name). jaxlm reads "
+                f"{kinds}: rename a gzip or zstd file to its kind's suffix, or decompress it"
+            )
+    if b"\x00" in head:
+        raise ConfigError(
+            f"{path}: binary data (a NUL byte in its first {len(head):,} bytes), not UTF-8 text "
+            f"(read as {kind_of(path)} by its name); jaxlm reads {kinds}"
+        )
 
 
 def _size(f) -> int:
@@ -181,7 +213,7 @@ def paragraph_documents(lines, doc_chars: int = DOC_CHARS) -> Iterator[str]:
 
 def documents(unit: Unit, text_field: str = "text") -> Iterator[str]:
     """The texts of a unit; a record without the text field is an error naming the file."""
-    if unit.kind == "txt":
+    if unit.kind.startswith("txt"):
         yield from paragraph_documents(_lines(unit))
     elif unit.kind == "parquet":
         import pyarrow.parquet as pq

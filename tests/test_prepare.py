@@ -4,6 +4,7 @@ and damaged shards or a foreign tokenizer named in the error."""
 import gzip
 import json
 import logging
+import zipfile
 
 import numpy as np
 import pytest
@@ -78,6 +79,44 @@ def test_every_format_keeps_every_document(tmp_path, tok, name):
     assert len(got) == m["train"]["documents"] and set(got) <= expected
     counts = np.load(out / "token_counts.npy")
     assert counts.sum() == m["train"]["tokens"]
+
+
+def test_compressed_text_is_read_and_text_that_is_not_text_is_refused(tmp_path, tok):
+    """A play as .txt, .txt.gz and .txt.zst gives the same documents. A compressed file or an
+    archive under a plain name, or binary data, read as UTF-8 with errors replaced would train
+    the tokenizer and model on noise: refused, naming the file, with no shard of it written,
+    in `jaxlm data prepare` and in `jaxlm train` with raw data.files."""
+    text = PLAYS[0].read_bytes()
+    plain = tmp_path / "play.txt"
+    plain.write_bytes(text)
+    (tmp_path / "play.txt.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "play.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(text))
+    docs = {}
+    for name in ("play.txt", "play.txt.gz", "play.txt.zst"):
+        (unit,) = inputs.plan_units([str(tmp_path / name)], unit_bytes=len(text) + 1)
+        docs[name] = list(inputs.documents(unit))
+    assert len(docs["play.txt"]) > 20
+    assert docs["play.txt.gz"] == docs["play.txt"] == docs["play.txt.zst"]
+
+    (tmp_path / "play.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "play.md").write_bytes(zstandard.ZstdCompressor().compress(text))
+    with zipfile.ZipFile(tmp_path / "plays.jsonl", "w") as z:  # an archive under a text name
+        z.writestr("play.txt", text)
+    (tmp_path / "utf16.txt").write_bytes(text[:3000].decode().encode("utf-16"))
+    refused = {
+        "play.gz": r"play.gz: gzip-compressed, not text \(read as txt by its name\)",
+        "play.md": r"play.md: zstd-compressed, not text",
+        "plays.jsonl": r"plays.jsonl: a zip archive, not text \(read as jsonl by its name\)",
+        "utf16.txt": r"utf16.txt: binary data \(a NUL byte in its first 4,096 bytes\)",
+    }
+    for name, why in refused.items():
+        out = tmp_path / f"out_{name}"
+        with pytest.raises(ConfigError, match=why):
+            prepare.prepare([str(plain), str(tmp_path / name)], tok, str(out), 64)
+        assert (out / "train-00000.array_record").exists()  # the play's unit
+        assert not (out / "train-00001.array_record").exists(), name
+    with pytest.raises(ConfigError, match=refused["play.gz"]):
+        train(_cfg("gpt", [str(tmp_path / "play.gz")]), tmp_path / "run")
 
 
 def test_units_split_files_at_record_boundaries(tmp_path, tok, monkeypatch):
@@ -321,10 +360,16 @@ def test_a_directory_without_held_out_rows_trains_with_eval_steps_0(tok, tmp_pat
     assert result["loss"] > 0 and not any(k.startswith("eval_") for k in result)
     with pytest.raises(
         ConfigError,
-        match=rf"train.eval_steps=2, but {out} hold no held-out .*"
-        r"--eval-fraction 0",
+        match=rf"train.eval_steps=2, but no data.files entry has held-out rows \({out}: 0 of "
+        r"200 documents held out at fraction 0\): hold more out .* or set train.eval_steps=0",
     ):
         train(_cfg("gpt", [str(out)], **{"train.steps": 2}), tmp_path / "with_eval")
+    # a text file of 3 documents prepared at the first start: each held out with probability
+    # data.eval_fraction (0.02), none was
+    few = _write(tmp_path / "few.jsonl", _documents(n=3))
+    why = rf"{few} \(prepared in .*\): 0 of 3 documents held out at fraction 0.02\)"
+    with pytest.raises(ConfigError, match=why):
+        train(_cfg("gpt", [few], **{"train.steps": 2, "data.eval_fraction": 0.02}), tmp_path / "f")
 
 
 def test_a_mixture_is_evaluated_on_each_entry_and_weighted(two_dirs, tmp_path):
