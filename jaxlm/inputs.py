@@ -32,12 +32,12 @@ TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.z
 COMPRESSED = (".gz", ".zst")  # one work unit a file: no seeking into the stream
 # the first bytes of compressed and archive files, which a plain-text read would decode to noise
 MAGIC = {
-    b"\x1f\x8b": "gzip-compressed",
-    b"\x28\xb5\x2f\xfd": "zstd-compressed",
-    b"BZh": "bzip2-compressed",
-    b"\xfd7zXZ\x00": "xz-compressed",
-    b"PK\x03\x04": "a zip archive",
-    b"7z\xbc\xaf\x27\x1c": "a 7z archive",
+    rb"\x1f\x8b": "gzip-compressed",
+    rb"\x28\xb5\x2f\xfd": "zstd-compressed",
+    rb"BZh[1-9]1AY&SY": "bzip2-compressed",  # "BZh" alone could begin a text
+    rb"\xfd7zXZ\x00": "xz-compressed",
+    rb"PK\x03\x04": "a zip archive",
+    rb"7z\xbc\xaf\x27\x1c": "a 7z archive",
 }
 SNIFF_BYTES = 4096
 
@@ -174,7 +174,7 @@ def check_text(path: str, head: bytes) -> None:
     noise, silently."""
     kinds = ", ".join(TEXT_SUFFIXES)
     for magic, what in MAGIC.items():
-        if head.startswith(magic):
+        if re.match(magic, head):
             raise ConfigError(
                 f"{path}: {what}, not text (read as {kind_of(path)} by its name). jaxlm reads "
                 f"{kinds}: rename a gzip or zstd file to its kind's suffix, or decompress it"

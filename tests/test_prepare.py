@@ -1,6 +1,7 @@
 """Prepared token shards: every input format, resumable preparation, mixtures, any host count,
 and damaged shards or a foreign tokenizer named in the error."""
 
+import bz2
 import gzip
 import json
 import logging
@@ -102,11 +103,13 @@ def test_compressed_text_is_read_and_text_that_is_not_text_is_refused(tmp_path, 
     (tmp_path / "play.md").write_bytes(zstandard.ZstdCompressor().compress(text))
     with zipfile.ZipFile(tmp_path / "plays.jsonl", "w") as z:  # an archive under a text name
         z.writestr("play.txt", text)
+    (tmp_path / "play.txt.bz2").write_bytes(bz2.compress(text))
     (tmp_path / "utf16.txt").write_bytes(text[:3000].decode().encode("utf-16"))
     refused = {
         "play.gz": r"play.gz: gzip-compressed, not text \(read as txt by its name\)",
         "play.md": r"play.md: zstd-compressed, not text",
         "plays.jsonl": r"plays.jsonl: a zip archive, not text \(read as jsonl by its name\)",
+        "play.txt.bz2": r"play.txt.bz2: bzip2-compressed, not text \(read as txt by its name\)",
         "utf16.txt": r"utf16.txt: binary data \(a NUL byte in its first 4,096 bytes\)",
     }
     for name, why in refused.items():
@@ -115,6 +118,7 @@ def test_compressed_text_is_read_and_text_that_is_not_text_is_refused(tmp_path, 
             prepare.prepare([str(plain), str(tmp_path / name)], tok, str(out), 64)
         assert (out / "train-00000.array_record").exists()  # the play's unit
         assert not (out / "train-00001.array_record").exists(), name
+    inputs.check_text("notes.txt", b"BZh is how a bzip2 file begins, and so does this text")
     with pytest.raises(ConfigError, match=refused["play.gz"]):
         train(_cfg("gpt", [str(tmp_path / "play.gz")]), tmp_path / "run")
 
