@@ -226,7 +226,9 @@ def documents(unit: Unit, text_field: str = "text") -> Iterator[str]:
                     "choose one with --text-field"
                 )
             for g in range(unit.start, unit.stop):
-                yield from (t for t in pf.read_row_group(g, [text_field])[text_field].to_pylist())
+                texts = pf.read_row_group(g, [text_field])[text_field].to_pylist()
+                for j, text in enumerate(texts):
+                    yield _string(text, f"{unit.path}: row {j} of row group {g}", text_field)
     elif unit.kind == "tfds":
         source = _tfds_source(unit.path)
         for i in range(unit.start, unit.stop):
@@ -238,13 +240,23 @@ def documents(unit: Unit, text_field: str = "text") -> Iterator[str]:
         for i, line in enumerate(_lines(unit), 1):
             if not line.strip():
                 continue
+            where = f"{unit.path}: line {i} of the unit at byte {unit.start}"
             try:
-                yield json.loads(line)[text_field]
+                text = json.loads(line)[text_field]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ConfigError(
-                    f"{unit.path}: line {i} of the unit at byte {unit.start} is not a JSON "
-                    f"object with a {text_field!r} field"
+                    f"{where} is not a JSON object with a {text_field!r} field"
                 ) from None
+            yield _string(text, where, text_field)
+
+
+def _string(text, where: str, text_field: str) -> str:
+    """A record's text as the tokenizer takes it: a string. A null, a number or a list there
+    is an error naming the record (sentencepiece's own TypeError names neither)."""
+    if isinstance(text, str):
+        return text
+    shown = "null" if text is None else f"{repr(text)[:40]} ({type(text).__name__})"
+    raise ConfigError(f"{where}: its {text_field!r} field is {shown}, not a string")
 
 
 def _tfds_source(spec: str):

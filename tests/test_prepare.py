@@ -123,6 +123,25 @@ def test_compressed_text_is_read_and_text_that_is_not_text_is_refused(tmp_path, 
         train(_cfg("gpt", [str(tmp_path / "play.gz")]), tmp_path / "run")
 
 
+def test_a_record_whose_text_is_not_a_string_is_named(tmp_path, tok):
+    """A null, a number or a list where the text field should be: an error naming the file and
+    record (sentencepiece's TypeError named neither), never a document made of it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shown = {"null": "null", "42": r"42 \(int\)", '["a", "b"]': r"\['a', 'b'\] \(list\)"}
+    for k, (value, said) in enumerate(shown.items()):
+        path = tmp_path / f"bad{k}.jsonl"
+        path.write_text(f'{{"text": "a play"}}\n\n{{"text": {value}}}\n')
+        where = rf"bad{k}.jsonl: line 3 of the unit at byte 0"
+        with pytest.raises(ConfigError, match=rf"{where}: its 'text' field is {said}, not a str"):
+            prepare.prepare([str(path)], tok, str(tmp_path / f"out{k}"), 64)
+    pq.write_table(pa.table({"text": ["one", None, "three"]}), tmp_path / "gap.parquet")
+    (unit,) = inputs.plan_units([str(tmp_path / "gap.parquet")])
+    with pytest.raises(ConfigError, match=r"gap.parquet: row 1 of row group 0: its 'text' field"):
+        list(inputs.documents(unit))
+
+
 def test_units_split_files_at_record_boundaries(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(inputs, "UNIT_BYTES", 20_000)
     docs = _documents(n=400)
