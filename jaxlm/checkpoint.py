@@ -115,7 +115,9 @@ def retention(cfg: CheckpointConfig) -> ocp.checkpoint_managers.PreservationPoli
 
 
 class Checkpointer:
-    def __init__(self, workdir: str | os.PathLike, cfg: CheckpointConfig):
+    def __init__(self, workdir: str | os.PathLike, cfg: CheckpointConfig, create: bool = True):
+        """create=False: only read (eval, generate, a tokenizer or --init-from source), so a
+        mistyped workdir is an error naming it, not a new empty WORKDIR/checkpoints."""
         _register_array_handler()
         self.workdir = workdir_path(workdir)
         if is_remote(str(self.workdir)):
@@ -128,7 +130,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=retention(cfg),
             enable_async_checkpointing=cfg.async_save,
-            create=True,
+            create=create,
         )
         handlers = {
             "state": ocp.StandardCheckpointHandler(use_ocdbt=cfg.ocdbt),
@@ -260,12 +262,13 @@ def stored(
 ) -> tuple[Checkpointer, int, Config, Any]:
     """(checkpointer, step, config, tokenizer) of a workdir's checkpoint `step` (None: the
     newest); errors start with `what` (e.g. "--init-from W: ")."""
-    ckpt = Checkpointer(workdir, CheckpointConfig(async_save=False))
+    ckpt = Checkpointer(workdir, CheckpointConfig(async_save=False), create=False)
     steps = ckpt.steps()
     if not steps or (step is not None and step not in steps):
         ckpt.close()
         if not steps:
-            raise ConfigError(f"{what}no checkpoint in {ckpt.root}")
+            missing = "" if ckpt.workdir.exists() else f" ({ckpt.workdir} does not exist)"
+            raise ConfigError(f"{what}no checkpoint in {ckpt.root}{missing}")
         raise ConfigError(f"{what}no checkpoint step {step} in {ckpt.root}; steps: {sorted(steps)}")
     step = steps[0] if step is None else step
     cfg, tokenizer = ckpt.restore_meta(step)

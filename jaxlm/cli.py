@@ -74,7 +74,7 @@ def load_tokenizer(spec: str) -> AnyTokenizer:
         from jaxlm.checkpoint import Checkpointer
         from jaxlm.config import CheckpointConfig
 
-        ckpt = Checkpointer(spec, CheckpointConfig(async_save=False))
+        ckpt = Checkpointer(spec, CheckpointConfig(async_save=False), create=False)
         steps = ckpt.steps()
         if not steps:
             raise ConfigError(

@@ -175,7 +175,7 @@ def import_hf(src: str | Path, workdir: str | Path, overrides: list[str] = ()) -
     src = Path(src)
     if not src.is_dir():
         raise ConfigError(f"Hugging Face model directory {str(src)!r} not found")
-    existing = Checkpointer(workdir, CheckpointConfig(async_save=False))
+    existing = Checkpointer(workdir, CheckpointConfig(async_save=False), create=False)
     steps = existing.steps()
     existing.close()
     if steps:  # a step 0 among another run's steps would be neither run's start

@@ -13,6 +13,7 @@ from jaxlm.config import ConfigError
 from jaxlm.train import train
 
 GPT = str(ROOT / "configs/gpt.py:tiny")
+PLAY = str(ROOT / "jaxlm/corpus/othello.txt")
 
 
 def cli_error(capsys, *args) -> str:
@@ -145,3 +146,19 @@ def test_storage_that_cannot_be_reached_is_one_line_naming_the_gs_paths(tmp_path
     assert last.startswith("jaxlm: error: Google Cloud Storage not reachable (Cannot connect"), last
     assert last.endswith("This run's gs:// arguments: data.files=gs://jaxlm-none/a.txt"), last
     assert not list(tmp_path.glob("checkpoints/*")), list(tmp_path.glob("checkpoints/*"))
+
+
+def test_reading_a_workdir_that_is_not_there_creates_nothing(tmp_path, capsys):
+    """eval, generate and a --tokenizer directory only read: a mistyped workdir is an error
+    naming it, and no WORKDIR/checkpoints is left behind (Orbax's manager made one)."""
+    missing = tmp_path / "no_such_run"
+    for command in (["eval", str(missing)], ["generate", str(missing), "--prompt", "To"]):
+        err = cli_error(capsys, *command)
+        assert f"no checkpoint in {missing}/checkpoints ({missing} does not exist)" in err
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    out = str(tmp_path / "out")
+    err = cli_error(capsys, "data", "prepare", PLAY, "--tokenizer", str(notes), "--out", out)
+    assert f"--tokenizer '{notes}': a directory with no checkpoint and no tokenizer" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+    assert not list(notes.iterdir())
