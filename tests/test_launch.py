@@ -43,3 +43,18 @@ def test_tpu_pod_sends_the_checkout_not_its_venvs_and_each_argument_as_given(tmp
         env={**env, "HOME": str(tmp_path)},
     )
     assert printed.stdout.splitlines()[-len(args) - 2 :] == ["train", *args, "--distributed"]
+
+
+def test_local_launch_refuses_a_process_count_that_is_not_a_count(tmp_path):
+    """launch/local.sh 0 ... started no process and exited 0, as if the job had run; a count
+    left out took the subcommand for it. Both stop, naming what was given."""
+    for given in (["0", "train", "configs/gpt.py:tiny"], ["train", "configs/gpt.py:tiny"]):
+        proc = subprocess.run(
+            ["bash", str(ROOT / "launch/local.sh"), *given],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert f"NUM_PROCESSES must be a positive integer, got '{given[0]}'" in proc.stderr
