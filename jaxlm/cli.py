@@ -178,26 +178,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _said(error: Exception) -> int | None:
-    """Print a user's mistake or an out-of-memory error in one line; its exit status, or None
-    for anything else (a traceback is then the useful report)."""
+    """Print a user's mistake, Cloud Storage out of reach or refusing, or an out-of-memory
+    error in one line; its exit status, or None for anything else (a traceback is then the
+    useful report)."""
     if isinstance(error, ConfigError):
         print(f"jaxlm: error: {error}", file=sys.stderr)
         return 2
-    unreachable = _storage_unreachable(error)
-    if unreachable:
+    storage = _storage_error(error)
+    if storage:
         argv = sys.argv[1:]
         paths = [
             f"{argv[i - 1]} {a}" if i and argv[i - 1].startswith("--") else a
             for i, a in enumerate(argv)
             if "gs://" in a
         ]
-        print(
-            f"jaxlm: error: Google Cloud Storage not reachable ({unreachable}; gcsfs gave up "
-            "after its retries). A gs:// path needs the network and credentials, or "
-            "STORAGE_EMULATOR_HOST naming a running emulator"
-            + (f". This run's gs:// arguments: {' '.join(paths)}" if paths else ""),
-            file=sys.stderr,
-        )
+        named = f". This run's gs:// arguments: {' '.join(paths)}" if paths else ""
+        print(f"jaxlm: error: Google Cloud Storage {storage}{named}", file=sys.stderr)
         return 1
     if "RESOURCE_EXHAUSTED" not in str(error):
         return None
@@ -210,15 +206,26 @@ def _said(error: Exception) -> int | None:
     return 1
 
 
-def _storage_unreachable(error: BaseException) -> str | None:
-    """What a failed connection to a storage server said, where one is behind `error`: gcsfs
-    (etils.epath's gs:// paths) raises aiohttp's connection errors after about 35 s of
-    retries, with 200 lines of asyncio traceback that do not say which storage."""
+def _storage_error(error: BaseException) -> str | None:
+    """What went wrong with Google Cloud Storage, where that is behind `error`, as the rest of a
+    line: gcsfs (etils.epath's gs:// paths) raises it under 50-200 lines of asyncio traceback
+    that do not say it is the storage, after about 35 s of retries where it retries."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and type(error).__module__.startswith("aiohttp"):
-            return str(error)
+        module = type(error).__module__
+        if isinstance(error, OSError) and module.startswith("aiohttp"):
+            return (
+                f"not reachable ({error}; gcsfs gave up after its retries). A gs:// path "
+                "needs the network, or STORAGE_EMULATOR_HOST naming a running emulator"
+            )
+        forbidden = isinstance(error, OSError) and str(error).startswith("Forbidden: ")
+        if forbidden or (module.startswith("gcsfs") and getattr(error, "code", 0) in (401, 403)):
+            said = " ".join(str(error).split())[:300]
+            return (
+                f"refused access ({said}). Credentials: `gcloud auth application-default "
+                "login`, or a service account that may read the bucket (and write a workdir)"
+            )
         error = error.__cause__ or error.__context__
     return None
 

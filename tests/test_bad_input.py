@@ -1,9 +1,12 @@
 """Each user mistake gets a message naming the thing at fault, and no traceback."""
 
+import http.server
+import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import ROOT, load_tiny, losses, tiny_overrides, xla_flags
@@ -122,30 +125,70 @@ def test_bench_needs_a_positive_number_of_steps(capsys, data):
     assert "bench: --steps must be a positive number, got 0" in err
 
 
-def test_storage_that_cannot_be_reached_is_one_line_naming_the_gs_paths(tmp_path):
+class RefusingStorage(http.server.BaseHTTPRequestHandler):
+    """Google Cloud Storage's JSON API as it answers a caller without credentials."""
+
+    code = 403
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        message = "Anonymous caller does not have storage.objects.list access to the bucket."
+        body = json.dumps({"error": {"code": self.code, "message": message}}).encode()
+        self.send_response(self.code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_PUT = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_cloud_storage_out_of_reach_or_refusing_is_one_line_naming_the_gs_paths(tmp_path):
     """A gs:// path with no GCS to reach (no network; here an emulator address where nothing
     listens): gcsfs retries for about 35 s, then raises aiohttp's connection error under 200
-    lines of asyncio traceback, which gcsfs also logs. jaxlm says it in one line, with the
-    run's gs:// arguments, and exits 1; the local workdir holds no checkpoint."""
+    lines of asyncio traceback, which gcsfs also logs. A bucket that refuses the caller (no
+    credentials: 403, or 401, from a stand-in server): gcsfs's OSError or HttpError under 50.
+    jaxlm says each in one line, with the run's gs:// arguments, and exits 1; the local
+    workdir holds no checkpoint."""
     import portpicker
 
-    env = dict(os.environ, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", XLA_FLAGS=xla_flags(8))
-    env["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{portpicker.pick_unused_port()}"
-    argv = ["train", GPT, "--workdir", str(tmp_path), *tiny_overrides()]
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxlm.cli", *argv, "data.files=gs://jaxlm-none/a.txt"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
+    def run(storage: str, *args: str) -> str:
+        env = dict(os.environ, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", XLA_FLAGS=xla_flags(8))
+        env["STORAGE_EMULATOR_HOST"] = storage
+        argv = ["train", GPT, *tiny_overrides(), *args]
+        proc = subprocess.run(
+            [sys.executable, "-m", "jaxlm.cli", *argv],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        return proc.stderr.strip().splitlines()[-1]
+
+    nowhere = f"http://127.0.0.1:{portpicker.pick_unused_port()}"
+    files = "data.files=gs://jaxlm-none/a.txt"
+    last = run(nowhere, "--workdir", str(tmp_path), files)
     assert last.startswith("jaxlm: error: Google Cloud Storage not reachable (Cannot connect"), last
-    assert last.endswith("This run's gs:// arguments: data.files=gs://jaxlm-none/a.txt"), last
+    assert last.endswith(f"This run's gs:// arguments: {files}"), last
     assert not list(tmp_path.glob("checkpoints/*")), list(tmp_path.glob("checkpoints/*"))
+
+    for code, args in ((403, [files]), (401, ["--workdir", "gs://jaxlm-none/run"])):
+        RefusingStorage.code = code
+        server = http.server.HTTPServer(("127.0.0.1", 0), RefusingStorage)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            last = run(f"http://127.0.0.1:{server.server_port}", *args)
+        finally:
+            server.shutdown()
+        assert last.startswith("jaxlm: error: Google Cloud Storage refused access ("), last
+        assert "Anonymous caller does not have storage.objects.list access" in last, last
+        assert "Credentials: `gcloud auth application-default login`" in last, last
+        assert last.endswith(f"This run's gs:// arguments: {' '.join(args)}"), last
 
 
 def test_reading_a_workdir_that_is_not_there_creates_nothing(tmp_path, capsys):
