@@ -40,7 +40,12 @@ def read_config(src: Path) -> tuple[Architecture, dict]:
     file = src / "config.json"
     if not file.is_file():
         raise ConfigError(f"{src} has no config.json: not a Hugging Face model directory")
-    hf = json.loads(file.read_text())
+    try:
+        hf = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{file}: a JSON {type(hf).__name__}, expected an object")
     arch = ARCHITECTURES.get(hf.get("model_type"))
     if arch is None:
         raise ConfigError(
@@ -283,6 +288,13 @@ def export_hf(workdir: str | Path, out: str | Path, step: int | None = None) -> 
 
     from jaxlm.evaluate import load
 
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        held = "is a file" if not out.is_dir() else "is not empty"
+        raise ConfigError(
+            f"export hf --out {out}: {held}; export into a new or empty directory (export "
+            "writes config.json, model.safetensors and tokenizer files, and overwrites nothing)"
+        )
     loaded = load(workdir, step, params_only=True)
     arch = architecture_for(loaded.cfg)
     params = {
@@ -298,7 +310,6 @@ def export_hf(workdir: str | Path, out: str | Path, step: int | None = None) -> 
         "eos_token_id": tok.eos_id,
         "torch_dtype": "float32",
     }
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

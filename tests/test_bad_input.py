@@ -205,3 +205,23 @@ def test_reading_a_workdir_that_is_not_there_creates_nothing(tmp_path, capsys):
     assert f"--tokenizer '{notes}': a directory with no checkpoint and no tokenizer" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
     assert not list(notes.iterdir())
+
+
+def test_export_overwrites_nothing_and_import_names_a_broken_config(tiny_lm, tmp_path, capsys):
+    """export hf into a directory that holds files (another model, the workdir itself) would
+    replace its config.json, weights and tokenizer: refused, the files as they were. An
+    import whose config.json is not a JSON object names the file."""
+    held = tmp_path / "a_model"
+    held.mkdir()
+    (held / "config.json").write_text('{"model_type": "llama"}')
+    for out in (held, tiny_lm, held / "config.json"):
+        err = cli_error(capsys, "export", "hf", str(tiny_lm), "--out", str(out))
+        assert f"export hf --out {out}: " in err and "overwrites nothing" in err
+    assert sorted(p.name for p in held.iterdir()) == ["config.json"]
+    assert (held / "config.json").read_text() == '{"model_type": "llama"}'
+    assert not (tiny_lm / "config.json").exists()
+
+    for text, said in (("{model_type: gpt2}", "not JSON"), ("[1, 2]", "a JSON list")):
+        (held / "config.json").write_text(text)
+        err = cli_error(capsys, "import", "hf", str(held), "--out", str(tmp_path / "w"))
+        assert f"{held / 'config.json'}: {said}" in err
