@@ -301,6 +301,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "tokenizer":
         from jaxlm import data, tokenizer
 
+        if Path(args.out).exists():  # before the minutes of training, and never over a file
+            raise ConfigError(f"tokenizer train --out {args.out}: exists; choose a new path")
         texts = data.sample_texts(config.DataConfig(files=tuple(args.input)), "--input")
         tok = tokenizer.train(texts, args.vocab_size, args.model_type, key="--vocab-size")
         tok.save(args.out)

@@ -83,6 +83,13 @@ def test_tokenizer_training_names_its_own_flags(tmp_path, capsys):
         capsys, "tokenizer", "train", "--input", corpus, "--vocab-size", "5", "--out", out
     )
     assert "--vocab-size=5: training a sentencepiece model of that size failed" in err
+    mine = tmp_path / "mine.model"  # a file of the user's: never written over
+    mine.write_bytes(b"my tokenizer")
+    err = cli_error(
+        capsys, "tokenizer", "train", "--input", corpus, "--vocab-size", "300", "--out", str(mine)
+    )
+    assert f"tokenizer train --out {mine}: exists; choose a new path" in err
+    assert mine.read_bytes() == b"my tokenizer"
 
 
 def test_missing_tokenizer_file(tmp_path, capsys):
