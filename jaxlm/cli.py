@@ -324,6 +324,10 @@ def _eval(args: argparse.Namespace) -> None:
     if args.tasks:
         if args.limit is not None and args.limit <= 0:
             raise ConfigError(f"--limit must be a positive number of documents, got {args.limit}")
+        from etils import epath
+
+        if args.output and epath.Path(args.output).is_dir():  # found before the tasks run
+            raise ConfigError(f"--output {args.output}: a directory; name the JSON file to write")
         from jaxlm import harness  # lm-eval is an optional extra: a clear error before loading
 
         loaded = load(args.workdir, args.step, args.overrides, params_only=True)

@@ -294,7 +294,9 @@ def evaluate_tasks(
     if output and jax.process_index() == 0:
         from etils import epath
 
-        epath.Path(output).write_text(json.dumps(results, indent=1, default=_plain))
+        path = epath.Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=_plain))
     return task_metrics(results)
 
 

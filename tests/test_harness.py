@@ -79,10 +79,14 @@ def test_packed_scores_equal_one_request_per_row_and_the_model_itself(tiny_lm, m
 
 def test_shipped_tasks_through_the_harness(tiny_lm, capsys, tmp_path):
     """The three request types on the tiny model: one JSON line per task with its metrics and
-    their standard errors; the harness's full results in --output."""
-    out = tmp_path / "results.json"
-    argv = ["eval", str(tiny_lm), "--tasks", "plays_next_line,plays_passages,plays_complete_line"]
-    argv += ["--include-path", TASKS, "--limit", "6", "--output", str(out)]
+    their standard errors; the harness's full results in --output (its directory made). An
+    --output that is a directory is refused before the tasks run."""
+    tasks = ["eval", str(tiny_lm), "--tasks", "plays_next_line,plays_passages,plays_complete_line"]
+    argv = [*tasks, "--include-path", TASKS, "--limit", "6", "--output", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert f"--output {tmp_path}: a directory; name the JSON file" in capsys.readouterr().err
+    out = tmp_path / "eval" / "results.json"
+    argv[-1] = str(out)
     assert cli.main(argv) == 0
     lines = {r["task"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     mc, rolling, gen = (
