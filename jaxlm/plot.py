@@ -51,7 +51,16 @@ def plot(workdirs: list[str], out: str | Path) -> dict[str, list[str]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
 
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(out).is_dir():
+        raise ConfigError(f"--out {out}: a directory; name the image file to write")
+    if Path(out).suffix.lower()[1:] not in formats:
+        raise ConfigError(  # matplotlib would add .png to a name without one, or raise
+            f"--out {out}: expected the name of an image file, ending in one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
     runs = {_name(w): read_metrics(w) for w in workdirs}
     for w, records in zip(workdirs, runs.values(), strict=True):
         if not any(r["step"] > 0 for r in records):  # the start's baselines at most

@@ -54,3 +54,22 @@ def test_plot_names_a_directory_without_metrics(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "no training step yet: nothing to plot" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_out_must_name_an_image_file(tmp_path, capsys):
+    """matplotlib added .png to an --out without a suffix (a workdir given twice wrote
+    WORKDIR.png while the line said WORKDIR) and raised a ValueError for .txt; both are
+    refused, as is a directory, before anything is drawn."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    said = {
+        tmp_path: "a directory; name the image file to write",
+        tmp_path / "curves": "expected the name of an image file, ending in one of",
+        tmp_path / "curves.txt": "expected the name of an image file, ending in one of",
+    }
+    for out, why in said.items():
+        assert cli.main(["plot", str(tmp_path), "--out", str(out)]) == 2
+        assert f"--out {out}: {why}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.parent.glob(f"{tmp_path.name}*")) == [tmp_path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.svg")]) == 0
+    assert (tmp_path / "curves.svg").read_text().startswith("<?xml")
