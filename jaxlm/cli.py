@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 def _prepare(args: argparse.Namespace) -> None:
     """`jaxlm data prepare`: text inputs with a tokenizer, or --images."""
+    if args.workers < 1:
+        raise ConfigError(
+            f"--workers must be at least 1 (1: no worker processes), got {args.workers}"
+        )
     if args.images:
         from jaxlm import prepare_images
 

@@ -232,3 +232,12 @@ def test_export_overwrites_nothing_and_import_names_a_broken_config(tiny_lm, tmp
         (held / "config.json").write_text(text)
         err = cli_error(capsys, "import", "hf", str(held), "--out", str(tmp_path / "w"))
         assert f"{held / 'config.json'}: {said}" in err
+
+
+def test_prepare_needs_a_worker(tmp_path, capsys):
+    for workers in ("0", "-2"):
+        out = str(tmp_path / "out")
+        argv = ["data", "prepare", PLAY, "--tokenizer", "x.model", "--out", out]
+        err = cli_error(capsys, *argv, "--workers", workers)
+        assert f"--workers must be at least 1 (1: no worker processes), got {workers}" in err
+    assert not list(tmp_path.iterdir())
