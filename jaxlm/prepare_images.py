@@ -141,9 +141,10 @@ def prepare(
     """Prepare (or finish preparing) `out`; returns the manifest."""
     if image_size < 0 or min_size < 0:
         raise ConfigError(f"--image-size and --min-size must be >= 0, got {image_size}, {min_size}")
-    if eval_count < 0:
+    if eval_count < 0 or (eval_count >= 1 and eval_count != int(eval_count)):
         raise ConfigError(
-            f"--eval-count must be >= 0 (a count, or a fraction below 1), got {eval_count}"
+            f"--eval-count must be a count of pairs (a whole number) or a fraction below 1, "
+            f"got {eval_count}"
         )
     out_dir = epath.Path(out)
     units, unreadable = plan_units(inputs, tfds_split)

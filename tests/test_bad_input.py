@@ -241,3 +241,15 @@ def test_prepare_needs_a_worker(tmp_path, capsys):
         err = cli_error(capsys, *argv, "--workers", workers)
         assert f"--workers must be at least 1 (1: no worker processes), got {workers}" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_image_eval_count_is_a_whole_count_or_a_fraction(tmp_path, capsys):
+    """--eval-count 1.5 held out 1 pair: neither the count nor the fraction it could mean."""
+    for count in ("1.5", "-3"):
+        out = str(tmp_path / "out")
+        err = cli_error(
+            capsys, "data", "prepare", "--images", "digits", "--out", out, "--eval-count", count
+        )
+        said = "--eval-count must be a count of pairs (a whole number) or a fraction below 1"
+        assert f"{said}, got {float(count)}" in err
+    assert not list(tmp_path.iterdir())
