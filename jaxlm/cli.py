@@ -256,6 +256,12 @@ def _run(args: argparse.Namespace) -> int:
 
         distributed.init(getattr(args, "heartbeat_timeout", 100))
 
+    profile = getattr(args, "profile", None)
+    if profile:  # jax.profiler would raise at the trace's end, steps into the run
+        from etils import epath
+
+        if epath.Path(profile).exists() and not epath.Path(profile).is_dir():
+            raise ConfigError(f"--profile {profile}: a file; name a directory for the trace")
     if args.command == "train":
         from jaxlm.train import train
 

@@ -253,3 +253,15 @@ def test_image_eval_count_is_a_whole_count_or_a_fraction(tmp_path, capsys):
         said = "--eval-count must be a count of pairs (a whole number) or a fraction below 1"
         assert f"{said}, got {float(count)}" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_profile_into_a_file_is_refused_before_the_run(tmp_path, capsys):
+    """jax.profiler raised at the end of the traced steps, a traceback in the middle of a run,
+    when --profile named a file."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for command in (["train", GPT, "--workdir", str(tmp_path / "w")], ["bench", GPT]):
+        err = cli_error(capsys, *command, "--profile", str(notes))
+        assert f"--profile {notes}: a file; name a directory for the trace" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert notes.read_text() == "mine"
