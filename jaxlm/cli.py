@@ -262,6 +262,7 @@ def _run(args: argparse.Namespace) -> int:
 
         if epath.Path(profile).exists() and not epath.Path(profile).is_dir():
             raise ConfigError(f"--profile {profile}: a file; name a directory for the trace")
+
     if args.command == "train":
         from jaxlm.train import train
 
