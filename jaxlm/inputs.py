@@ -2,7 +2,8 @@
 how they are cut into work units, and the documents of a unit.
 
 Kinds: `.txt` / `.txt.gz` / `.txt.zst` (blank-line separated paragraphs grouped into
-documents of about DOC_CHARS; a file of any other name is read as `.txt`),
+documents of about DOC_CHARS, a longer paragraph cut at a line end; a file of any other name
+is read as `.txt`),
 `.jsonl` / `.jsonl.gz` / `.jsonl.zst` (one JSON object per line, its `text_field`),
 `.parquet` (the `text_field` column), and `tfds:NAME[:DATA_DIR]` (read with
 `tfds.data_source`, no TensorFlow). Paths, globs and URLs go through etils.epath, so
@@ -28,6 +29,8 @@ from jaxlm.config import ConfigError
 UNIT_BYTES = 64 << 20  # text per work unit (and shard) of an uncompressed input
 TFDS_UNIT = 100_000  # records per work unit of a TFDS input
 DOC_CHARS = 4096  # .txt inputs: blank-line separated paragraphs grouped into ~this many chars
+# .txt inputs: how far a unit's boundary looks for a blank line before it cuts at a line end
+PARAGRAPH_SCAN = 1 << 20
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 COMPRESSED = (".gz", ".zst")  # one work unit a file: no seeking into the stream
 # the first bytes of compressed and archive files, which a plain-text read would decode to noise
@@ -130,13 +133,17 @@ def plan_units(inputs: list[str], unit_bytes: int | None = None) -> list[Unit]:
 
 def _boundary(f, pos: int, paragraphs: bool) -> int:
     """The first record start at or after pos: after the next newline (jsonl) or the next
-    blank line (txt, whose documents are paragraphs). Units split at the same boundaries."""
+    blank line (txt, whose documents are paragraphs), or, where no blank line comes within
+    PARAGRAPH_SCAN bytes, the line end past them: a file of lines with no blank line between
+    them is still cut into units (it was one unit, read by one worker). Units split at the
+    same boundaries: each is a function of pos alone."""
     if pos == 0:
         return 0
     f.seek(pos - 1)
     f.readline()
     if paragraphs:
-        while (line := f.readline()) and line.strip():
+        start = f.tell()
+        while f.tell() - start < PARAGRAPH_SCAN and (line := f.readline()) and line.strip():
             pass
     return f.tell()
 
@@ -194,15 +201,20 @@ def _size(f) -> int:
 
 
 def paragraph_documents(lines, doc_chars: int = DOC_CHARS) -> Iterator[str]:
-    """Blank-line separated paragraphs grouped into documents of about doc_chars."""
-    current, para = "", []
+    """Blank-line separated paragraphs grouped into documents of about doc_chars. A paragraph
+    that grows past doc_chars (lines with no blank line between them, as in a file of one
+    sentence or record a line) is cut at the line end there: it would otherwise be one
+    document, and held in memory, however large the file."""
+    current, para, size = "", [], 0
     for line in itertools.chain(lines, [""]):  # streamed: a unit is never held whole
         if line.strip():
             para.append(line.rstrip("\n"))
+            size += len(para[-1]) + 1
+            if size < doc_chars:
+                continue
+        elif not para:
             continue
-        if not para:
-            continue
-        text, para = "\n".join(para), []
+        text, para, size = "\n".join(para), [], 0
         if current and len(current) + len(text) > doc_chars:
             yield current
             current = ""

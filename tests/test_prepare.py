@@ -446,6 +446,23 @@ def test_start_up_on_prepared_text_reads_no_corpus_and_stats_no_shard(tmp_path, 
     assert len(shard_stats) == 1
 
 
+def test_a_text_without_blank_lines_is_cut_into_units_and_documents(tmp_path, monkeypatch):
+    """A .txt of one record a line and no blank line was one paragraph: one unit (the other
+    units' boundaries ran to the end of the file), one document the size of the file, held
+    in memory whole. Now units cut at a line end when no blank line comes within
+    PARAGRAPH_SCAN bytes, and documents at about DOC_CHARS: every line kept once, in order."""
+    monkeypatch.setattr(inputs, "PARAGRAPH_SCAN", 1000)
+    lines = [f"record {i}: " + "word " * 16 + "\n" for i in range(2000)]  # 186 kB
+    path = tmp_path / "records.txt"
+    path.write_text("".join(lines))
+    units = inputs.plan_units([str(path)], unit_bytes=20_000)
+    per_unit = [list(inputs.documents(u)) for u in units]
+    assert len(units) == 10 and all(per_unit), [len(d) for d in per_unit]
+    docs = [d for unit in per_unit for d in unit]
+    assert max(len(d) for d in docs) <= inputs.DOC_CHARS + len(lines[0])
+    assert "\n".join(docs) == "".join(lines).rstrip("\n")
+
+
 def test_paragraphs_are_streamed_not_materialised():
     def lines():
         yield from ["one\n", "\n", "two\n", "\n"] * 2000  # 16 KB of paragraphs, then trouble
