@@ -267,6 +267,13 @@ def _string(text, where: str, text_field: str) -> str:
     is an error naming the record (sentencepiece's own TypeError names neither)."""
     if isinstance(text, str):
         return text
+    if isinstance(text, bytes):  # a parquet binary column of text
+        try:
+            return text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{where}: its {text_field!r} field is bytes, not UTF-8 ({e})"
+            ) from None
     shown = "null" if text is None else f"{repr(text)[:40]} ({type(text).__name__})"
     raise ConfigError(f"{where}: its {text_field!r} field is {shown}, not a string")
 

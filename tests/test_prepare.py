@@ -140,6 +140,15 @@ def test_a_record_whose_text_is_not_a_string_is_named(tmp_path, tok):
     (unit,) = inputs.plan_units([str(tmp_path / "gap.parquet")])
     with pytest.raises(ConfigError, match=r"gap.parquet: row 1 of row group 0: its 'text' field"):
         list(inputs.documents(unit))
+    # a binary column of UTF-8 text is read as its text; bytes that are not UTF-8 are named
+    binary = pa.table({"text": pa.array(["één".encode(), b"two"], pa.binary())})
+    pq.write_table(binary, tmp_path / "binary.parquet")
+    (unit,) = inputs.plan_units([str(tmp_path / "binary.parquet")])
+    assert list(inputs.documents(unit)) == ["één", "two"]
+    pq.write_table(pa.table({"text": pa.array([b"\xff\xfe"], pa.binary())}), tmp_path / "b.parquet")
+    (unit,) = inputs.plan_units([str(tmp_path / "b.parquet")])
+    with pytest.raises(ConfigError, match=r"row 0 of row group 0: its 'text' field is bytes, not"):
+        list(inputs.documents(unit))
 
 
 def test_units_split_files_at_record_boundaries(tmp_path, tok, monkeypatch):
