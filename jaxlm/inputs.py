@@ -247,7 +247,7 @@ def documents(unit: Unit, text_field: str = "text") -> Iterator[str]:
             text = source[i].get(text_field)
             if text is None:
                 raise ConfigError(f"{unit.path}: record {i} has no field {text_field!r}")
-            yield text.decode() if isinstance(text, bytes) else str(text)
+            yield _string(text, f"{unit.path}: record {i}", text_field)
     else:
         for i, line in enumerate(_lines(unit), 1):
             if not line.strip():

@@ -374,6 +374,8 @@ def test_tfds_input_and_globs(tmp_path, tok, monkeypatch):
     assert m["documents"] == 300 and m["bytes"] == sum(len(c.encode()) for c in captions)
     with pytest.raises(ConfigError, match="record 0 has no field 'text'"):
         prepare.prepare([spec], tok, str(tmp_path / "out2"), 32)
+    with pytest.raises(ConfigError, match=r"record 0: its 'label' field is \d+ \(int\), not a"):
+        prepare.prepare([spec], tok, str(tmp_path / "out3"), 32, text_field="label")
 
     for name in ("a.jsonl", "b.jsonl", "c.txt"):
         _write(tmp_path / name, _documents(n=3))
