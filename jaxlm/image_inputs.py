@@ -155,7 +155,9 @@ def _tar_members(path: str) -> Iterator[Member]:
                 elif ext == ".txt":
                     current.caption = data.decode("utf-8", errors="replace").strip()
                 elif ext == ".cls":
-                    current.label = int(data.decode().strip())
+                    current.label = _class_number(data, path, m.name)
+    except ConfigError:
+        raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise ConfigError(
             f"{path}: truncated or damaged tar (after member {n}: {e}); replace the file and "
@@ -163,6 +165,18 @@ def _tar_members(path: str) -> Iterator[Member]:
         ) from None
     if current is not None:
         yield current
+
+
+def _class_number(data: bytes, path: str, member: str) -> int:
+    """A WebDataset `.cls` member: the class as a number (a damaged tar was said otherwise)."""
+    text = data.decode("utf-8", errors="replace").strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(
+            f"{path}: {member} holds {text[:40]!r}, not a class number (a .cls member is the "
+            "class's index, as img2dataset and WebDataset write it)"
+        ) from None
 
 
 def _parquet_members(unit: Unit, image_field: str, text_field: str) -> Iterator[Member]:

@@ -231,3 +231,20 @@ def test_data_workers_outside_the_contrastive_objective_is_refused():
         load_tiny("gpt", **{"data.workers": 2})
     with pytest.raises(ConfigError, match=r"data.workers=-1"):
         load_tiny("clip", **{"data.workers": -1})
+
+
+def test_class_members_of_a_tar_are_numbers_and_a_name_there_is_named(tmp_path):
+    """A WebDataset `.cls` member is the class's index; one holding a word was reported as a
+    truncated or damaged tar."""
+    from jaxlm import image_inputs
+
+    good = {"a.png": photo(1), "a.txt": b"one", "a.cls": b"3\n"}
+    write_tar(tmp_path / "good.tar", good)
+    (unit,), _ = image_inputs.plan_units([str(tmp_path / "good.tar")])
+    (member,) = image_inputs.members(unit, "image", "caption")
+    assert (member.caption, member.label) == ("one", 3)
+    write_tar(tmp_path / "words.tar", {**good, "a.cls": b"dog"})
+    (unit,), _ = image_inputs.plan_units([str(tmp_path / "words.tar")])
+    with pytest.raises(ConfigError, match=r"words.tar: a.cls holds 'dog', not a class number") as e:
+        list(image_inputs.members(unit, "image", "caption"))
+    assert "damaged" not in str(e.value)
