@@ -120,9 +120,9 @@ def members(unit: Unit, image_field: str, text_field: str) -> Iterator[Member]:
         source = _tfds_source(unit.path, unit.split)
         for i in range(unit.start, unit.stop):
             x = source[i]
-            text = x.get("caption", x.get("text"))
-            text = text.decode() if isinstance(text, bytes) else text
-            label = int(x["label"]) if "label" in x else None
+            where = f"{unit.path}: record {i}"
+            text = _caption(x.get("caption", x.get("text")), where, "caption")
+            label = _label(x["label"], where) if "label" in x else None
             yield Member(f"{unit.path}#{i}", x.get("image"), text, label)
     else:
         from sklearn.datasets import load_digits
@@ -195,9 +195,30 @@ def _parquet_members(unit: Unit, image_field: str, text_field: str) -> Iterator[
     for i, image in enumerate(table[image_field]):
         if isinstance(image, dict):  # Hugging Face datasets' Image feature: {bytes, path}
             image = image.get("bytes")
-        label = table["label"][i] if "label" in table else None
+        where = f"{unit.path}: row {i} of row group {unit.start}"
+        label = _label(table["label"][i], where) if "label" in table else None
         key = table["key"][i] if "key" in table else f"{unit.start}/{i}"
-        yield Member(str(key), image, table[text_field][i], label)
+        yield Member(str(key), image, _caption(table[text_field][i], where, text_field), label)
+
+
+def _caption(text, where: str, text_field: str) -> str | None:
+    """A caption as text (bytes decoded, as a tar's .txt members are), or None where there is
+    none; a number or a list there is an error naming the record: kept, it was trained on as
+    its digits, and a 0 was taken for a missing caption."""
+    if text is None or isinstance(text, str):
+        return text
+    if isinstance(text, bytes):
+        return text.decode("utf-8", errors="replace")
+    shown = f"{repr(text)[:40]} ({type(text).__name__})"
+    raise ConfigError(f"{where}: its {text_field!r} field is {shown}, not a caption")
+
+
+def _label(value, where: str) -> int | None:
+    """A class label: a whole number (the class's index), or None."""
+    if value is None or (isinstance(value, (int, np.integer)) and not isinstance(value, bool)):
+        return None if value is None else int(value)
+    shown = f"{repr(value)[:40]} ({type(value).__name__})"
+    raise ConfigError(f"{where}: its 'label' field is {shown}, not a class number")
 
 
 def _tfds_builder(spec: str):

@@ -102,22 +102,24 @@ def prepare_unit(job: Job) -> dict:
     stats |= {"skipped": dict.fromkeys(REASONS, 0), "named": []}
     with tempfile.TemporaryDirectory() as tmp:
         writer = ArrayRecordWriter(os.path.join(tmp, name), "group_size:1")
-        for m in members(job.unit, job.image_field, job.text_field):
-            reason = m.missing
-            if reason is None:
-                encoded = encode_image(m.image, job.image_size, job.min_size)
-                reason = encoded if isinstance(encoded, str) else None
-            if reason:
-                stats["skipped"][reason] += 1
-                if len(stats["named"]) < NAMED:
-                    stats["named"].append(f"{job.unit.path}: {m.key} ({reason})")
-                continue
-            writer.write(images.encode_pair(encoded, m.caption or None, m.label, m.key))
-            stats["records"] += 1
-            stats["bytes"] += len(encoded)
-            if m.label is not None:
-                stats["max_label"] = max(stats["max_label"], int(m.label))
-        writer.close()
+        try:  # closed whatever an input raises: an open writer destroyed aborts in C++
+            for m in members(job.unit, job.image_field, job.text_field):
+                reason = m.missing
+                if reason is None:
+                    encoded = encode_image(m.image, job.image_size, job.min_size)
+                    reason = encoded if isinstance(encoded, str) else None
+                if reason:
+                    stats["skipped"][reason] += 1
+                    if len(stats["named"]) < NAMED:
+                        stats["named"].append(f"{job.unit.path}: {m.key} ({reason})")
+                    continue
+                writer.write(images.encode_pair(encoded, m.caption or None, m.label, m.key))
+                stats["records"] += 1
+                stats["bytes"] += len(encoded)
+                if m.label is not None:
+                    stats["max_label"] = max(stats["max_label"], int(m.label))
+        finally:
+            writer.close()
         stats["size"] = os.path.getsize(os.path.join(tmp, name))
         _copy(os.path.join(tmp, name), epath.Path(job.out) / name)
     stats["unit"] = dataclasses.asdict(job.unit)
