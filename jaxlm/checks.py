@@ -5,6 +5,7 @@ Mesh and data checks happen where the devices and the files are known."""
 
 from __future__ import annotations
 
+import os
 import typing
 from typing import Any, Literal
 
@@ -130,6 +131,15 @@ RANGES = {
     "mlm.mask_rate": "(0, 1)",
     "data.eval_fraction": "(0, 1)",
 }
+
+
+def output_directory(path: str | os.PathLike, flag: str) -> None:
+    """An output directory (local or gs://) must not be a file: said before any work, not as
+    a FileExistsError or NotADirectoryError after it."""
+    from etils import epath
+
+    if epath.Path(path).exists() and not epath.Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: a file, not a directory")
 
 
 def _choices(t: Any) -> tuple:

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 def _prepare(args: argparse.Namespace) -> None:
     """`jaxlm data prepare`: text inputs with a tokenizer, or --images."""
+    from jaxlm.checks import output_directory
+
+    output_directory(args.out, "--out")
     if args.workers < 1:
         raise ConfigError(
             f"--workers must be at least 1 (1: no worker processes), got {args.workers}"

@@ -21,8 +21,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxlm import checks, sharding
 from jaxlm import config as config_lib
-from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import CheckpointConfig, Config, ConfigError, MeshConfig, ModelConfig
@@ -180,6 +180,7 @@ def import_hf(src: str | Path, workdir: str | Path, overrides: list[str] = ()) -
     src = Path(src)
     if not src.is_dir():
         raise ConfigError(f"Hugging Face model directory {str(src)!r} not found")
+    checks.output_directory(workdir, "import hf --out")
     existing = Checkpointer(workdir, CheckpointConfig(async_save=False), create=False)
     steps = existing.steps()
     existing.close()

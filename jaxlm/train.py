@@ -21,11 +21,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxlm import checks, sharding, track
 from jaxlm import evaluate as evaluate_lib
-from jaxlm import sharding, track
 from jaxlm import start as start_lib
 from jaxlm.checkpoint import Checkpointer, workdir_path
-from jaxlm.config import Config, ConfigError
+from jaxlm.config import Config
 from jaxlm.step import (
     OBJECTIVES,
     build,
@@ -178,8 +178,7 @@ def train(
     fresh run starts from that checkpoint's parameters; once the run has checkpoints of its
     own, it resumes from them as any run does."""
     workdir = workdir_path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"--workdir {workdir}: a file, not a directory")
+    checks.output_directory(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)

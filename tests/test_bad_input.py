@@ -45,9 +45,19 @@ def test_batch_not_divisible_by_data_parallel_size(tmp_path, capsys):
 
 
 def test_a_workdir_that_is_a_file(tmp_path, capsys):
+    """train, data prepare (text and images) and import hf name an output directory that is a
+    file before any work (prepare and import raised FileExistsError / NotADirectoryError)."""
     (tmp_path / "run").write_text("my notes")
     err = train_error(capsys, tmp_path / "run", {})
     assert f"--workdir {tmp_path / 'run'}: a file, not a directory" in err
+    out = str(tmp_path / "run")
+    prepare = ["data", "prepare", "--out", out]
+    for argv, flag in (
+        ([*prepare, PLAY, "--tokenizer", "x.model"], "--out"),
+        ([*prepare, "--images", "digits"], "--out"),
+        (["import", "hf", str(tmp_path), "--out", out], "import hf --out"),
+    ):
+        assert f"{flag} {out}: a file, not a directory" in cli_error(capsys, *argv)
     assert (tmp_path / "run").read_text() == "my notes"
 
 
