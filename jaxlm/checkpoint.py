@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jaxlm import config as config_lib
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
-from jaxlm.config import CheckpointConfig, Config, ConfigError
+from jaxlm.config import CheckpointConfig, Config, ConfigError, error_chain
 from jaxlm.inputs import is_remote
 
 log = logging.getLogger("jaxlm")
@@ -86,13 +86,9 @@ class NoReadableCheckpoint(ConfigError):
 
 def damage(error: BaseException) -> bool:
     """Whether an exception from restoring a step shows that the step's files are damaged."""
-    chain = [error]
-    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-        if len(chain) > 8:
-            break
     return any(
-        isinstance(e, DAMAGE_ERRORS) or any(m in str(e) for m in DAMAGE_MARKERS) for e in chain
+        isinstance(e, DAMAGE_ERRORS) or any(m in str(e) for m in DAMAGE_MARKERS)
+        for e in error_chain(error)
     )
 
 

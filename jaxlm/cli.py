@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from jaxlm import cli_args
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, error_chain
 
 if TYPE_CHECKING:
     from jaxlm.tokenizer import AnyTokenizer
@@ -164,13 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     for noisy in ("absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # gcsfs logs each error it then raises with its traceback (logger.exception): the raise
-    # reaches the user once, as jaxlm's one line or a traceback; its warnings stay
-    logging.getLogger("gcsfs").addFilter(lambda record: not record.exc_info)
+    logging.getLogger("gcsfs").addFilter(_no_traceback)  # once: the same filter is kept once
     try:
         return _run(args)
     except Exception as e:
-        rc = _said(e)
+        rc = _said(e, sys.argv[1:] if argv is None else argv)
         if not getattr(args, "distributed", False):
             if rc is None:
                 raise
@@ -184,16 +182,21 @@ def main(argv: list[str] | None = None) -> int:
         _leave_now(rc or 1)
 
 
-def _said(error: Exception) -> int | None:
+def _no_traceback(record: logging.LogRecord) -> bool:
+    """gcsfs logs each error it then raises with its traceback (logger.exception): the raise
+    reaches the user once, as jaxlm's one line or a traceback; its warnings stay."""
+    return not record.exc_info
+
+
+def _said(error: Exception, argv: list[str]) -> int | None:
     """Print a user's mistake, Cloud Storage out of reach or refusing, or an out-of-memory
-    error in one line; its exit status, or None for anything else (a traceback is then the
-    useful report)."""
+    error in one line (argv: the command's arguments, whose gs:// ones it names); its exit
+    status, or None for anything else (a traceback is then the useful report)."""
     if isinstance(error, ConfigError):
         print(f"jaxlm: error: {error}", file=sys.stderr)
         return 2
     storage = _storage_error(error)
     if storage:
-        argv = sys.argv[1:]
         paths = [
             f"{argv[i - 1]} {a}" if i and argv[i - 1].startswith("--") else a
             for i, a in enumerate(argv)
@@ -217,23 +220,20 @@ def _storage_error(error: BaseException) -> str | None:
     """What went wrong with Google Cloud Storage, where that is behind `error`, as the rest of a
     line: gcsfs (etils.epath's gs:// paths) raises it under 50-200 lines of asyncio traceback
     that do not say it is the storage, after about 35 s of retries where it retries."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        module = type(error).__module__
-        if isinstance(error, OSError) and module.startswith("aiohttp"):
+    for e in error_chain(error):
+        module = type(e).__module__
+        if isinstance(e, OSError) and module.startswith("aiohttp"):
             return (
-                f"not reachable ({error}; gcsfs gave up after its retries). A gs:// path "
+                f"not reachable ({e}; gcsfs gave up after its retries). A gs:// path "
                 "needs the network, or STORAGE_EMULATOR_HOST naming a running emulator"
             )
-        forbidden = isinstance(error, OSError) and str(error).startswith("Forbidden: ")
-        if forbidden or (module.startswith("gcsfs") and getattr(error, "code", 0) in (401, 403)):
-            said = " ".join(str(error).split())[:300]
+        forbidden = isinstance(e, OSError) and str(e).startswith("Forbidden: ")
+        if forbidden or (module.startswith("gcsfs") and getattr(e, "code", 0) in (401, 403)):
+            said = " ".join(str(e).split())[:300]
             return (
                 f"refused access ({said}). Credentials: `gcloud auth application-default "
                 "login`, or a service account that may read the bucket (and write a workdir)"
             )
-        error = error.__cause__ or error.__context__
     return None
 
 
@@ -259,12 +259,10 @@ def _run(args: argparse.Namespace) -> int:
 
         distributed.init(getattr(args, "heartbeat_timeout", 100))
 
-    profile = getattr(args, "profile", None)
-    if profile:  # jax.profiler would raise at the trace's end, steps into the run
-        from etils import epath
+    if getattr(args, "profile", None):  # jax.profiler would raise at the trace's end
+        from jaxlm.checks import output_directory
 
-        if epath.Path(profile).exists() and not epath.Path(profile).is_dir():
-            raise ConfigError(f"--profile {profile}: a file; name a directory for the trace")
+        output_directory(args.profile, "--profile")
 
     if args.command == "train":
         from jaxlm.train import train

@@ -21,6 +21,19 @@ class ConfigError(ValueError):
     """A user mistake in a config, an override or a command-line value; printed without a trace."""
 
 
+def error_chain(error: BaseException, most: int = 9) -> list[BaseException]:
+    """error and what raised it (its __cause__, else its __context__), each once, at most
+    `most`: where a library's own error lies under the one that reached us (orbax's under
+    a restore, gcsfs's under asyncio's)."""
+    chain = [error]
+    while len(chain) < most:
+        below = chain[-1].__cause__ or chain[-1].__context__
+        if below is None or any(below is seen for seen in chain):
+            break
+        chain.append(below)
+    return chain
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 2048

@@ -272,6 +272,22 @@ def test_profile_into_a_file_is_refused_before_the_run(tmp_path, capsys):
     notes.write_text("mine")
     for command in (["train", GPT, "--workdir", str(tmp_path / "w")], ["bench", GPT]):
         err = cli_error(capsys, *command, "--profile", str(notes))
-        assert f"--profile {notes}: a file; name a directory for the trace" in err
+        assert f"--profile {notes}: a file, not a directory" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert notes.read_text() == "mine"
+
+
+def test_cloud_storage_errors_name_the_arguments_main_was_given(capsys):
+    """In-process (a notebook, a test), main's argv, not the interpreter's, holds the gs://
+    arguments; gcsfs raises a 403 as OSError("Forbidden: ...") under what reached jaxlm."""
+    try:
+        try:
+            raise OSError("Forbidden: b/jaxlm-none/o\nAnonymous caller does not have access.")
+        except OSError as forbidden:
+            raise RuntimeError("while listing") from forbidden
+    except RuntimeError as error:
+        rc = cli._said(error, ["train", GPT, "--workdir", "gs://jaxlm-none/run", "a=1"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jaxlm: error: Google Cloud Storage refused access (Forbidden: ")
+    assert err.rstrip().endswith("This run's gs:// arguments: --workdir gs://jaxlm-none/run")
