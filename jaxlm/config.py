@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -329,12 +330,35 @@ def load(spec: str, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"config file {path!r} not found (expected e.g. configs/gpt.py:tiny)")
     module_spec = importlib.util.spec_from_file_location(f"jaxlm_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path!r} has no get_config(variant) function")
-    cfg = module.get_config(variant) if variant else module.get_config()
+    try:
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path!r} has no get_config(variant) function")
+        cfg = module.get_config(variant) if variant else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(_config_file_error(path, file, e)) from None
+    if not isinstance(cfg, Config):
+        raise ConfigError(
+            f"config file {path!r}: get_config({variant!r}) returned {type(cfg).__name__}, "
+            "not a jaxlm.config.Config"
+        )
     cfg = dataclasses.replace(cfg, name=f"{file.stem}:{variant or 'default'}")
     return override(cfg, list(overrides))
+
+
+def _config_file_error(path: str, file: Path, error: Exception) -> str:
+    """What went wrong in the user's config file, at its own lines: the frames of jaxlm's
+    loader above them say nothing to the user."""
+    if isinstance(error, SyntaxError):
+        where = "".join(traceback.format_exception_only(error)).rstrip()
+        return f"config file {path!r} is not valid Python:\n{where}"
+    resolved = str(file.resolve())
+    frames = traceback.extract_tb(error.__traceback__)
+    frames = [f for f in frames if str(Path(f.filename).resolve()) == resolved]
+    lines = "".join(f"\n  line {f.lineno}, in {f.name}: {f.line}" for f in frames)
+    return f"config file {path!r} raised {type(error).__name__}: {error}{lines}"
 
 
 def to_dict(cfg: Config) -> dict:

@@ -106,3 +106,24 @@ def test_cli_reports_user_errors_without_a_traceback(capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'model.d_modle'; did you mean 'model.d_model'?" in err
     assert "Traceback" not in err
+
+
+def test_a_broken_config_file_is_named_at_its_own_lines(tmp_path, capsys):
+    """A config file is the user's Python: its mistakes are shown at its lines, without the
+    frames of jaxlm's loader (a SyntaxError, an exception in get_config, a wrong return)."""
+    cases = {
+        "syntax.py": ("def get_config(:\n    pass\n", ["is not valid Python", "line 1", "^"]),
+        "raises.py": (
+            "def helper(d):\n    return d['nope']\n\n"
+            "def get_config(variant):\n    return helper({})\n",
+            ["raised KeyError: 'nope'", "line 5, in get_config", "line 2, in helper"],
+        ),
+        "returns.py": ("def get_config(variant):\n    return 1\n", ["returned int, not a"]),
+    }
+    for name, (source, said) in cases.items():
+        (tmp_path / name).write_text(source)
+        assert cli.main(["train", f"{tmp_path / name}:tiny"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"jaxlm: error: config file '{tmp_path / name}'"), err
+        assert all(s in err for s in said), err
+        assert "Traceback" not in err and "importlib" not in err, err
