@@ -243,6 +243,14 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def check(self) -> None:
+        """Raise now the error of a save that failed in the background (a full disk, a
+        bucket's quota). Orbax raises it only at the next save or the end, so a run with
+        checkpoint.every=1000 trained up to 1000 more steps it could not keep. A save still
+        being written is not waited for; a finished one's wait returns at once."""
+        if not self.manager.is_saving_in_progress():
+            self.manager.wait_until_finished()
+
     def close(self) -> None:
         self.manager.close()
 

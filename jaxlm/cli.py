@@ -4,9 +4,11 @@ export hf, tokenizer train."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -165,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("gcsfs").addFilter(_no_traceback)  # once: the same filter is kept once
+    for orbax_logs in ("absl", "asyncio"):
+        logging.getLogger(orbax_logs).addFilter(_orbax_line_only)
+    if sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = _unraisable
     try:
         return _run(args)
     except Exception as e:
@@ -188,6 +194,38 @@ def _no_traceback(record: logging.LogRecord) -> bool:
     return not record.exc_info
 
 
+def _orbax_line_only(record: logging.LogRecord) -> bool:
+    """Orbax logs a background save's error with its traceback (80-100 lines of asyncio
+    frames, up to four times: each thread it passes through), then raises it in the main
+    thread, where it reaches the user once; its logged lines stay, without the frames.
+    asyncio's "exception was never retrieved" for each of Orbax's (and TensorStore's) other
+    writes that failed alike (a full disk: dozens, some after the run's own error) is
+    dropped."""
+    if not record.exc_info:
+        return True
+    error, caught = record.exc_info[1], record.exc_info[2]  # caught: the frame that caught it
+    in_orbax = caught and "/orbax/" in caught.tb_frame.f_code.co_filename.replace(os.sep, "/")
+    if record.name == "asyncio":
+        return not (in_orbax or (error is not None and _disk_full(error)))
+    if in_orbax:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """Python's report of an error nothing could catch, less one kind: TensorStore finishing
+    a write after Orbax closed the event loop it was to report to, which happens for each
+    write still in flight when one failed (dozens of tracebacks after a full disk, none
+    saying more than the failure itself, which the run reports)."""
+    late = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == (
+        "Event loop is closed"
+    )
+    tb = unraisable.exc_traceback
+    if late and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _said(error: Exception, argv: list[str]) -> int | None:
     """Print a user's mistake, Cloud Storage out of reach or refusing, or an out-of-memory
     error in one line (argv: the command's arguments, whose gs:// ones it names); its exit
@@ -205,6 +243,15 @@ def _said(error: Exception, argv: list[str]) -> int | None:
         named = f". This run's gs:// arguments: {' '.join(paths)}" if paths else ""
         print(f"jaxlm: error: Google Cloud Storage {storage}{named}", file=sys.stderr)
         return 1
+    full = _disk_full(error)
+    if full:
+        print(
+            f"jaxlm: error: no space left on the disk ({full}). Free space or choose a "
+            "directory on a larger disk; the same command rerun goes on from what was "
+            "finished (the newest complete checkpoint, the prepared shards)",
+            file=sys.stderr,
+        )
+        return 1
     if "RESOURCE_EXHAUSTED" not in str(error):
         return None
     print(
@@ -214,6 +261,20 @@ def _said(error: Exception, argv: list[str]) -> int | None:
         file=sys.stderr,
     )
     return 1
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """The write that found the disk full, where that is behind `error`: Python's OSError, or
+    TensorStore's (Orbax's writer) as a ValueError whose RESOURCE_EXHAUSTED would otherwise
+    read as the device's memory."""
+    for e in error_chain(error):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            path = e.filename2 or e.filename  # a copy's is its destination
+            return f"writing {path}" if path else str(e)
+        if "No space left on device" in str(e):
+            written = re.search(r'Failed writing: "([^"]+)"', str(e))
+            return f"writing {written[1]}" if written else str(e).splitlines()[0][:300]
+    return None
 
 
 def _storage_error(error: BaseException) -> str | None:

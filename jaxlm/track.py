@@ -82,7 +82,10 @@ class MetricsWriter:
                     dropped += not header
                 else:
                     kept.append(line + "\n")
-            self.path.write_text("".join(kept))
+            # a new file put in place: rewritten in place, a full disk would lose it all
+            partial = self.path.with_name(".metrics.jsonl.tmp")
+            partial.write_text("".join(kept))
+            os.replace(partial, self.path)
             if dropped:
                 log.info("metrics.jsonl: dropped %d records logged after step %d", dropped, start)
         if "tensorboard" in track:

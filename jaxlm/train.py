@@ -274,6 +274,7 @@ def train(
                     )
                     writer.write(done, metrics)
                     last |= metrics
+                    ckpt.check()
                     timer, timed_steps = time.perf_counter(), 0
                 elif every and done % every == 0:
                     jax.block_until_ready(metrics)

@@ -1,5 +1,6 @@
 """Each user mistake gets a message naming the thing at fault, and no traceback."""
 
+import errno
 import http.server
 import json
 import logging
@@ -291,3 +292,29 @@ def test_cloud_storage_errors_name_the_arguments_main_was_given(capsys):
     err = capsys.readouterr().err
     assert err.startswith("jaxlm: error: Google Cloud Storage refused access (Forbidden: ")
     assert err.rstrip().endswith("This run's gs:// arguments: --workdir gs://jaxlm-none/run")
+
+
+def test_a_full_disk_is_said_to_be_the_disk(tmp_path, capsys):
+    """Python's and TensorStore's ways of saying the disk is full are one line, naming the
+    file written where the error does (TensorStore's was read as the device's memory:
+    RESOURCE_EXHAUSTED)."""
+    try:
+        with open("/dev/full", "wb") as f:  # the kernel's always-full device: ENOSPC
+            f.write(bytes(1 << 16))
+    except OSError as e:
+        written = e  # a write: no file name
+    copied = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/x", None, "/w/shard.tmp")
+    tensorstore = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "params.embed" in OCDBT database at local file '
+        '"/w/4.orbax-checkpoint-tmp/": Failed writing: "/w/4.orbax-checkpoint-tmp/d/12ab": '
+        "Failed to write 3823 bytes to file 1: No space left on device [os_error_code='28']"
+    )
+    for error, what in (
+        (written, "[Errno 28] No space left on device"),
+        (copied, "writing /w/shard.tmp"),  # shutil's copy names both; the destination
+        (tensorstore, "writing /w/4.orbax-checkpoint-tmp/d/12ab"),
+    ):
+        assert cli._said(error, []) == 1
+        said = capsys.readouterr().err
+        assert said.startswith(f"jaxlm: error: no space left on the disk ({what})"), said
+        assert "memory" not in said

@@ -1,8 +1,10 @@
 """Resume never silently restarts: a changed config is refused or logged, SIGTERM saves a
 checkpoint at the step it arrives and the rerun resumes exactly."""
 
+import json
 import logging
 import shutil
+import subprocess
 
 import pytest
 from conftest import ROOT, load_tiny, losses, run_python, tiny_overrides
@@ -189,3 +191,76 @@ def test_a_resume_from_an_older_checkpoint_records_each_step_once(tmp_path, capl
     assert steps == [1, 2, 3, 4, 5, 6]
     headers = [r["step"] for r in records if "peak_flops_source" in r]
     assert headers == [0, 2]
+
+
+FULL_DISK_AT = """
+import logging, sys
+from pathlib import Path
+logging.basicConfig(level=logging.INFO)
+from jaxlm import checkpoint, cli
+save = checkpoint.Checkpointer.save
+def fill_then_save(self, step, *args, **kwargs):
+    if step == {at}:  # the disk fills up (another job, the logs) before this save
+        self.wait()  # the save before it has finished
+        with open({filler!r}, "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        Path({filler!r}).write_bytes(bytes(Path({filler!r}).stat().st_size - (256 << 10)))
+    save(self, step, *args, **kwargs)
+checkpoint.Checkpointer.save = fill_then_save
+sys.exit(cli.main(["train", {config!r}, "--workdir", {workdir!r}, *{overrides!r}]))
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MB tmpfs: a disk that really fills up (a test cannot fill the machine's own)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)])
+    if mounted.returncode:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_stops_the_run_at_once_and_the_rerun_resumes(small_disk, tmp_path):
+    """A save that fails in the background (Orbax's async writer finds the disk full) stops
+    the run at the next logged step, in one line that says it is the disk (TensorStore's
+    RESOURCE_EXHAUSTED had read as the device's memory); the checkpoint before it is kept,
+    and once there is room the same command resumes from it. Orbax itself raised the error
+    only at the next save, checkpoint.every steps later."""
+    run, filler = small_disk / "run", small_disk / "filler"
+    opts = {"train.steps": 40, "checkpoint.every": 10}
+
+    def launch(at: int):
+        code = FULL_DISK_AT.format(
+            at=at,
+            filler=str(filler),
+            config=str(ROOT / "configs/gpt.py:tiny"),
+            overrides=tiny_overrides(**opts),
+            workdir=str(run),
+        )
+        return run_python(code)
+
+    proc = launch(20)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    said = proc.stderr.strip().splitlines()[-1]
+    # the checkpoint's write, or (the disk being full) the metrics' next line
+    assert said.startswith(f"jaxlm: error: no space left on the disk (writing {run}/"), said
+    for noise in ("Traceback", "out of device memory", "Event loop is closed"):
+        assert noise not in proc.stderr, proc.stderr[-3000:]
+    logged = (run / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in logged if line.endswith("}")]  # not torn
+    assert 20 <= max(steps) < 30  # stopped, not trained on to the next save
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()] == ["10"]
+
+    filler.unlink()
+    proc = launch(0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {run}/checkpoints/10" in proc.stderr
+    assert max(losses(run)) == 40
