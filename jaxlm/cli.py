@@ -280,7 +280,8 @@ def _disk_full(error: BaseException) -> str | None:
 def _storage_error(error: BaseException) -> str | None:
     """What went wrong with Google Cloud Storage, where that is behind `error`, as the rest of a
     line: gcsfs (etils.epath's gs:// paths) raises it under 50-200 lines of asyncio traceback
-    that do not say it is the storage, after about 35 s of retries where it retries."""
+    that do not say it is the storage, after about 35 s of retries where it retries;
+    TensorStore (a checkpoint's arrays) as a ValueError carrying gRPC's status name."""
     for e in error_chain(error):
         module = type(e).__module__
         if isinstance(e, OSError) and module.startswith("aiohttp"):
@@ -288,9 +289,14 @@ def _storage_error(error: BaseException) -> str | None:
                 f"not reachable ({e}; gcsfs gave up after its retries). A gs:// path "
                 "needs the network, or STORAGE_EMULATOR_HOST naming a running emulator"
             )
-        forbidden = isinstance(e, OSError) and str(e).startswith("Forbidden: ")
-        if forbidden or (module.startswith("gcsfs") and getattr(e, "code", 0) in (401, 403)):
-            said = " ".join(str(e).split())[:300]
+        text = str(e)
+        forbidden = isinstance(e, OSError) and text.startswith("Forbidden: ")
+        forbidden |= module.startswith("gcsfs") and getattr(e, "code", 0) in (401, 403)
+        # TensorStore (Orbax's writer) says it as PERMISSION_DENIED / UNAUTHENTICATED, with
+        # the response's body after the message: a credential that may read but not write
+        refused = re.match(r"(PERMISSION_DENIED|UNAUTHENTICATED): .*gs://", text)
+        if forbidden or refused:
+            said = " ".join(text.split(" [http_response_")[0].split())[:300]
             return (
                 f"refused access ({said}). Credentials: `gcloud auth application-default "
                 "login`, or a service account that may read the bucket (and write a workdir)"

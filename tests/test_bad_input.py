@@ -147,17 +147,17 @@ class RefusingStorage(http.server.BaseHTTPRequestHandler):
     """Google Cloud Storage's JSON API as it answers a caller without credentials."""
 
     code = 403
+    message = "Anonymous caller does not have storage.objects.list access to the bucket."
 
     def do_GET(self):  # noqa: N802 (http.server's name)
-        message = "Anonymous caller does not have storage.objects.list access to the bucket."
-        body = json.dumps({"error": {"code": self.code, "message": message}}).encode()
+        body = json.dumps({"error": {"code": self.code, "message": self.message}}).encode()
         self.send_response(self.code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    do_POST = do_PUT = do_GET
+    do_POST = do_PUT = do_DELETE = do_GET
 
     def log_message(self, *args):
         pass

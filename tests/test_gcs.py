@@ -2,11 +2,13 @@
 (the PyPI package gcp-storage-emulator): tensorstore (Orbax's arrays) and etils.epath / gcsfs
 (everything else) talk to it as they would to Google Cloud Storage."""
 
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_tiny, tiny_overrides, train_killed_after_save, xla_flags
 from etils import epath
+from test_bad_input import RefusingStorage
 
 from jaxlm import cli
 from jaxlm.train import train
@@ -188,3 +191,37 @@ def test_image_tars_on_gcs_prepared_to_gcs_then_trained(gcs, tmp_path):
     opts = {"clip.source": str(local), "train.steps": 2, "train.eval_steps": 0}
     result = train(load_tiny("clip", **opts), tmp_path / "run")
     assert np.isfinite(result["loss"]) and not (tmp_path / "run" / "prepared").exists()
+
+
+class RefusingWrites(RefusingStorage):
+    message = "svc@p.iam.gserviceaccount.com does not have storage.objects.create access"
+
+
+def test_a_bucket_that_refuses_the_checkpoint_writes_is_one_line(gcs, tmp_path):
+    """A credential that may list and read the bucket but not write to it (a common service
+    account role): the workdir is made, the run starts, and TensorStore's first checkpoint
+    write is refused (403, from a stand-in for its GCS endpoint; gcsfs talks to the
+    emulator). The run stops at the next logged step with the refusal in one line (it was
+    a traceback, TensorStore's ValueError PERMISSION_DENIED)."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), RefusingWrites)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    workdir = f"{gcs}/runs/refused"
+    overrides = tiny_overrides(
+        **{"train.steps": 10, "checkpoint.every": 2, "checkpoint.ocdbt": "false"}
+    )
+    saved = os.environ["TENSORSTORE_GCS_HTTP_URL"]
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = f"http://127.0.0.1:{server.server_port}"
+    try:
+        proc = _jaxlm("train", str(ROOT / "configs/gpt.py:tiny"), *overrides, "--workdir", workdir)
+    finally:
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = saved
+        server.shutdown()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    said = proc.stderr.strip().splitlines()[-1]
+    assert said.startswith(
+        "jaxlm: error: Google Cloud Storage refused access (PERMISSION_DENIED: Error "
+    ), said
+    assert f"{workdir}/checkpoints/2/" in said and RefusingWrites.message in said, said
+    assert said.endswith(f"This run's gs:// arguments: --workdir {workdir}"), said
+    assert "http_response_body" not in said
