@@ -233,6 +233,9 @@ def _said(error: Exception, argv: list[str]) -> int | None:
     if isinstance(error, ConfigError):
         print(f"jaxlm: error: {error}", file=sys.stderr)
         return 2
+    if type(error).__name__ == "Diverged":  # jaxlm.train's, not imported before a run
+        print(f"jaxlm: error: {error}", file=sys.stderr)
+        return 1
     storage = _storage_error(error)
     if storage:
         paths = [

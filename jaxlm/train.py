@@ -41,6 +41,30 @@ PREFETCH = 2  # batches put on the devices ahead of the step that needs them
 PROFILE_STEPS = (3, 6)  # --profile traces steps [start + 3, start + 6): compiled and warm
 
 
+class Diverged(RuntimeError):
+    """The loss is NaN or infinite: the run stops before it saves that state. Every process
+    sees the same global loss at the same step, so all raise it together."""
+
+    on_every_process = True
+
+
+def diverged(loss: float, step: int, cfg: Config, ckpt: Checkpointer) -> None:
+    """Raise Diverged if `loss` is not finite, saying where a rerun would start and what to
+    change (a rerun alone computes the same steps again)."""
+    if math.isfinite(loss):
+        return
+    steps = ckpt.steps()
+    newest = f"step {steps[0]}" if steps else "none yet (a rerun starts over)"
+    o = cfg.optim
+    clip = ", or clip the gradients: optim.clip_norm=1 (now 0)" if not o.clip_norm else ""
+    raise Diverged(
+        f"the loss is {loss} at step {step} (checked every train.log_every={cfg.train.log_every} "
+        f"steps and before each save); the newest checkpoint: {newest}. A rerun as it is "
+        f"diverges again: lower optim.lr (now {o.lr:g}) or raise optim.warmup_steps (now "
+        f"{o.warmup_steps}){clip}; a resume accepts optim.* changes"
+    )
+
+
 def on_devices(
     batches: Iterator[dict], mesh: jax.sharding.Mesh, ahead: int = PREFETCH
 ) -> Iterator[dict]:
@@ -256,8 +280,7 @@ def train(
                     elapsed = time.perf_counter() - timer
                     per_s = timed_steps * cfg.train.batch_size * per_example / elapsed
                     metrics |= {f"{unit}_per_s": per_s, "mfu": per_s * flops_per_item / peak}
-                    if not math.isfinite(metrics["loss"]):
-                        raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
+                    diverged(metrics["loss"], done, cfg, ckpt)
                     log.info(
                         "step %d/%d | loss %.4f | grad_norm %.3f | lr %.3g | %s %s/s | mfu "
                         "%.2f%%%s",
@@ -287,6 +310,7 @@ def train(
                     timer, timed_steps = time.perf_counter(), 0
                 preempted = preemption.reached(done)
                 if done % cfg.checkpoint.every == 0 or final or preempted or late:
+                    diverged(float(metrics["loss"]), done, cfg, ckpt)  # never saved
                     if late:
                         minutes = (time.monotonic() - timed.last) / 60
                         log.info(

@@ -5,14 +5,17 @@ import http.server
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
 
+import jax
+import numpy as np
 import pytest
 from conftest import ROOT, load_tiny, losses, tiny_overrides, xla_flags
 
-from jaxlm import cli
+from jaxlm import cli, evaluate
 from jaxlm.config import ConfigError
 from jaxlm.train import train
 
@@ -318,3 +321,29 @@ def test_a_full_disk_is_said_to_be_the_disk(tmp_path, capsys):
         said = capsys.readouterr().err
         assert said.startswith(f"jaxlm: error: no space left on the disk ({what})"), said
         assert "memory" not in said
+
+
+@pytest.mark.parametrize("log_every", [1, 1000])
+def test_a_diverged_run_stops_in_one_line_before_saving_a_nan(tmp_path, capsys, log_every):
+    """A loss that becomes NaN stops the run at the first logged step or save that sees it
+    (logged every step; or logged only at the first step, so the save is what checks), in
+    one line saying where a rerun would start and what to change (it was a traceback of
+    FloatingPointError, and a save between logged steps kept the NaN state: the rerun
+    resumed from it)."""
+    overrides = tiny_overrides(
+        **{"optim.lr": 1e4, "train.steps": 40, "train.log_every": log_every, "checkpoint.every": 4}
+    )
+    assert cli.main(["train", GPT, *overrides, "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    said = err.strip().splitlines()[-1]
+    found = re.match(r"jaxlm: error: the loss is nan at step (\d+) \(checked every ", said)
+    assert found, said
+    step = int(found[1])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert not saved or max(saved) < step, (saved, step)
+    newest = f"step {max(saved)}" if saved else "none yet"
+    assert f"the newest checkpoint: {newest}" in said and "lower optim.lr (now 10000)" in said
+    if saved:  # what a rerun would resume from holds no NaN
+        params = evaluate.load(tmp_path, params_only=True).params
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
