@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.unraisablehook = _unraisable
     try:
         return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and returns)
+        print("jaxlm: interrupted", file=sys.stderr)
+        if getattr(args, "distributed", False):
+            _leave_now(130)
+        return 130  # the shell's status for SIGINT
     except Exception as e:
         rc = _said(e, sys.argv[1:] if argv is None else argv)
         if not getattr(args, "distributed", False):

@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -285,15 +286,25 @@ def prepare(
 
 def run_jobs(fn, jobs: list, workers: int, bar: Progress) -> None:
     """Each job through fn (a module-level function: workers are spawned), in a pool of
-    `workers` processes when there are several, the bar updated as each finishes."""
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            bar.update(fn(job))
-    else:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+    `workers` processes when there are several, the bar updated as each finishes (and its
+    line ended however the jobs end, so an error or an interruption starts a line)."""
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                bar.update(fn(job))
+            return
+        # Ctrl-C reaches the whole process group: the workers leave it to this process,
+        # whose `with` ends them, instead of each printing its own KeyboardInterrupt
+        pool = multiprocessing.get_context("spawn").Pool(
+            min(workers, len(jobs)),
+            initializer=signal.signal,
+            initargs=(signal.SIGINT, signal.SIG_IGN),
+        )
+        with pool:
             for stats in pool.imap_unordered(fn, jobs):
                 bar.update(stats)
-    bar.close()
+    finally:
+        bar.close()
 
 
 def _differences(stored: dict, plan: dict) -> str:

@@ -5,6 +5,11 @@ import bz2
 import gzip
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -481,3 +486,38 @@ def test_paragraphs_are_streamed_not_materialised():
 
     first = next(inputs.paragraph_documents(lines(), doc_chars=20))
     assert first.startswith("one\n\ntwo")
+
+
+def test_ctrl_c_stops_a_preparation_in_one_line_and_the_rerun_goes_on(tmp_path, tok):
+    """Ctrl-C reaches the terminal's whole process group, the spawned workers too: each
+    printed its own KeyboardInterrupt traceback, under the main process's, after the
+    progress bar's unfinished line. Now the workers ignore it, the main process ends them
+    and says `jaxlm: interrupted` on a line of its own, exit status 130; the finished shards
+    stay and the rerun prepares only the rest."""
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text("\n\n".join(p.read_text() for p in PLAYS))  # 4.6 MB
+    inputs_ = []
+    for i in range(8):  # 8 names for it: 8 work units, a few seconds on 2 cores
+        (tmp_path / f"copy{i}.txt").symlink_to(corpus)
+        inputs_.append(str(tmp_path / f"copy{i}.txt"))
+    tok.save(tmp_path / "tok.model")
+    out = tmp_path / "out"
+    argv = ["data", "prepare", *inputs_, "--tokenizer", str(tmp_path / "tok.model")]
+    argv += ["--out", str(out), "--workers", "2"]
+    cmd = [sys.executable, "-m", "jaxlm.cli", *argv]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    while not list(out.glob("shard-*.json")) and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends it
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err[-3000:]
+    assert err.endswith("\njaxlm: interrupted\n"), err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    done = len(list(out.glob("shard-*.json")))
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    total = json.loads(rerun.stdout.strip().splitlines()[-1])["shards"]
+    assert 0 < done < total
+    assert f"{done} of {total} shards already done" in rerun.stderr
