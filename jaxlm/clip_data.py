@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import logging
+import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -363,5 +364,13 @@ def _iterate(ds, workers: int):
         from absl import flags
 
         flags.FLAGS.mark_as_parsed()  # Grain reads its flags; jaxlm does not run absl.app
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        options = grain.MultiprocessingOptions(num_workers=workers)
+        it = it.mp_prefetch(options, worker_init_fn=_leave_ctrl_c_to_the_trainer)
     return it
+
+
+def _leave_ctrl_c_to_the_trainer(worker: int, workers: int) -> None:
+    """In each Grain worker: Ctrl-C reaches the terminal's whole process group, and the
+    trainer answers it with a checkpoint, then closes the workers; each printed its own
+    KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -69,13 +69,19 @@ def on_devices(
     batches: Iterator[dict], mesh: jax.sharding.Mesh, ahead: int = PREFETCH
 ) -> Iterator[dict]:
     """Global device batches, each transferred `ahead` steps before it is needed: the copy
-    runs while the previous steps compute, so the loop never waits on the host."""
+    runs while the previous steps compute, so the loop never waits on the host. Closing it
+    closes `batches` (Grain's worker processes and their shared memory with it)."""
     queue: collections.deque = collections.deque()
-    for batch in batches:
-        queue.append(sharding.to_global(batch, mesh))
-        if len(queue) > ahead:
-            yield queue.popleft()
-    yield from queue
+    try:
+        for batch in batches:
+            queue.append(sharding.to_global(batch, mesh))
+            if len(queue) > ahead:
+                yield queue.popleft()
+        yield from queue
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 class Profile:
@@ -332,6 +338,7 @@ def train(
             fallbacks.report()
             ended = "preempted" if preempted else "finished"
         finally:
+            batches.close()
             profiler.stop()
             preemption.close()
             ckpt.close()

@@ -5,12 +5,16 @@ and global batches that do not depend on the process count or the step a run res
 import dataclasses
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
 import pytest
-from conftest import load_tiny
+from conftest import ROOT, load_tiny, tiny_overrides, xla_flags
 from PIL import Image
 
 from jaxlm import clip_data, images, tokenizer
@@ -188,6 +192,29 @@ def test_worker_processes_give_the_same_batches(tmp_path):
         for k in ("images", "text", "text_segments"):
             np.testing.assert_array_equal(a[k], b[k])
     assert type(workers).__name__ != type(threads).__name__  # not the same path twice
+
+
+def test_ctrl_c_with_worker_processes_saves_once_and_no_worker_complains(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group, Grain's worker processes too: the
+    trainer saved and returned, and each worker printed a KeyboardInterrupt traceback. The
+    workers now leave SIGINT to the trainer, which closes them when its loop ends."""
+    overrides = tiny_overrides("clip", **{"data.workers": 2, "train.steps": 200})
+    cmd = [sys.executable, "-m", "jaxlm.cli", "train", str(ROOT / "configs/clip.py:tiny")]
+    cmd += [*overrides, "--workdir", str(tmp_path / "run")]
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "step 3/200" in line:
+            os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends it
+            break
+    err = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err[-3000:]
+    assert re.search(r"preempted at step \d+: checkpoint saved in ", err), err[-3000:]
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err, err[-3000:]
 
 
 def test_zeroshot_on_a_separate_labelled_set_with_its_own_classes_and_templates(tmp_path):
