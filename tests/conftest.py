@@ -109,6 +109,16 @@ def losses(workdir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
 
 
+def as_in_a_terminal() -> None:
+    """preexec_fn of a process that a test sends Ctrl-C: SIGINT at its default, as a shell in
+    a terminal starts a command. A job a shell starts in the background (`.ci/run &`)
+    ignores SIGINT, every process under it inherits that, and Python then installs no
+    KeyboardInterrupt handler: the test would pass or fail for that alone."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_python(code: str, devices: int = 8, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter with its own fake device count (killed on timeout:
     a hung CPU collective ignores SIGTERM)."""

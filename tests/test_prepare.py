@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 import pytest
 import zstandard
-from conftest import ROOT, load_tiny
+from conftest import ROOT, as_in_a_terminal, load_tiny
 
 from jaxlm import cli, inputs, lm, mlm, prepare, tokenizer
 from jaxlm.config import ConfigError
@@ -506,7 +506,12 @@ def test_ctrl_c_stops_a_preparation_in_one_line_and_the_rerun_goes_on(tmp_path, 
     argv += ["--out", str(out), "--workers", "2"]
     cmd = [sys.executable, "-m", "jaxlm.cli", *argv]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=as_in_a_terminal,
     )
     while not list(out.glob("shard-*.json")) and proc.poll() is None:
         time.sleep(0.02)
