@@ -49,7 +49,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -109,14 +111,19 @@ def losses(workdir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
 
 
-def as_in_a_terminal() -> None:
-    """preexec_fn of a process that a test sends Ctrl-C: SIGINT at its default, as a shell in
-    a terminal starts a command. A job a shell starts in the background (`.ci/run &`)
-    ignores SIGINT, every process under it inherits that, and Python then installs no
-    KeyboardInterrupt handler: the test would pass or fail for that alone."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextlib.contextmanager
+def sigint_as_in_a_terminal():
+    """Around starting a process that a test sends Ctrl-C: SIGINT handled here, so the child
+    starts with it at its default (exec resets a handled signal, not an ignored one), as a
+    shell in a terminal starts a command. A job a shell starts in the background (`.ci/run
+    &`) ignores SIGINT, every process under it inherits that, and Python then installs no
+    KeyboardInterrupt handler: the test would pass or fail for that alone. (A preexec_fn
+    would run Python in a fork of this multithreaded process.)"""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_python(code: str, devices: int = 8, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, as_in_a_terminal, load_tiny, tiny_overrides, xla_flags
+from conftest import ROOT, load_tiny, sigint_as_in_a_terminal, tiny_overrides, xla_flags
 from PIL import Image
 
 from jaxlm import clip_data, images, tokenizer
@@ -202,15 +202,15 @@ def test_ctrl_c_with_worker_processes_saves_once_and_no_worker_complains(tmp_pat
     cmd = [sys.executable, "-m", "jaxlm.cli", "train", str(ROOT / "configs/clip.py:tiny")]
     cmd += [*overrides, "--workdir", str(tmp_path / "run")]
     env = dict(os.environ, XLA_FLAGS=xla_flags(8))
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=as_in_a_terminal,
-    )
+    with sigint_as_in_a_terminal():
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
     seen = []
     for line in proc.stderr:
         seen.append(line)

@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 import pytest
 import zstandard
-from conftest import ROOT, as_in_a_terminal, load_tiny
+from conftest import ROOT, load_tiny, sigint_as_in_a_terminal
 
 from jaxlm import cli, inputs, lm, mlm, prepare, tokenizer
 from jaxlm.config import ConfigError
@@ -505,14 +505,14 @@ def test_ctrl_c_stops_a_preparation_in_one_line_and_the_rerun_goes_on(tmp_path, 
     argv = ["data", "prepare", *inputs_, "--tokenizer", str(tmp_path / "tok.model")]
     argv += ["--out", str(out), "--workers", "2"]
     cmd = [sys.executable, "-m", "jaxlm.cli", *argv]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=as_in_a_terminal,
-    )
+    with sigint_as_in_a_terminal():
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
     while not list(out.glob("shard-*.json")) and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends it
