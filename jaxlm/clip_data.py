@@ -89,11 +89,7 @@ def resolve(
         "tfds_split": "train" if held else "eval",
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    is_local = not inputs.is_remote(str(workdir))
-    if is_local:
-        out = epath.Path(workdir) / "prepared" / key
-    else:
-        out = data.CACHE / key / f"process_{jax.process_index()}"
+    out, is_local = data.prepared_dir(workdir, key)
 
     def prepare() -> None:
         if (out / prep.MANIFEST).exists():

@@ -50,6 +50,21 @@ BUILTIN_CORPUS = Path(__file__).parent / "corpus"
 CACHE = epath.Path(os.environ.get("JAXLM_CACHE", "~/.cache/jaxlm")).expanduser() / "prepared"
 
 
+def prepared_dir(workdir, key: str) -> tuple[epath.Path, bool]:
+    """Where data prepared at a run's start goes, and whether that is the workdir's one copy
+    (made by process 0) rather than each host's own: WORKDIR/prepared/<key>; for a cloud
+    workdir (whose shards array_record would read over the network), or a local one that is
+    read-only and lacks it (a checkpoint evaluated from a read-only share: it raised EROFS),
+    CACHE/<key>/process_<i> on each host."""
+    out = epath.Path(workdir) / "prepared" / key
+    if not inputs.is_remote(str(workdir)):
+        read_only = os.path.isdir(workdir) and not os.access(workdir, os.W_OK)
+        if not read_only or (out / prepare_lib.MANIFEST).exists():
+            return out, True
+        log.info("%s is read-only: data is prepared into %s instead", workdir, CACHE)
+    return CACHE / key / f"process_{jax.process_index()}", False
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     row_length: int  # tokens per packed row the objective needs
@@ -204,11 +219,7 @@ class TextData:
             "seed": self.cfg.train.seed,
         }
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        local = not inputs.is_remote(str(workdir))
-        if local:
-            out = epath.Path(workdir) / "prepared" / key
-        else:
-            out = CACHE / key / f"process_{jax.process_index()}"
+        out, local = prepared_dir(workdir, key)
 
         def prepare() -> None:
             if (out / prepare_lib.MANIFEST).exists():

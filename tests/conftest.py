@@ -126,6 +126,24 @@ def sigint_as_in_a_terminal():
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def mounted(target: Path, *mounts: list[str]):
+    """`mount ARGS... target` for each of `mounts`, in order, for the duration: a real
+    filesystem's limits (a tmpfs that fills up, a read-only bind mount), which a test cannot
+    put on the machine's own. Needs root (CI runs as root); skipped elsewhere."""
+    target.mkdir(parents=True, exist_ok=True)
+    done = 0
+    try:
+        for args in mounts:
+            if subprocess.run(["mount", *args, str(target)], capture_output=True).returncode:
+                pytest.skip(f"mount {' '.join(args)} needs root (CI runs as root)")
+            done += 1
+        yield target
+    finally:
+        if done:  # a remount (`-o remount,bind,ro`) adds no layer: one umount
+            subprocess.run(["umount", str(target)], check=True)
+
+
 def run_python(code: str, devices: int = 8, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter with its own fake device count (killed on timeout:
     a hung CPU collective ignores SIGTERM)."""

@@ -1,14 +1,16 @@
 """`jaxlm eval WORKDIR --data FILE`: loss, perplexity and bits per byte of any text."""
 
 import json
+import logging
 import math
+import shutil
 
 import jax
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import mounted, run_python
 
-from jaxlm import cli
+from jaxlm import cli, data
 from jaxlm.evaluate import load, text_rows
 
 # One document per jsonl line; non-ASCII letters make bytes differ from characters (the
@@ -197,3 +199,23 @@ def test_eval_data_takes_a_prepared_directory(tiny_lm, tmp_path, capsys):
     assert got["loss"] == pytest.approx(nats / got["tokens"], rel=1e-5)
     assert got["bytes"] == 3 * sum(len(d.encode()) for d in DOCS)
     assert evaluate(16)["loss"] == pytest.approx(got["loss"], rel=1e-6)
+
+
+def test_a_checkpoint_on_a_read_only_share_is_evaluated_with_its_data_prepared_elsewhere(
+    tiny_lm, tmp_path, monkeypatch, capsys, caplog
+):
+    """A checkpoint copied without its prepared data onto a read-only mount (a shared
+    filesystem, a bucket mounted read-only): `jaxlm eval` prepared its held-out data into
+    WORKDIR/prepared and raised EROFS. Now it prepares into the local cache, and the metrics
+    are those of the workdir it came from."""
+    assert cli.main(["eval", str(tiny_lm)]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_lm / "checkpoints", copy / "checkpoints")
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    read_only = [["--bind", str(copy)], ["-o", "remount,bind,ro"]]
+    with mounted(tmp_path / "share", *read_only) as share, caplog.at_level(logging.INFO):
+        assert cli.main(["eval", str(share)]) == 0
+        assert sorted(p.name for p in share.iterdir()) == ["checkpoints"]  # nothing written
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == expected
+    assert f"{share} is read-only: data is prepared into {tmp_path / 'cache'}" in caplog.text

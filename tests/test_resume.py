@@ -4,10 +4,9 @@ checkpoint at the step it arrives and the rerun resumes exactly."""
 import json
 import logging
 import shutil
-import subprocess
 
 import pytest
-from conftest import ROOT, load_tiny, losses, run_python, tiny_overrides
+from conftest import ROOT, load_tiny, losses, mounted, run_python, tiny_overrides
 
 from jaxlm import train as train_lib
 from jaxlm.config import ConfigError
@@ -219,13 +218,8 @@ sys.exit(cli.main(["train", {config!r}, "--workdir", {workdir!r}, *{overrides!r}
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MB tmpfs: a disk that really fills up (a test cannot fill the machine's own)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)])
-    if mounted.returncode:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    with mounted(tmp_path / "disk", ["-t", "tmpfs", "-o", "size=64m", "tmpfs"]) as disk:
+        yield disk
 
 
 def test_a_full_disk_stops_the_run_at_once_and_the_rerun_resumes(small_disk, tmp_path):
