@@ -36,6 +36,7 @@ import numpy as np
 from etils import epath
 
 from jaxlm import batching, data, images, inputs, sharding
+from jaxlm import prepare as prepare_lib
 from jaxlm import prepare_images as prep
 from jaxlm.config import Config, ConfigError, source_entries
 from jaxlm.shards import Records
@@ -92,11 +93,11 @@ def resolve(
     out, is_local = data.prepared_dir(workdir, key)
 
     def prepare() -> None:
-        if (out / prep.MANIFEST).exists():
+        if prepare_lib.finished(out):
             return
         log.info("preparing %s into %s (once)", entry, out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json").write_text(json.dumps(settings, indent=1))
+        prepare_lib.write_json(out / "settings.json", settings, indent=1)
         split = settings["tfds_split"]
         prep.prepare(files, str(out), eval_count=held, tfds_split=split, progress=False)
 

@@ -59,7 +59,7 @@ def prepared_dir(workdir, key: str) -> tuple[epath.Path, bool]:
     out = epath.Path(workdir) / "prepared" / key
     if not inputs.is_remote(str(workdir)):
         read_only = os.path.isdir(workdir) and not os.access(workdir, os.W_OK)
-        if not read_only or (out / prepare_lib.MANIFEST).exists():
+        if not read_only or prepare_lib.finished(out):
             return out, True
         log.info("%s is read-only: data is prepared into %s instead", workdir, CACHE)
     return CACHE / key / f"process_{jax.process_index()}", False
@@ -222,12 +222,12 @@ class TextData:
         out, local = prepared_dir(workdir, key)
 
         def prepare() -> None:
-            if (out / prepare_lib.MANIFEST).exists():
+            if prepare_lib.finished(out):
                 return
             raw_files(entry, self.cfg.data.text_field)  # each file holds some text
             log.info("preparing %d text files of %r into %s (once)", len(files), entry, out)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "settings.json").write_text(json.dumps(settings, indent=1))
+            prepare_lib.write_json(out / "settings.json", settings, indent=1)
             prepare_lib.prepare(
                 files,
                 tokenizer,

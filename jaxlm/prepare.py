@@ -162,7 +162,7 @@ def prepare_unit(job: Job) -> dict:
         np.save(os.path.join(tmp, "counts.npy"), counts)
         _copy(os.path.join(tmp, "counts.npy"), out / f"counts-{name}.npy")
     stats["unit"] = dataclasses.asdict(job.unit)
-    (out / f"shard-{name}.json").write_text(json.dumps(stats))  # last: the unit is done
+    write_json(out / f"shard-{name}.json", stats)  # last: the unit is done
     return stats
 
 
@@ -207,6 +207,59 @@ def _copy(local: str, target: epath.Path) -> None:
     tmp.replace(target)
 
 
+def write_json(path: epath.Path, value, indent: int | None = None) -> None:
+    """path <- value as JSON, never seen half-written, as _copy: the markers (a shard's
+    stats, the plan, the manifest) say by existing that what they mark is done, so a full
+    disk or a killed host must not leave one cut short."""
+    text = json.dumps(value, indent=indent)
+    if is_remote(str(path)):
+        path.write_text(text)
+        return
+    tmp = path.parent / f".{path.name}.tmp"
+    try:
+        tmp.write_text(text)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+
+
+def read_marker(path: epath.Path) -> dict | None:
+    """A marker's JSON; None if it is missing, or damaged (cut short by an older jaxlm that
+    wrote it in place): what it marks is then done again."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s is damaged (cut short?): what it marks is done again", path)
+        return None
+
+
+def begin(out_dir: epath.Path, plan: dict) -> dict | None:
+    """The manifest where `out_dir` is already prepared from this plan (nothing to do); else
+    None, the plan written (a new directory, or one to finish). A directory prepared, or
+    being prepared, from another plan is refused, naming what differs."""
+    stored, manifest = read_marker(out_dir / PLAN), read_marker(out_dir / MANIFEST)
+    if stored is not None and (differ := _differences(stored, plan)):
+        done = "prepared" if manifest is not None else "being prepared"
+        raise ConfigError(
+            f"--out {out_dir} is already {done} from other inputs or settings ({differ}): "
+            "choose another --out, or finish it with the command that started it"
+        )
+    if manifest is not None:
+        log.info("%s is already prepared", out_dir)
+        return manifest
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / PLAN, plan, indent=1)
+    return None
+
+
+def finished(out_dir: epath.Path) -> bool:
+    """Whether a prepared directory is complete: its manifest is there and whole."""
+    return read_marker(epath.Path(out_dir) / MANIFEST) is not None
+
+
 def prepare(
     inputs: list[str],
     tokenizer,
@@ -226,7 +279,6 @@ def prepare(
     if not 0 <= eval_fraction < 1:
         raise ConfigError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     out_dir = epath.Path(out)
-    manifest_path = out_dir / MANIFEST
     units = plan_units(inputs)
     tok_dict = tokenizer.to_dict()
     start_id = tokenizer.bos_id if start_id is None else start_id
@@ -243,19 +295,10 @@ def prepare(
         "text_field": text_field,
         "seed": seed,
     }
-    plan_path = out_dir / PLAN
-    if plan_path.exists() and (differ := _differences(json.loads(plan_path.read_text()), plan)):
-        done = "prepared" if manifest_path.exists() else "being prepared"
-        raise ConfigError(
-            f"--out {out} is already {done} from other inputs or settings ({differ}): "
-            "choose another --out, or finish it with the command that started it"
-        )
-    if manifest_path.exists():
-        log.info("%s is already prepared", out)
-        return json.loads(manifest_path.read_text())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan_path.write_text(json.dumps(plan, indent=1))
-    (out_dir / tokenizer_lib.JAXLM_TOKENIZER).write_text(json.dumps(tok_dict))
+    manifest = begin(out_dir, plan)
+    if manifest is not None:
+        return manifest
+    write_json(out_dir / tokenizer_lib.JAXLM_TOKENIZER, tok_dict)
     jobs = [
         Job(
             u,
@@ -270,14 +313,12 @@ def prepare(
             str(out_dir),
         )
         for i, u in enumerate(units)
-        if not (out_dir / f"shard-{i:05d}.json").exists()
+        if read_marker(out_dir / f"shard-{i:05d}.json") is None
     ]
     if len(jobs) < len(units):
+        rest = "preparing the rest" if jobs else "writing the manifest"
         log.info(
-            "%s: %d of %d shards already done, preparing the rest",
-            out,
-            len(units) - len(jobs),
-            len(units),
+            "%s: %d of %d shards already done, %s", out, len(units) - len(jobs), len(units), rest
         )
     bar = Progress(len(units), len(units) - len(jobs), progress)
     run_jobs(prepare_unit, jobs, workers, bar)
@@ -323,7 +364,7 @@ def _differences(stored: dict, plan: dict) -> str:
 
 
 def _write_manifest(out_dir: epath.Path, plan: dict, n: int, vocab_size: int) -> dict:
-    shards = [json.loads((out_dir / f"shard-{i:05d}.json").read_text()) for i in range(n)]
+    shards = [read_marker(out_dir / f"shard-{i:05d}.json") for i in range(n)]
     counts = np.zeros(vocab_size, np.int64)
     for i in range(n):
         with (out_dir / f"counts-{i:05d}.npy").open("rb") as f:
@@ -358,7 +399,7 @@ def _write_manifest(out_dir: epath.Path, plan: dict, n: int, vocab_size: int) ->
     }
     with (out_dir / COUNTS).open("wb") as f:
         np.save(f, counts)
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: the dir is complete
+    write_json(out_dir / MANIFEST, manifest, indent=1)  # last: the dir is complete
     return manifest
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import os
 import tempfile
@@ -35,11 +34,11 @@ from jaxlm import images
 from jaxlm import prepare as prepare_lib
 from jaxlm.config import ConfigError
 from jaxlm.image_inputs import Unit, class_names, members, plan_units
-from jaxlm.prepare import PLAN, _copy, _differences
+from jaxlm.prepare import _copy
 
 log = logging.getLogger("jaxlm")
 
-MANIFEST = "manifest.json"
+MANIFEST = prepare_lib.MANIFEST  # one name: prepare_lib.begin reads it
 FORMAT = "jaxlm.images/1"
 REASONS = ("no_caption", "no_image", "undecodable", "too_small")
 NAMED = 20  # skipped members named in each shard's json and the manifest
@@ -123,7 +122,7 @@ def prepare_unit(job: Job) -> dict:
         stats["size"] = os.path.getsize(os.path.join(tmp, name))
         _copy(os.path.join(tmp, name), epath.Path(job.out) / name)
     stats["unit"] = dataclasses.asdict(job.unit)
-    (epath.Path(job.out) / f"shard-{job.index:05d}.json").write_text(json.dumps(stats))
+    prepare_lib.write_json(epath.Path(job.out) / f"shard-{job.index:05d}.json", stats)
     return stats
 
 
@@ -161,22 +160,13 @@ def prepare(
         "text_field": text_field,
         "class_names": class_names(inputs, classes_file),
     }
-    plan_path = out_dir / PLAN
-    if plan_path.exists() and (differ := _differences(json.loads(plan_path.read_text()), plan)):
-        done = "prepared" if (out_dir / MANIFEST).exists() else "being prepared"
-        raise ConfigError(
-            f"--out {out} is already {done} from other inputs or settings ({differ}): "
-            "choose another --out, or finish it with the command that started it"
-        )
-    if (out_dir / MANIFEST).exists():
-        log.info("%s is already prepared", out)
-        return json.loads((out_dir / MANIFEST).read_text())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan_path.write_text(json.dumps(plan, indent=1))
+    manifest = prepare_lib.begin(out_dir, plan)
+    if manifest is not None:
+        return manifest
     jobs = [
         Job(u, i, str(out_dir), image_size, min_size, image_field, text_field)
         for i, u in enumerate(units)
-        if not (out_dir / f"shard-{i:05d}.json").exists()
+        if prepare_lib.read_marker(out_dir / f"shard-{i:05d}.json") is None
     ]
     if len(jobs) < len(units):
         log.info(
@@ -188,7 +178,7 @@ def prepare(
 
 
 def write_manifest(out_dir: epath.Path, plan: dict, n: int, unreadable: list[str]) -> dict:
-    shards = [json.loads((out_dir / f"shard-{i:05d}.json").read_text()) for i in range(n)]
+    shards = [prepare_lib.read_marker(out_dir / f"shard-{i:05d}.json") for i in range(n)]
     pairs = sum(s["records"] for s in shards)
     count = plan["eval_count"]
     held = int(round(count * pairs)) if count < 1 else int(count)
@@ -234,7 +224,7 @@ def write_manifest(out_dir: epath.Path, plan: dict, n: int, unreadable: list[str
             manifest["skipped"],
             f"; unreadable files: {unreadable}" if unreadable else "",
         )
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: the dir is complete
+    prepare_lib.write_json(out_dir / MANIFEST, manifest, indent=1)  # last: the dir is complete
     return manifest
 
 

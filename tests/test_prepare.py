@@ -2,6 +2,7 @@
 and damaged shards or a foreign tokenizer named in the error."""
 
 import bz2
+import contextlib
 import gzip
 import json
 import logging
@@ -15,7 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 import zstandard
-from conftest import ROOT, load_tiny, sigint_as_in_a_terminal
+from conftest import ROOT, load_tiny, mounted, sigint_as_in_a_terminal
 
 from jaxlm import cli, inputs, lm, mlm, prepare, tokenizer
 from jaxlm.config import ConfigError
@@ -526,3 +527,27 @@ def test_ctrl_c_stops_a_preparation_in_one_line_and_the_rerun_goes_on(tmp_path, 
     total = json.loads(rerun.stdout.strip().splitlines()[-1])["shards"]
     assert 0 < done < total
     assert f"{done} of {total} shards already done" in rerun.stderr
+
+
+def test_a_marker_is_never_left_cut_short_and_a_damaged_one_is_redone(tmp_path, tok):
+    """The files that say by existing that work is done (a shard's stats, the manifest) are
+    written under a temporary name and renamed: on a full disk (a real tmpfs) the write
+    fails and leaves no marker, where writing in place left an empty one that every later
+    run tripped on (`JSONDecodeError`). One cut short anyway (by an older jaxlm) is done
+    again: the shard prepared again, the manifest rebuilt, equal to the first."""
+    with mounted(tmp_path / "disk", ["-t", "tmpfs", "-o", "size=1m", "tmpfs"]) as disk:
+        with open(disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:  # until the disk is full
+                f.write(bytes(4096))
+        os.truncate(disk / "filler", (disk / "filler").stat().st_size - (8 << 10))
+        with pytest.raises(OSError, match="No space left on device"):
+            prepare.write_json(disk / "shard-00000.json", {"rows": "x" * (64 << 10)})
+        assert [p.name for p in disk.iterdir()] == ["filler"]  # nor its temporary file
+    out = tmp_path / "out"
+    src = _write(tmp_path / "docs.jsonl", _documents(n=300))
+    first = prepare.prepare([src], tok, str(out), 64)
+    (out / "shard-00000.json").write_text("")  # as an older jaxlm could leave them
+    (out / "manifest.json").write_text('{"format": "jaxlm.prep')
+    assert not prepare.finished(out)
+    assert prepare.prepare([src], tok, str(out), 64) == first
+    assert prepare.finished(out)
