@@ -5,7 +5,6 @@ every process shares."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from types import ModuleType
 
@@ -13,6 +12,7 @@ import jax
 from etils import epath
 
 from jaxlm import optim, sharding
+from jaxlm import prepare as prepare_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.checkpoint import Checkpointer, NoReadableCheckpoint, check_resume, parse_source, stored
 from jaxlm.config import Config, ConfigError
@@ -36,13 +36,7 @@ def fresh_tokenizer(
             tok = tokenizer_lib.load(cfg.data.tokenizer)
         else:
             tok = objective.default_tokenizer(cfg, workdir)
-        text = json.dumps(tok.to_dict())
-        if "://" in str(path):  # an object store shows an object only once it is whole
-            path.write_text(text)
-        else:
-            tmp = path.parent / f".{path.name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(path)
+        prepare_lib.write_json(path, tok.to_dict())  # never seen half-written
         return tok
 
     tok = sharding.on_process_0("making the tokenizer", make)
