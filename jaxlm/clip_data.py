@@ -35,8 +35,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxlm import batching, data, images, inputs, sharding
-from jaxlm import prepare as prepare_lib
+from jaxlm import batching, data, images, inputs, markers, sharding
 from jaxlm import prepare_images as prep
 from jaxlm.config import Config, ConfigError, source_entries
 from jaxlm.shards import Records
@@ -93,11 +92,11 @@ def resolve(
     out, is_local = data.prepared_dir(workdir, key)
 
     def prepare() -> None:
-        if prepare_lib.finished(out):
+        if markers.finished(out):
             return
         log.info("preparing %s into %s (once)", entry, out)
         out.mkdir(parents=True, exist_ok=True)
-        prepare_lib.write_json(out / "settings.json", settings, indent=1)
+        markers.write_json(out / "settings.json", settings, indent=1)
         split = settings["tfds_split"]
         prep.prepare(files, str(out), eval_count=held, tfds_split=split, progress=False)
 

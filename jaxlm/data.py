@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxlm import batching, inputs, sharding
+from jaxlm import batching, inputs, markers, sharding
 from jaxlm import prepare as prepare_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config, ConfigError, DataConfig
@@ -59,7 +59,7 @@ def prepared_dir(workdir, key: str) -> tuple[epath.Path, bool]:
     out = epath.Path(workdir) / "prepared" / key
     if not inputs.is_remote(str(workdir)):
         read_only = os.path.isdir(workdir) and not os.access(workdir, os.W_OK)
-        if not read_only or prepare_lib.finished(out):
+        if not read_only or markers.finished(out):
             return out, True
         log.info("%s is read-only: data is prepared into %s instead", workdir, CACHE)
     return CACHE / key / f"process_{jax.process_index()}", False
@@ -82,9 +82,7 @@ def entries(cfg: DataConfig) -> list[str]:
 
 
 def is_prepared(entry: str) -> bool:
-    return (
-        not any(c in entry for c in "*?[") and (epath.Path(entry) / prepare_lib.MANIFEST).exists()
-    )
+    return not any(c in entry for c in "*?[") and (epath.Path(entry) / markers.MANIFEST).exists()
 
 
 def _none_held_out(entry: str, path, manifest: dict) -> str:
@@ -222,12 +220,12 @@ class TextData:
         out, local = prepared_dir(workdir, key)
 
         def prepare() -> None:
-            if prepare_lib.finished(out):
+            if markers.finished(out):
                 return
             raw_files(entry, self.cfg.data.text_field)  # each file holds some text
             log.info("preparing %d text files of %r into %s (once)", len(files), entry, out)
             out.mkdir(parents=True, exist_ok=True)
-            prepare_lib.write_json(out / "settings.json", settings, indent=1)
+            markers.write_json(out / "settings.json", settings, indent=1)
             prepare_lib.prepare(
                 files,
                 tokenizer,

@@ -35,13 +35,12 @@ from etils import epath
 
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import ConfigError
-from jaxlm.inputs import Unit, documents, is_remote, plan_units
+from jaxlm.inputs import Unit, documents, plan_units
+from jaxlm.markers import MANIFEST, begin, copy_whole, read_marker, write_json
 
 log = logging.getLogger("jaxlm")
 
-MANIFEST = "manifest.json"
 COUNTS = "token_counts.npy"  # train-split occurrences of each token id, for the baselines
-PLAN = "plan.json"
 FORMAT = "jaxlm.prepared/1"
 
 
@@ -158,9 +157,9 @@ def prepare_unit(job: Job) -> dict:
             writers[split].write(packers[split].flush())
             stats[split]["rows"] = writers[split].close()
             stats[split]["size"] = os.path.getsize(writers[split].path)
-            _copy(writers[split].path, out / stats[split]["file"])
+            copy_whole(writers[split].path, out / stats[split]["file"])
         np.save(os.path.join(tmp, "counts.npy"), counts)
-        _copy(os.path.join(tmp, "counts.npy"), out / f"counts-{name}.npy")
+        copy_whole(os.path.join(tmp, "counts.npy"), out / f"counts-{name}.npy")
     stats["unit"] = dataclasses.asdict(job.unit)
     write_json(out / f"shard-{name}.json", stats)  # last: the unit is done
     return stats
@@ -194,70 +193,6 @@ class _Writer:
     def close(self) -> int:
         self._w.close()
         return self.rows
-
-
-def _copy(local: str, target: epath.Path) -> None:
-    """Local file -> target, never seen half-written: a cloud object appears only once its
-    upload is complete; a local file is written under a temporary name and renamed."""
-    if is_remote(str(target)):
-        epath.Path(local).copy(target, overwrite=True)
-        return
-    tmp = target.parent / f".{target.name}.tmp"
-    epath.Path(local).copy(tmp, overwrite=True)
-    tmp.replace(target)
-
-
-def write_json(path: epath.Path, value, indent: int | None = None) -> None:
-    """path <- value as JSON, never seen half-written, as _copy: the markers (a shard's
-    stats, the plan, the manifest) say by existing that what they mark is done, so a full
-    disk or a killed host must not leave one cut short."""
-    text = json.dumps(value, indent=indent)
-    if is_remote(str(path)):
-        path.write_text(text)
-        return
-    tmp = path.parent / f".{path.name}.tmp"
-    try:
-        tmp.write_text(text)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-
-
-def read_marker(path: epath.Path) -> dict | None:
-    """A marker's JSON; None if it is missing, or damaged (cut short by an older jaxlm that
-    wrote it in place): what it marks is then done again."""
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        log.warning("%s is damaged (cut short?): what it marks is done again", path)
-        return None
-
-
-def begin(out_dir: epath.Path, plan: dict) -> dict | None:
-    """The manifest where `out_dir` is already prepared from this plan (nothing to do); else
-    None, the plan written (a new directory, or one to finish). A directory prepared, or
-    being prepared, from another plan is refused, naming what differs."""
-    stored, manifest = read_marker(out_dir / PLAN), read_marker(out_dir / MANIFEST)
-    if stored is not None and (differ := _differences(stored, plan)):
-        done = "prepared" if manifest is not None else "being prepared"
-        raise ConfigError(
-            f"--out {out_dir} is already {done} from other inputs or settings ({differ}): "
-            "choose another --out, or finish it with the command that started it"
-        )
-    if manifest is not None:
-        log.info("%s is already prepared", out_dir)
-        return manifest
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / PLAN, plan, indent=1)
-    return None
-
-
-def finished(out_dir: epath.Path) -> bool:
-    """Whether a prepared directory is complete: its manifest is there and whole."""
-    return read_marker(epath.Path(out_dir) / MANIFEST) is not None
 
 
 def prepare(
@@ -346,21 +281,6 @@ def run_jobs(fn, jobs: list, workers: int, bar: Progress) -> None:
                 bar.update(stats)
     finally:
         bar.close()
-
-
-def _differences(stored: dict, plan: dict) -> str:
-    """The fields in which a directory's stored plan differs from this one, named with both
-    values (long ones cut)."""
-
-    def short(v) -> str:
-        text = json.dumps(v)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    return "; ".join(
-        f"{k}: {short(stored.get(k))} there, {short(plan.get(k))} now"
-        for k in sorted(stored.keys() | plan.keys())
-        if stored.get(k) != plan.get(k)
-    )
 
 
 def _write_manifest(out_dir: epath.Path, plan: dict, n: int, vocab_size: int) -> dict:

@@ -30,15 +30,14 @@ import tempfile
 import numpy as np
 from etils import epath
 
-from jaxlm import images
+from jaxlm import images, markers
 from jaxlm import prepare as prepare_lib
 from jaxlm.config import ConfigError
 from jaxlm.image_inputs import Unit, class_names, members, plan_units
-from jaxlm.prepare import _copy
 
 log = logging.getLogger("jaxlm")
 
-MANIFEST = prepare_lib.MANIFEST  # one name: prepare_lib.begin reads it
+MANIFEST = markers.MANIFEST
 FORMAT = "jaxlm.images/1"
 REASONS = ("no_caption", "no_image", "undecodable", "too_small")
 NAMED = 20  # skipped members named in each shard's json and the manifest
@@ -120,9 +119,9 @@ def prepare_unit(job: Job) -> dict:
         finally:
             writer.close()
         stats["size"] = os.path.getsize(os.path.join(tmp, name))
-        _copy(os.path.join(tmp, name), epath.Path(job.out) / name)
+        markers.copy_whole(os.path.join(tmp, name), epath.Path(job.out) / name)
     stats["unit"] = dataclasses.asdict(job.unit)
-    prepare_lib.write_json(epath.Path(job.out) / f"shard-{job.index:05d}.json", stats)
+    markers.write_json(epath.Path(job.out) / f"shard-{job.index:05d}.json", stats)
     return stats
 
 
@@ -160,13 +159,13 @@ def prepare(
         "text_field": text_field,
         "class_names": class_names(inputs, classes_file),
     }
-    manifest = prepare_lib.begin(out_dir, plan)
+    manifest = markers.begin(out_dir, plan)
     if manifest is not None:
         return manifest
     jobs = [
         Job(u, i, str(out_dir), image_size, min_size, image_field, text_field)
         for i, u in enumerate(units)
-        if prepare_lib.read_marker(out_dir / f"shard-{i:05d}.json") is None
+        if markers.read_marker(out_dir / f"shard-{i:05d}.json") is None
     ]
     if len(jobs) < len(units):
         log.info(
@@ -178,7 +177,7 @@ def prepare(
 
 
 def write_manifest(out_dir: epath.Path, plan: dict, n: int, unreadable: list[str]) -> dict:
-    shards = [prepare_lib.read_marker(out_dir / f"shard-{i:05d}.json") for i in range(n)]
+    shards = [markers.read_marker(out_dir / f"shard-{i:05d}.json") for i in range(n)]
     pairs = sum(s["records"] for s in shards)
     count = plan["eval_count"]
     held = int(round(count * pairs)) if count < 1 else int(count)
@@ -224,7 +223,7 @@ def write_manifest(out_dir: epath.Path, plan: dict, n: int, unreadable: list[str
             manifest["skipped"],
             f"; unreadable files: {unreadable}" if unreadable else "",
         )
-    prepare_lib.write_json(out_dir / MANIFEST, manifest, indent=1)  # last: the dir is complete
+    markers.write_json(out_dir / MANIFEST, manifest, indent=1)  # last: the dir is complete
     return manifest
 
 

@@ -11,8 +11,7 @@ from types import ModuleType
 import jax
 from etils import epath
 
-from jaxlm import optim, sharding
-from jaxlm import prepare as prepare_lib
+from jaxlm import markers, optim, sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.checkpoint import Checkpointer, NoReadableCheckpoint, check_resume, parse_source, stored
 from jaxlm.config import Config, ConfigError
@@ -36,7 +35,7 @@ def fresh_tokenizer(
             tok = tokenizer_lib.load(cfg.data.tokenizer)
         else:
             tok = objective.default_tokenizer(cfg, workdir)
-        prepare_lib.write_json(path, tok.to_dict())  # never seen half-written
+        markers.write_json(path, tok.to_dict())  # never seen half-written
         return tok
 
     tok = sharding.on_process_0("making the tokenizer", make)

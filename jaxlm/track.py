@@ -27,7 +27,7 @@ import jax
 from etils import epath
 
 from jaxlm import config as config_lib
-from jaxlm import sharding
+from jaxlm import markers, sharding
 from jaxlm.config import Config, ConfigError
 
 log = logging.getLogger("jaxlm")
@@ -82,10 +82,8 @@ class MetricsWriter:
                     dropped += not header
                 else:
                     kept.append(line + "\n")
-            # a new file put in place: rewritten in place, a full disk would lose it all
-            partial = self.path.with_name(".metrics.jsonl.tmp")
-            partial.write_text("".join(kept))
-            os.replace(partial, self.path)
+            # rewritten in place, a full disk would lose it all
+            markers.write_whole(self.path, "".join(kept))
             if dropped:
                 log.info("metrics.jsonl: dropped %d records logged after step %d", dropped, start)
         if "tensorboard" in track:

@@ -26,6 +26,7 @@ from jaxlm import evaluate as evaluate_lib
 from jaxlm import start as start_lib
 from jaxlm.checkpoint import Checkpointer, workdir_path
 from jaxlm.config import Config
+from jaxlm.failures import Diverged
 from jaxlm.step import (
     OBJECTIVES,
     build,
@@ -39,13 +40,6 @@ log = logging.getLogger("jaxlm")
 
 PREFETCH = 2  # batches put on the devices ahead of the step that needs them
 PROFILE_STEPS = (3, 6)  # --profile traces steps [start + 3, start + 6): compiled and warm
-
-
-class Diverged(RuntimeError):
-    """The loss is NaN or infinite: the run stops before it saves that state. Every process
-    sees the same global loss at the same step, so all raise it together."""
-
-    on_every_process = True
 
 
 def diverged(loss: float, step: int, cfg: Config, ckpt: Checkpointer) -> None:

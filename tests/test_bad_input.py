@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_tiny, losses, tiny_overrides, xla_flags
 
-from jaxlm import cli, evaluate
+from jaxlm import cli, evaluate, failures
 from jaxlm.config import ConfigError
 from jaxlm.train import train
 
@@ -290,7 +290,7 @@ def test_cloud_storage_errors_name_the_arguments_main_was_given(capsys):
         except OSError as forbidden:
             raise RuntimeError("while listing") from forbidden
     except RuntimeError as error:
-        rc = cli._said(error, ["train", GPT, "--workdir", "gs://jaxlm-none/run", "a=1"])
+        rc = failures.said(error, ["train", GPT, "--workdir", "gs://jaxlm-none/run", "a=1"])
     assert rc == 1
     err = capsys.readouterr().err
     assert err.startswith("jaxlm: error: Google Cloud Storage refused access (Forbidden: ")
@@ -317,7 +317,7 @@ def test_a_full_disk_is_said_to_be_the_disk(tmp_path, capsys):
         (copied, "writing /w/shard.tmp"),  # shutil's copy names both; the destination
         (tensorstore, "writing /w/4.orbax-checkpoint-tmp/d/12ab"),
     ):
-        assert cli._said(error, []) == 1
+        assert failures.said(error, []) == 1
         said = capsys.readouterr().err
         assert said.startswith(f"jaxlm: error: no space left on the disk ({what})"), said
         assert "memory" not in said

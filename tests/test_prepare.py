@@ -18,7 +18,7 @@ import pytest
 import zstandard
 from conftest import ROOT, load_tiny, mounted, sigint_as_in_a_terminal
 
-from jaxlm import cli, inputs, lm, mlm, prepare, tokenizer
+from jaxlm import cli, inputs, lm, markers, mlm, prepare, tokenizer
 from jaxlm.config import ConfigError
 from jaxlm.train import train
 
@@ -541,13 +541,13 @@ def test_a_marker_is_never_left_cut_short_and_a_damaged_one_is_redone(tmp_path, 
                 f.write(bytes(4096))
         os.truncate(disk / "filler", (disk / "filler").stat().st_size - (8 << 10))
         with pytest.raises(OSError, match="No space left on device"):
-            prepare.write_json(disk / "shard-00000.json", {"rows": "x" * (64 << 10)})
+            markers.write_json(disk / "shard-00000.json", {"rows": "x" * (64 << 10)})
         assert [p.name for p in disk.iterdir()] == ["filler"]  # nor its temporary file
     out = tmp_path / "out"
     src = _write(tmp_path / "docs.jsonl", _documents(n=300))
     first = prepare.prepare([src], tok, str(out), 64)
     (out / "shard-00000.json").write_text("")  # as an older jaxlm could leave them
     (out / "manifest.json").write_text('{"format": "jaxlm.prep')
-    assert not prepare.finished(out)
+    assert not markers.finished(out)
     assert prepare.prepare([src], tok, str(out), 64) == first
-    assert prepare.finished(out)
+    assert markers.finished(out)
